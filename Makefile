@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh clone:
+#   make demo   - converts a SpikingJelly model and prints what it keeps for backward
+#   make test   - runs the test suite
+# Each creates .venv and installs what it needs (torch and torchvision pinned to the builds that
+# lie on this machine's disk; the SNN frameworks with --no-deps so they cannot replace torch).
+
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip
+STAMP := $(VENV)/.revpass-installed
+
+.PHONY: venv demo test bench-nodes clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q --no-deps spikingjelly==2.0.0 norse==1.1.0
+	$(PIP) install -q snntorch==1.0.0 numpy scipy tqdm loguru packaging h5py nir nirtorch
+	$(PIP) install -q networkx onnx pytest hypothesis
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) examples/demo.py
+
+test: $(STAMP)
+	$(VPY) -m pytest tests
+
+bench-nodes: $(STAMP)
+	$(VPY) tools/bench_nodes.py
+
+clean:
+	rm -rf $(VENV) bench_out

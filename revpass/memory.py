@@ -1,0 +1,81 @@
+"""Measuring what autograd keeps for backward.
+
+:func:`saved_bytes` runs a function under ``torch.autograd.graph.saved_tensors_hooks`` and counts
+the bytes of every tensor saved for backward, deduplicated by storage, excluding the storages of
+parameters, buffers and the inputs (they exist anyway). Tensors stashed on ``ctx`` outside
+``save_for_backward`` are invisible to the hooks, which is why revpass's nodes save everything
+through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SavedReport:
+    """Bytes kept for backward, by storage."""
+
+    storages: Dict[int, int] = field(default_factory=dict)  # data_ptr -> nbytes
+    excluded: Dict[int, int] = field(default_factory=dict)
+    shared_with_output: int = 0  # bytes of kept storages that are also the output's
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+    @property
+    def total_without_output(self) -> int:
+        return self.total - self.shared_with_output
+
+
+def _key(t: Tensor):
+    st = t.untyped_storage()
+    return st.data_ptr(), st.nbytes()
+
+
+def saved_bytes(
+    fn: Callable[[], object],
+    exclude: Iterable[Tensor] = (),
+    output_of: Optional[Callable[[object], Iterable[Tensor]]] = None,
+) -> tuple:
+    """Run ``fn()`` and measure what it keeps for backward.
+
+    Args:
+        fn: the computation (its result is returned unchanged).
+        exclude: tensors whose storages are not counted (parameters, inputs).
+        output_of: maps the result to the output tensors; kept storages shared with them are
+            reported in ``shared_with_output`` (a consumer such as a conv keeps them anyway).
+
+    Returns:
+        (result, SavedReport)
+    """
+    excluded = {}
+    for t in exclude:
+        if isinstance(t, Tensor) and t.numel():
+            p, n = _key(t)
+            excluded[p] = n
+    rep = SavedReport(excluded=excluded)
+
+    def pack(t: Tensor):
+        if t.numel() == 0 or t.device.type == "meta":
+            return t
+        p, n = _key(t)
+        if p not in excluded:
+            rep.storages[p] = max(n, rep.storages.get(p, 0))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    if output_of is not None:
+        for t in output_of(out):
+            if isinstance(t, Tensor) and t.numel():
+                p, _ = _key(t)
+                if p in rep.storages:
+                    rep.shared_with_output += rep.storages[p]
+    return out, rep

@@ -1,0 +1,457 @@
+"""The equations of every supported neuron family, framework-free.
+
+Each ``step`` repeats the framework's own operations in the framework's order (FRAMEWORKS.md),
+so the forward is bit-identical; each ``vjp`` is the analytic backward of METHOD.md section 5:
+per-step factors once over all T, then one reverse-time sweep of a few fused ops.
+
+Notation in the VJPs: ``h`` is the membrane before fire and reset, ``s`` the unit spike
+(0/1, pinned where reconstruction says so), ``sg`` the surrogate derivative at ``h - threshold``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from revpass.neurons.spec import (
+    Family,
+    NeuronSpec,
+    Params,
+    State,
+    pin,
+    reduce_to,
+    register_family,
+)
+
+Tensor = torch.Tensor
+
+
+def _sweep(
+    T: int,
+    g_spike: Tensor,
+    ds_dh: Tensor,
+    dv_dh: Optional[Tensor],
+    dh_dv,
+    g_v: Optional[Tensor],
+):
+    """The reverse-time sweep shared by single-state families.
+
+    gh_t = g_spike_t * ds_dh_t + g_v * dv_dh_t ;  g_v <- gh_t * dh_dv_t
+    Returns (gh for all t (T, ...), gradient of the initial state).
+    """
+    gh_all = torch.empty_like(g_spike)
+    for t in range(T - 1, -1, -1):
+        gh = g_spike[t] * ds_dh[t]
+        if g_v is not None:
+            gh = gh + (g_v * dv_dh[t] if dv_dh is not None else g_v)
+        gh_all[t] = gh
+        g_v = gh * dh_dv
+    return gh_all, g_v
+
+
+# ----------------------------------------------------------------------------------------------
+# SpikingJelly 2.0.0: LIFNode, IFNode, ParametricLIFNode
+# ----------------------------------------------------------------------------------------------
+
+
+class SpikingJellyFamily(Family):
+    """H = charge(V, X); S = Theta(H - v_th) (fires at the threshold); V = reset(H, S).
+
+    consts: kind ('lif' | 'if' | 'plif'), tau, decay_input, v_threshold, v_reset (None = soft),
+    detach_reset. params: 'w' for 'plif' (1/tau = sigmoid(w)).
+    """
+
+    name = "spikingjelly"
+    state_names = ("v",)
+    public_state = ("v",)
+
+    def prepare(self, spec, P):
+        P = dict(P)
+        if spec.consts["kind"] == "plif":
+            P["q"] = P["w"].sigmoid()
+        return P
+
+    def init_state(self, spec, x0, P):
+        r = spec.consts["v_reset"]
+        return (torch.full_like(x0, 0.0 if r is None else r),)
+
+    def _charge(self, c, x, v, P):
+        r = 0.0 if c["v_reset"] is None else c["v_reset"]
+        kind = c["kind"]
+        if kind == "if":
+            return v + x
+        if kind == "lif":
+            tau = c["tau"]
+            return v + (x - (v - r)) / tau if c["decay_input"] else v - (v - r) / tau + x
+        q = P["q"]
+        return v + (x - (v - r)) * q if c["decay_input"] else v - (v - r) * q + x
+
+    def _reset(self, c, h, s):
+        sd = s.detach() if c["detach_reset"] else s
+        r = c["v_reset"]
+        return h - sd * c["v_threshold"] if r is None else sd * r + (1.0 - sd) * h
+
+    def step(self, spec, x, state, P, bits=None, autograd=False):
+        c = spec.consts
+        (v,) = state
+        h = self._charge(c, x, v, P)
+        shift = h - c["v_threshold"]
+        s = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
+        s = pin(s, None if bits is None else bits[0], autograd)
+        v_next = self._reset(c, h, s)
+        rec = {"h": h, "s": s}
+        if c["kind"] == "plif":
+            r = 0.0 if c["v_reset"] is None else c["v_reset"]
+            rec["dq"] = x - (v - r) if c["decay_input"] else -(v - r)
+        return s, (v_next,), rec, (s > 0,)
+
+    def _decay(self, c, P):
+        """(dH/dV, dH/dX) as Python floats or 0-d tensors."""
+        kind = c["kind"]
+        if kind == "if":
+            return 1.0, 1.0
+        k = 1.0 / c["tau"] if kind == "lif" else P["q"]
+        return 1.0 - k, (k if c["decay_input"] else 1.0)
+
+    def vjp(self, spec, recs, g_spike, g_state, P, need_params):
+        c = spec.consts
+        h, s = recs["h"], recs["s"]
+        thr = c["v_threshold"]
+        sg = spec.surrogate.deriv(h - thr)
+        r = c["v_reset"]
+        if c["detach_reset"]:
+            dv_dh = None if r is None else 1.0 - s
+        elif r is None:
+            dv_dh = 1.0 - thr * sg
+        else:
+            dv_dh = (1.0 - s) + (r - h) * sg
+        a, b = self._decay(c, P)
+        g_v = None if g_state is None else g_state[0]
+        gh, g_v0 = _sweep(h.shape[0], g_spike, sg, dv_dh, a, g_v)
+        gx = gh * b if not (isinstance(b, float) and b == 1.0) else gh
+        gP = {}
+        if "w" in need_params:
+            q = P["q"]
+            gq = (gh * recs["dq"]).sum()
+            gP["w"] = reduce_to(gq * q * (1 - q), P["w"])
+        return gx, (None if g_v0 is None else (g_v0,)), gP
+
+    def recs_from_kept(self, spec, kept, state0, P):
+        c = spec.consts
+        h = kept["h"]
+        s = spec.surrogate.fire(h - c["v_threshold"])
+        recs = {"h": h, "s": s}
+        if c["kind"] == "plif":
+            (v0,) = state0
+            v_after = self._reset(c, h, s)  # V_t for all t, vectorized
+            v_prev = torch.cat([v0.expand_as(h[0]).unsqueeze(0), v_after[:-1]], 0)
+            r = 0.0 if c["v_reset"] is None else c["v_reset"]
+            if c["decay_input"]:
+                recs["dq"] = (h - v_prev) / P["q"]  # = X - (V - r)
+            else:
+                recs["dq"] = -(v_prev - r)
+        return recs
+
+
+# ----------------------------------------------------------------------------------------------
+# snnTorch 1.0.0: Leaky and Synaptic
+# ----------------------------------------------------------------------------------------------
+
+
+class SnnTorchFamily(Family):
+    """snnTorch Leaky / Synaptic.
+
+    The reset signal R_t = 1[U_{t-1} > threshold] (detached) is carried as part of the state,
+    so that reconstruction can pin it. consts: kind ('leaky' | 'synaptic'), reset ('subtract' |
+    'zero' | 'none'), reset_delay. params: beta, threshold, graded_spikes_factor, alpha
+    (synaptic).
+    """
+
+    name = "snntorch"
+
+    def n_bits(self, spec):
+        return 1 if spec.consts["reset_delay"] else 2
+
+    def prepare(self, spec, P):
+        P = dict(P)
+        P["bc"] = P["beta"].clamp(0, 1)
+        if spec.consts["kind"] == "synaptic":
+            P["ac"] = P["alpha"].clamp(0, 1)
+        return P
+
+    def _syn(self, spec):
+        return spec.consts["kind"] == "synaptic"
+
+    def init_state(self, spec, x0, P):
+        u = torch.zeros_like(x0)
+        r = (u - P["threshold"] > 0).to(x0.dtype)
+        return (torch.zeros_like(x0), u, r) if self._syn(spec) else (u, r)
+
+    def complete_state(self, spec, public, P):
+        u = public[-1]
+        r = (u - P["threshold"] > 0).to(u.dtype)
+        return (*public, r)
+
+    def step(self, spec, x, state, P, bits=None, autograd=False):
+        c = spec.consts
+        thr, bc, g = P["threshold"], P["bc"], P["graded"]
+        rec = {}
+        if self._syn(spec):
+            syn, u, r = state
+            rec["synprev"] = syn
+            syn = P["ac"] * syn + x
+            rec["syn"] = syn
+            base = bc * u + syn
+            if c["reset"] == "subtract":
+                h = base - r * thr
+            elif c["reset"] == "zero":
+                h = base - base * r
+            else:
+                h = base
+        else:
+            u, r = state
+            if c["reset"] == "subtract":
+                h = bc * u + x - r * thr
+            elif c["reset"] == "zero":
+                h = bc * ((1 - r) * u) + x
+            else:
+                h = bc * u + x
+        rec.update(h=h, r=r, uprev=u)
+        shift = h - thr
+        sp = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
+        sp = pin(sp, None if bits is None else bits[0], autograd)
+        s = sp * g
+        rec["s"] = sp
+        if c["reset_delay"]:
+            u_next = h
+            r_next = sp.detach()
+        else:
+            do_reset = s / g - r
+            rec["do_reset"] = do_reset
+            if c["reset"] == "subtract":
+                u_next = h - do_reset * thr
+            elif c["reset"] == "zero":
+                u_next = h - do_reset * h
+            else:
+                u_next = h
+            r_next = (u_next - thr > 0).to(h.dtype).detach()
+            r_next = pin(r_next, None if bits is None else bits[1], False)
+        out_bits = (sp > 0,) if c["reset_delay"] else (sp > 0, r_next > 0)
+        new_state = (syn, u_next, r_next) if self._syn(spec) else (u_next, r_next)
+        return s, new_state, rec, out_bits
+
+    def vjp(self, spec, recs, g_spike, g_state, P, need_params):
+        c = spec.consts
+        thr, bc, g = P["threshold"], P["bc"], P["graded"]
+        h, sp, r = recs["h"], recs["s"], recs["r"]
+        T = h.shape[0]
+        sg = spec.surrogate.deriv(h - thr)
+        ds_dh = sg * g
+        if c["reset_delay"] or c["reset"] == "none":
+            du_dh = None
+        elif c["reset"] == "subtract":
+            du_dh = 1.0 - sg * thr
+        else:
+            du_dh = (1.0 - recs["do_reset"]) - h * sg
+        syn = self._syn(spec)
+        if syn:
+            g_syn, g_u = (None, None) if g_state is None else (g_state[0], g_state[1])
+        else:
+            g_u = None if g_state is None else g_state[0]
+        zero = c["reset"] == "zero"
+        gx = torch.empty_like(g_spike)
+        gh_all = torch.empty_like(g_spike)
+        gu_in = torch.zeros_like(g_spike) if ("threshold" in need_params and du_dh is not None) else None
+        gsyn_all = torch.empty_like(g_spike) if (syn and "alpha" in need_params) else None
+        one_minus_r = 1.0 - r if zero else None
+        for t in range(T - 1, -1, -1):
+            gh = g_spike[t] * ds_dh[t]
+            if g_u is not None:
+                if gu_in is not None:
+                    gu_in[t] = g_u
+                gh = gh + (g_u * du_dh[t] if du_dh is not None else g_u)
+            gh_all[t] = gh
+            if syn:
+                gb = gh * one_minus_r[t] if zero else gh
+                g_u = gb * bc
+                gs = gb if g_syn is None else gb + g_syn  # g_syn: from later steps
+                gx[t] = gs
+                if gsyn_all is not None:
+                    gsyn_all[t] = gs
+                g_syn = gs * P["ac"]
+            else:
+                gx[t] = gh
+                g_u = gh * (bc * one_minus_r[t] if zero else bc)
+        gP: Dict[str, Tensor] = {}
+        if "beta" in need_params:
+            beta = P["beta"]
+            mask = ((beta >= 0) & (beta <= 1)).to(h.dtype)
+            if syn:
+                gb_all = gh_all * one_minus_r if zero else gh_all
+                gbc = gb_all * recs["uprev"]
+            else:
+                gbc = gh_all * (one_minus_r * recs["uprev"] if zero else recs["uprev"])
+            gP["beta"] = reduce_to(gbc.sum(0) if gbc.dim() > beta.dim() else gbc, beta) * mask
+        if syn and "alpha" in need_params:
+            alpha = P["alpha"]
+            mask = ((alpha >= 0) & (alpha <= 1)).to(h.dtype)
+            gP["alpha"] = reduce_to((gsyn_all * recs["synprev"]).sum(0), alpha) * mask
+        if "threshold" in need_params:
+            gt = -(g_spike * ds_dh)
+            if c["reset"] == "subtract" and not zero:
+                gt = gt - gh_all * r
+            if gu_in is not None:
+                if c["reset"] == "subtract":
+                    gt = gt + gu_in * (thr * sg - recs["do_reset"])
+                else:
+                    gt = gt + gu_in * (h * sg)
+            gP["threshold"] = reduce_to(gt.sum(0), P["threshold"])
+        if "graded" in need_params:
+            gP["graded"] = reduce_to((g_spike * sp).sum(0), P["graded"])
+        if g_u is None:
+            g0 = None
+        elif syn:
+            g0 = (g_syn, g_u, torch.zeros_like(g_u))
+        else:
+            g0 = (g_u, torch.zeros_like(g_u))
+        return gx, g0, gP
+
+    def exact_keep(self, spec, need_params):
+        return ("h", "syn") if (self._syn(spec) and "alpha" in need_params) else ("h",)
+
+    def recs_from_kept(self, spec, kept, state0, P):
+        c = spec.consts
+        thr, g = P["threshold"], P["graded"]
+        h = kept["h"]
+        sp = spec.surrogate.fire(h - thr)
+        syn = self._syn(spec)
+        u, r = state0[-2], state0[-1]
+        if c["reset_delay"]:
+            # R_t = Theta(H_{t-1} - thr) = spike of the previous step; U_{t-1} = H_{t-1}
+            r_seq = torch.cat([r.expand_as(h[0]).unsqueeze(0), sp[:-1]], 0)
+            u_prev = torch.cat([u.expand_as(h[0]).unsqueeze(0), h[:-1]], 0)
+            recs = {"h": h, "s": sp, "r": r_seq, "uprev": u_prev}
+        else:
+            rs, us, drs = [], [], []
+            for t in range(h.shape[0]):
+                rs.append(r)
+                us.append(u)
+                do_reset = (sp[t] * g) / g - r
+                drs.append(do_reset)
+                if c["reset"] == "subtract":
+                    u = h[t] - do_reset * thr
+                elif c["reset"] == "zero":
+                    u = h[t] - do_reset * h[t]
+                else:
+                    u = h[t]
+                r = (u - thr > 0).to(h.dtype)
+            recs = {"h": h, "s": sp, "r": torch.stack([x.expand_as(h[0]) for x in rs]),
+                    "uprev": torch.stack([x.expand_as(h[0]) for x in us]),
+                    "do_reset": torch.stack(drs)}
+        if syn and "syn" in kept:
+            recs["synprev"] = torch.cat([state0[0].expand_as(h[0]).unsqueeze(0), kept["syn"][:-1]], 0)
+        return recs
+
+
+# ----------------------------------------------------------------------------------------------
+# norse 1.1.0: LIF / LIFCell (current-based) and LIFBoxCell
+# ----------------------------------------------------------------------------------------------
+
+
+class NorseLIFFamily(Family):
+    """norse lif_feed_forward_step. State (v, i); reset to v_reset, not detached.
+
+    params (buffers): tau_syn_inv, tau_mem_inv, v_leak, v_th, v_reset. consts: dt.
+    """
+
+    name = "norse_lif"
+    state_names = ("v", "i")
+    public_state = ("v", "i")
+
+    def init_state(self, spec, x0, P):
+        return (torch.zeros_like(x0) + P["v_leak"], torch.zeros_like(x0))
+
+    def step(self, spec, x, state, P, bits=None, autograd=False):
+        dt = spec.consts["dt"]
+        v, i = state
+        i_new = i + x
+        dv = dt * P["tau_mem_inv"] * ((P["v_leak"] - v) + i_new)
+        v_decayed = v + dv
+        di = -dt * P["tau_syn_inv"] * i_new
+        i_decayed = i_new + di
+        shift = v_decayed - P["v_th"]
+        z = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
+        z = pin(z, None if bits is None else bits[0], autograd)
+        v_new = (1 - z) * v_decayed + z * P["v_reset"]
+        return z, (v_new, i_decayed), {"h": v_decayed, "s": z}, (z > 0,)
+
+    def vjp(self, spec, recs, g_spike, g_state, P, need_params):
+        dt = spec.consts["dt"]
+        h, z = recs["h"], recs["s"]
+        sg = spec.surrogate.deriv(h - P["v_th"])
+        dv_dh = (1 - z) + (P["v_reset"] - h) * sg
+        k = dt * P["tau_mem_inv"]
+        a = 1 - k
+        c = 1 + (-dt * P["tau_syn_inv"])
+        g_v, g_i = (None, None) if g_state is None else g_state
+        gx = torch.empty_like(g_spike)
+        for t in range(h.shape[0] - 1, -1, -1):
+            gh = g_spike[t] * sg[t]
+            if g_v is not None:
+                gh = gh + g_v * dv_dh[t]
+            gi = gh * k if g_i is None else gh * k + g_i * c
+            gx[t] = gi
+            g_i = gi
+            g_v = gh * a
+        return gx, (g_v, g_i), {}
+
+    def recs_from_kept(self, spec, kept, state0, P):
+        h = kept["h"]
+        return {"h": h, "s": spec.surrogate.fire(h - P["v_th"])}
+
+
+class NorseLIFBoxFamily(Family):
+    """norse lif_box_feed_forward_step: state v only; reset to a value or by subtraction."""
+
+    name = "norse_lif_box"
+    state_names = ("v",)
+    public_state = ("v",)
+
+    def init_state(self, spec, x0, P):
+        return (torch.zeros_like(x0) + P["v_leak"],)
+
+    def step(self, spec, x, state, P, bits=None, autograd=False):
+        dt = spec.consts["dt"]
+        (v,) = state
+        dv = dt * P["tau_mem_inv"] * (x + P["v_leak"] - v)
+        v_decayed = v + dv
+        shift = v_decayed - P["v_th"]
+        z = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
+        z = pin(z, None if bits is None else bits[0], autograd)
+        if spec.consts["reset"] == "value":
+            v_new = (1 - z) * v_decayed + z * P["v_reset"]
+        else:
+            v_new = (1 - z) * v_decayed + z * (v_decayed - P["v_th"])
+        return z, (v_new,), {"h": v_decayed, "s": z}, (z > 0,)
+
+    def vjp(self, spec, recs, g_spike, g_state, P, need_params):
+        dt = spec.consts["dt"]
+        h, z = recs["h"], recs["s"]
+        sg = spec.surrogate.deriv(h - P["v_th"])
+        if spec.consts["reset"] == "value":
+            dv_dh = (1 - z) + (P["v_reset"] - h) * sg
+        else:
+            dv_dh = 1 - P["v_th"] * sg
+        k = dt * P["tau_mem_inv"]
+        g_v = None if g_state is None else g_state[0]
+        gh, g_v0 = _sweep(h.shape[0], g_spike, sg, dv_dh, 1 - k, g_v)
+        return gh * k, (None if g_v0 is None else (g_v0,)), {}
+
+    def recs_from_kept(self, spec, kept, state0, P):
+        h = kept["h"]
+        return {"h": h, "s": spec.surrogate.fire(h - P["v_th"])}
+
+
+for _fam in (SpikingJellyFamily(), SnnTorchFamily(), NorseLIFFamily(), NorseLIFBoxFamily()):
+    register_family(_fam)

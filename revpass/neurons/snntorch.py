@@ -1,0 +1,99 @@
+"""snnTorch 1.0.0 adapter: Leaky and Synaptic -> NeuronSpec.
+
+Imported only when a model contains an snnTorch module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import snntorch as snn  # noqa: E402
+from snntorch import surrogate as snn_surrogate  # noqa: E402
+
+from revpass.errors import UnsupportedNeuronError
+from revpass.neurons.spec import NeuronSpec
+from revpass.neurons.surrogate import Surrogate, check_derivative, derivative_from_function
+
+SUPPORTED = (snn.Leaky, snn.Synaptic)
+
+
+def is_neuron(m: nn.Module) -> bool:
+    return isinstance(m, snn.SpikingNeuron)
+
+
+is_leaf = is_neuron
+
+
+def _closure_value(fn, name):
+    code = getattr(fn, "__code__", None)
+    if code is None or fn.__closure__ is None:
+        return None
+    for var, cell in zip(code.co_freevars, fn.__closure__):
+        if var == name:
+            return cell.cell_contents
+    return None
+
+
+def surrogate_of(m: nn.Module, where: str) -> Surrogate:
+    fn = m.spike_grad
+    if getattr(m, "surrogate_disable", False):
+        raise UnsupportedNeuronError(
+            f"{where}: surrogate_disable=True has no spike gradient. Set surrogate_disable=False "
+            "or exclude this module from conversion."
+        )
+    probe = torch.tensor([-1.0, -1e-3, 0.0, 1e-3, 1.0])
+    fired = fn(probe)
+    if not torch.equal(fired.float(), (probe > 0).float()):
+        raise UnsupportedNeuronError(
+            f"{where}: spike_grad's forward is not the Heaviside step 1[x > 0]; revpass needs a "
+            "deterministic Heaviside spike. Use an snntorch.surrogate function, or exclude this module."
+        )
+    qual = getattr(fn, "__qualname__", "")
+    if getattr(fn, "__module__", "") == snn_surrogate.__name__ and qual == "atan.<locals>.inner":
+        alpha = float(_closure_value(fn, "alpha"))
+        half = alpha / 2
+        k = math.pi / 2 * alpha
+
+        def deriv(x):  # snntorch.surrogate.ATan.backward with a unit gradient
+            return half / (1 + (k * x).pow(2))
+
+        return Surrogate(f"atan(alpha={alpha:g})", deriv, False)
+    deriv = derivative_from_function(fn)
+    check_derivative(deriv, where, f"spike_grad={qual or fn!r}")
+    return Surrogate(f"{qual.split('.')[0] or 'spike_grad'} (own derivative)", deriv, False)
+
+
+def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
+    where = where or type(m).__name__
+    if type(m) not in SUPPORTED:
+        raise UnsupportedNeuronError(
+            f"{where}: snnTorch {type(m).__name__} is not supported; revpass converts Leaky and "
+            "Synaptic (recurrent neurons such as RLeaky feed themselves and are left as they are)."
+        )
+    for flag in ("inhibition", "state_quant"):
+        if getattr(m, flag, False):
+            raise UnsupportedNeuronError(
+                f"{where}: {flag}={getattr(m, flag)!r} is not supported; set it to False or "
+                "exclude this module from conversion."
+            )
+    syn = isinstance(m, snn.Synaptic)
+    params = {"beta": m.beta, "threshold": m.threshold, "graded": m.graded_spikes_factor}
+    attr = {"beta": "beta", "threshold": "threshold", "graded": "graded_spikes_factor"}
+    if syn:
+        params["alpha"] = m.alpha
+        attr["alpha"] = "alpha"
+    return NeuronSpec(
+        family="snntorch",
+        consts=dict(
+            kind="synaptic" if syn else "leaky",
+            reset=m.reset_mechanism,
+            reset_delay=bool(m.reset_delay),
+        ),
+        params=params,
+        surrogate=surrogate_of(m, where),
+        origin=f"snntorch.{type(m).__name__}",
+        attr_names=attr,
+    )

@@ -1,0 +1,181 @@
+"""What a neuron is, to revpass: one spec type, and one family (step + analytic VJP) per framework.
+
+A :class:`NeuronSpec` is a plain description of a library neuron: which family's equations it
+follows, its constants (tau, reset kind, ...), the tensors its step reads (learnable or not), and
+its surrogate. A :class:`Family` owns the equations:
+
+* ``step``: one time step, written with the same floating-point operations in the same order as
+  the framework, so that the forward is bit-identical;
+* ``vjp``: the gradient of a whole sequence, computed directly (METHOD.md section 5): per-step
+  factors are evaluated once over all T in vectorized form, then one reverse-time sweep.
+
+The nodes (revpass.nodes) are written against this interface only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from revpass.neurons.surrogate import Surrogate
+
+Tensor = torch.Tensor
+State = Tuple[Tensor, ...]
+Params = Dict[str, Tensor]
+
+
+@dataclass
+class NeuronSpec:
+    """A library neuron, read into revpass's terms.
+
+    Attributes:
+        family: key of the :class:`Family` that implements its equations.
+        consts: Python constants of the equations (floats, bools, strings).
+        params: tensors the step reads, by name (learnable parameters or buffers). The node that
+            replaces the neuron registers them under ``attr_names`` so state_dict keys stay.
+        surrogate: the spike function's forward threshold convention and derivative.
+        origin: where the spec came from (class name), for reports and errors.
+        attr_names: name of each param on the original module (``params`` key -> attribute).
+    """
+
+    family: str
+    consts: Dict[str, Any]
+    params: Params
+    surrogate: Surrogate
+    origin: str = ""
+    attr_names: Dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        kv = ", ".join(f"{k}={v}" for k, v in self.consts.items())
+        return f"{self.origin or self.family}({kv}, surrogate={self.surrogate.name})"
+
+
+class Family:
+    """The equations of one neuron family. Stateless: everything comes from the spec."""
+
+    name: str = "family"
+    #: names of the state tensors carried from step to step
+    state_names: Tuple[str, ...] = ("v",)
+    #: names of the state tensors that are the framework's visible state (others are derived)
+    public_state: Tuple[str, ...] = ("v",)
+
+    def n_bits(self, spec: NeuronSpec) -> int:
+        """Number of discrete decisions per element and step that reconstruction must pin."""
+        return 1
+
+    def prepare(self, spec: NeuronSpec, P: Params) -> Params:
+        """Derived tensors computed once per sequence (e.g. clamped beta). Autograd-aware."""
+        return dict(P)
+
+    def init_state(self, spec: NeuronSpec, x0: Tensor, P: Params) -> State:
+        """The reset state for one step's input ``x0``."""
+        raise NotImplementedError
+
+    def complete_state(self, spec: NeuronSpec, public: State, P: Params) -> State:
+        """Full internal state from the framework-visible state (default: identical)."""
+        return tuple(public)
+
+    def step(
+        self,
+        spec: NeuronSpec,
+        x: Tensor,
+        state: State,
+        P: Params,
+        bits: Optional[Tuple[Tensor, ...]] = None,
+        autograd: bool = False,
+    ) -> Tuple[Tensor, State, Dict[str, Tensor], Tuple[Tensor, ...]]:
+        """One time step. Returns (spike, next state, records for the VJP, pinnable bits)."""
+        raise NotImplementedError
+
+    def vjp(
+        self,
+        spec: NeuronSpec,
+        recs: Dict[str, Tensor],
+        g_spike: Tensor,
+        g_state: Optional[State],
+        P: Params,
+        need_params: Sequence[str],
+    ) -> Tuple[Tensor, Optional[State], Dict[str, Tensor]]:
+        """Gradient of a sequence: (grad of inputs, grad of initial state, grads of params)."""
+        raise NotImplementedError
+
+    # exact node: what it keeps (one float per element and step) and how it rebuilds records
+    def exact_keep(self, spec: NeuronSpec, need_params: Sequence[str]) -> Tuple[str, ...]:
+        return ("h",)
+
+    def recs_from_kept(
+        self, spec: NeuronSpec, kept: Dict[str, Tensor], state0: State, P: Params
+    ) -> Dict[str, Tensor]:
+        raise NotImplementedError
+
+
+FAMILIES: Dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_of(spec: NeuronSpec) -> Family:
+    return FAMILIES[spec.family]
+
+
+def pin(s: Tensor, bit: Optional[Tensor], autograd: bool) -> Tensor:
+    """Replace a spike's value by a stored bit; under autograd keep the surrogate's gradient."""
+    if bit is None:
+        return s
+    b = bit.to(s.dtype)
+    return s + (b - s).detach() if autograd else b
+
+
+def run_sequence(
+    spec: NeuronSpec,
+    x_seq: Tensor,
+    state: Optional[State],
+    P: Params,
+    *,
+    bits: Optional[Tensor] = None,
+    record: bool = False,
+    autograd: bool = False,
+    prepared: bool = False,
+) -> Tuple[Tensor, State, Dict[str, Tensor], Optional[Tensor]]:
+    """Run the spec's step over ``x_seq`` (T, ...).
+
+    Returns (spikes (T, ...), final state, stacked records if ``record``, stacked bits (T, nbits,
+    ...) as bool). ``bits`` pins the spike decisions (reconstruction).
+    """
+    fam = family_of(spec)
+    Pp = P if prepared else fam.prepare(spec, P)
+    T = x_seq.shape[0]
+    if state is None:
+        state = fam.init_state(spec, x_seq[0] if T else x_seq.new_empty(x_seq.shape[1:]), Pp)
+    spikes = torch.empty_like(x_seq) if not autograd else None
+    spike_list = []
+    recs: Dict[str, list] = {}
+    bit_list = []
+    for t in range(T):
+        bt = None if bits is None else tuple(bits[t, i] for i in range(bits.shape[1]))
+        s, state, rec, b = fam.step(spec, x_seq[t], state, Pp, bits=bt, autograd=autograd)
+        if autograd:
+            spike_list.append(s)
+        else:
+            spikes[t] = s
+        if record:
+            for k, v in rec.items():
+                recs.setdefault(k, []).append(v)
+        bit_list.append(torch.stack(b) if len(b) > 1 else b[0].unsqueeze(0))
+    if autograd:
+        spikes = torch.stack(spike_list) if spike_list else x_seq.clone()
+    stacked = {k: torch.stack(v) for k, v in recs.items()}
+    bits_out = torch.stack(bit_list) if bit_list else None
+    return spikes, state, stacked, bits_out
+
+
+def reduce_to(g: Tensor, like: Tensor) -> Tensor:
+    """Sum a gradient computed at broadcast shape down to a parameter's shape."""
+    if g.shape == like.shape:
+        return g
+    return g.sum_to_size(like.shape) if like.dim() else g.sum().reshape(like.shape)

@@ -1,0 +1,96 @@
+"""SpikingJelly 2.0.0 adapter: LIFNode, IFNode, ParametricLIFNode -> NeuronSpec.
+
+Imported only when a model contains a SpikingJelly module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from revpass.errors import UnsupportedNeuronError
+from revpass.neurons.spec import NeuronSpec
+from revpass.neurons.surrogate import Surrogate, check_derivative, derivative_from_function
+
+from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
+from spikingjelly.activation_based import base as sj_base  # noqa: E402
+
+try:  # the closed forms SpikingJelly's fused multi-step ops use
+    from spikingjelly._ops.surrogate import _SURROGATE_IDS, _surrogate_gradient
+except ImportError:  # pragma: no cover - other SpikingJelly versions
+    _SURROGATE_IDS, _surrogate_gradient = {}, None
+
+SUPPORTED = (sj_neuron.LIFNode, sj_neuron.IFNode, sj_neuron.ParametricLIFNode)
+
+
+def is_neuron(m: nn.Module) -> bool:
+    """A SpikingJelly stateful module (neuron or other memory module)."""
+    return isinstance(m, sj_base.MemoryModule)
+
+
+def is_leaf(m: nn.Module) -> bool:
+    return isinstance(m, (sj_base.MemoryModule, sj_base.StepModule))
+
+
+def surrogate_of(fn: nn.Module, where: str) -> Surrogate:
+    name = type(fn).__name__
+    if getattr(fn, "spiking", True) is False:
+        raise UnsupportedNeuronError(
+            f"{where}: surrogate_function={name}(spiking=False) is not a spike function. "
+            "Set spiking=True, or exclude this module from conversion."
+        )
+    alpha = getattr(fn, "alpha", None)
+    sid = _SURROGATE_IDS.get(name)
+    if (
+        sid is not None
+        and type(fn).__module__.startswith("spikingjelly")
+        and isinstance(alpha, (int, float))
+        and _surrogate_gradient is not None
+    ):
+        a = float(alpha)
+        return Surrogate(f"{name}(alpha={a:g})", lambda x: _surrogate_gradient(x, a, sid), True)
+    deriv = derivative_from_function(fn)
+    check_derivative(deriv, where, f"surrogate_function={name}")
+    return Surrogate(f"{name} (own derivative)", deriv, True)
+
+
+def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
+    where = where or type(m).__name__
+    if type(m) not in SUPPORTED:
+        raise UnsupportedNeuronError(
+            f"{where}: SpikingJelly {type(m).__name__} is not supported; revpass converts "
+            "LIFNode, IFNode and ParametricLIFNode. Register it with revpass.register_neuron "
+            "or exclude it."
+        )
+    if getattr(m, "_neuron_precision", None) is not None:
+        raise UnsupportedNeuronError(
+            f"{where}: mixed neuron precision (set_neuron_precision) is not supported; "
+            "remove it or exclude this module."
+        )
+    consts = dict(
+        v_threshold=float(m.v_threshold),
+        v_reset=None if m.v_reset is None else float(m.v_reset),
+        detach_reset=bool(m.detach_reset),
+    )
+    params = {}
+    attr = {}
+    if isinstance(m, sj_neuron.ParametricLIFNode):
+        consts.update(kind="plif", tau=None, decay_input=bool(m.decay_input))
+        params["w"] = m.w
+        attr["w"] = "w"
+    elif isinstance(m, sj_neuron.LIFNode):
+        consts.update(kind="lif", tau=float(m.tau), decay_input=bool(m.decay_input))
+    else:
+        consts.update(kind="if", tau=None, decay_input=True)
+    return NeuronSpec(
+        family="spikingjelly",
+        consts=consts,
+        params=params,
+        surrogate=surrogate_of(m.surrogate_function, where),
+        origin=f"spikingjelly.{type(m).__name__}",
+        attr_names=attr,
+    )
+
+
+def step_mode(m: nn.Module) -> str:
+    return getattr(m, "step_mode", "s")

@@ -1,0 +1,436 @@
+"""The node algorithms, framework-free: forward, reconstruction and the three backwards.
+
+Layout (METHOD.md section 2): the input X (T, B, C, ...) is split along the channel dim 2 into
+X1 = X[:, :, :c], X2 = X[:, :, c:2c] with c = C // 2, and a remainder X3 = X[:, :, 2c:] of zero
+or one channel. Neuron F charges from X2 and its spikes are added to X1; neuron G charges from
+Y1 and its spikes are added to X2. The unpaired channel (odd C) runs through the exact node.
+Per channel the parameters are those of the original neuron: G sits on channels [0, c), F on
+[c, 2c), the remainder on [2c, C); states are laid out the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from revpass.neurons.spec import NeuronSpec, Params, State, family_of, run_sequence
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# channel layout
+# ---------------------------------------------------------------------------------------------
+
+
+class Layout:
+    """Channel split of a (T, B, C, ...) input: G part, F part, remainder."""
+
+    def __init__(self, x_shape: Sequence[int]):
+        self.shape = tuple(x_shape)
+        self.C = x_shape[2] if len(x_shape) >= 3 else 0
+        self.c = self.C // 2
+        self.step_ndim = len(x_shape) - 1
+        # with no channel dim, everything goes through the exact node
+        self.parts = {
+            "g": (0, self.c),
+            "f": (self.c, 2 * self.c),
+            "r": (2 * self.c, self.C),
+        }
+
+    @property
+    def n_rem(self) -> int:
+        return self.C - 2 * self.c if self.C else -1  # -1: no channel dim, all exact
+
+    def seq(self, t: Tensor, part: str) -> Tensor:
+        """A (T, B, C, ...) tensor's part."""
+        if self.C == 0:
+            return t if part == "r" else t[:, :, :0] if t.dim() >= 3 else t[:0]
+        lo, hi = self.parts[part]
+        return t.narrow(2, lo, hi - lo)
+
+    def step(self, t: Tensor, part: str, like: Tensor) -> Tensor:
+        """A per-step (B, C, ...) tensor's part; broadcast state is expanded first."""
+        t = t.expand_as(like) if t.shape != like.shape else t
+        if self.C == 0:
+            return t
+        lo, hi = self.parts[part]
+        return t.narrow(1, lo, hi - lo)
+
+    def param(self, p: Tensor, part: str) -> Tuple[Tensor, Optional[int]]:
+        """A parameter's slice for a part, and the axis it was sliced on (None: shared)."""
+        if self.C == 0:
+            return p, None
+        axis = p.dim() - self.step_ndim + 1
+        if 0 <= axis < p.dim() and p.shape[axis] > 1:
+            lo, hi = self.parts[part]
+            return p.narrow(axis, lo, hi - lo), axis
+        return p, None
+
+    def params(self, P: Params, part: str) -> Params:
+        return {k: self.param(v, part)[0] for k, v in P.items()}
+
+    def join_param_grads(self, P: Params, grads: Dict[str, Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """Assemble per-part parameter gradients into full-shape ones."""
+        out = {}
+        for name, p in P.items():
+            parts = [(k, grads[k][name]) for k in ("g", "f", "r") if name in grads.get(k, {})]
+            if not parts:
+                continue
+            _, axis = self.param(p, "g")
+            if axis is None:
+                total = parts[0][1]
+                for _, g in parts[1:]:
+                    total = total + g
+                out[name] = total
+            else:
+                out[name] = torch.cat([g for _, g in parts], axis)
+        return out
+
+
+def _join(parts: List[Optional[Tensor]], dim: int, likes: List[Tensor]) -> Tensor:
+    return torch.cat([p if p is not None else torch.zeros_like(l) for p, l in zip(parts, likes)], dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# bit packing: 8 spikes per byte
+# ---------------------------------------------------------------------------------------------
+
+_SHIFTS = None
+
+
+def pack_bits(b: Tensor) -> Tensor:
+    """(T, ...) bool -> (T, ceil(n/8)) uint8, n = elements per step."""
+    T = b.shape[0]
+    flat = b.reshape(T, -1)
+    n = flat.shape[1]
+    pad = (-n) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(T, pad)], 1)
+    flat = flat.view(T, -1, 8).to(torch.uint8)
+    out = flat[..., 0].clone()
+    for i in range(1, 8):
+        out |= flat[..., i] << i
+    return out
+
+
+def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of pack_bits; ``shape`` is the (T, ...) shape of the bool tensor."""
+    T = packed.shape[0]
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(T, -1)[:, :n].reshape(shape).bool()
+
+
+def n_packed_bytes(T: int, n: int) -> Tuple[int, int]:
+    return (T, (n + 7) // 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def init_state(spec: NeuronSpec, x: Tensor, P: Params) -> State:
+    fam = family_of(spec)
+    x0 = x[0] if x.shape[0] else x.new_empty(x.shape[1:])
+    return fam.init_state(spec, x0, fam.prepare(spec, P))
+
+
+def state_part(layout: Layout, state: State, part: str, x0: Tensor) -> State:
+    return tuple(layout.step(s, part, x0) for s in state)
+
+
+def _bits_shape(layout: Layout, nb: int, x: Tensor):
+    f = layout.seq(x, "f")
+    return (x.shape[0], nb) + tuple(f.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# reversible node
+# ---------------------------------------------------------------------------------------------
+
+
+def reversible_forward(
+    spec: NeuronSpec,
+    x: Tensor,
+    state0: Optional[State],
+    P: Params,
+    need_params: Sequence[str] = (),
+) -> Tuple[Tensor, Tensor, Tensor, State]:
+    """Forward without autograd. Returns (Y, packed F bits, kept tensors of the unpaired
+    channel (K, T, ...), final state)."""
+    fam = family_of(spec)
+    L = Layout(x.shape)
+    T = x.shape[0]
+    x0 = x[0] if T else x.new_empty(x.shape[1:])
+    if state0 is None:
+        state0 = init_state(spec, x, P)
+    y = torch.empty_like(x)
+    PG = fam.prepare(spec, L.params(P, "g"))
+    PF = fam.prepare(spec, L.params(P, "f"))
+    A = state_part(L, state0, "f", x0)
+    B = state_part(L, state0, "g", x0)
+    X1, X2 = L.seq(x, "g"), L.seq(x, "f")
+    Y1, Y2 = L.seq(y, "g"), L.seq(y, "f")
+    nb = fam.n_bits(spec)
+    bits = torch.empty(_bits_shape(L, nb, x), dtype=torch.bool, device=x.device)
+    if L.c:
+        for t in range(T):
+            sF, A, _, bF = fam.step(spec, X2[t], A, PF)
+            y1 = X1[t] + sF
+            Y1[t] = y1
+            sG, B, _, _ = fam.step(spec, y1, B, PG)
+            Y2[t] = X2[t] + sG
+            for i in range(nb):
+                bits[t, i] = bF[i]
+    keep = fam.exact_keep(spec, need_params)
+    if L.n_rem != 0:
+        R = state_part(L, state0, "r", x0)
+        sR, R, recs, _ = run_sequence(spec, L.seq(x, "r"), R, L.params(P, "r"), record=True)
+        L.seq(y, "r").copy_(sR)
+        kept = torch.stack([recs[k] for k in keep]) if T else L.seq(x, "r").new_empty((len(keep),) + L.seq(x, "r").shape)
+    else:
+        R = None
+        kept = x.new_empty((len(keep),) + L.seq(x, "r").shape)
+    if L.C == 0:
+        stateT = R
+    else:
+        parts = [B, A] + ([R] if R is not None else [])
+        stateT = tuple(torch.cat([p[i] for p in parts], 1) for i in range(len(state0)))
+    return y, pack_bits(bits), kept, stateT
+
+
+def reversible_forward_autograd(
+    spec: NeuronSpec,
+    x: Tensor,
+    state0: Optional[State],
+    P: Params,
+    bits: Optional[Tensor] = None,
+    include_rem: bool = True,
+) -> Tuple[Tensor, State]:
+    """The same forward under plain autograd (the oracle), optionally with F's spikes pinned."""
+    fam = family_of(spec)
+    L = Layout(x.shape)
+    T = x.shape[0]
+    x0 = x[0] if T else x.new_empty(x.shape[1:])
+    if state0 is None:
+        state0 = init_state(spec, x, P)
+    PG = fam.prepare(spec, L.params(P, "g"))
+    PF = fam.prepare(spec, L.params(P, "f"))
+    A = state_part(L, state0, "f", x0)
+    B = state_part(L, state0, "g", x0)
+    X1, X2 = L.seq(x, "g"), L.seq(x, "f")
+    y1s, y2s = [], []
+    for t in range(T if L.c else 0):
+        bt = None if bits is None else tuple(bits[t, i] for i in range(bits.shape[1]))
+        sF, A, _, _ = fam.step(spec, X2[t], A, PF, bits=bt, autograd=True)
+        y1 = X1[t] + sF
+        sG, B, _, _ = fam.step(spec, y1, B, PG, autograd=True)
+        y1s.append(y1)
+        y2s.append(X2[t] + sG)
+    pieces = []
+    if L.c and T:
+        pieces = [torch.stack(y1s), torch.stack(y2s)]
+    elif L.c:
+        pieces = [X1 * 1, X2 * 1]
+    R = None
+    if include_rem and L.n_rem != 0:
+        R = state_part(L, state0, "r", x0)
+        sR, R, _, _ = run_sequence(spec, L.seq(x, "r"), R, L.params(P, "r"), autograd=True)
+        pieces.append(sR)
+    y = torch.cat(pieces, 2) if L.C else pieces[-1]
+    if L.C == 0:
+        return y, R
+    parts = [B, A] + ([R] if R is not None else [])
+    return y, tuple(torch.cat([p[i] for p in parts], 1) for i in range(len(state0)))
+
+
+def _reconstruct(spec, L: Layout, y: Tensor, packed: Tensor, state0: State, P: Params, record: bool):
+    """Rebuild F's and G's records (and X2, F spikes) from Y, forward in time."""
+    fam = family_of(spec)
+    x0 = y[0] if y.shape[0] else y.new_empty(y.shape[1:])
+    PG = fam.prepare(spec, L.params(P, "g"))
+    PF = fam.prepare(spec, L.params(P, "f"))
+    Y1, Y2 = L.seq(y, "g"), L.seq(y, "f")
+    B0 = state_part(L, state0, "g", x0)
+    A0 = state_part(L, state0, "f", x0)
+    sG, _, recsG, _ = run_sequence(spec, Y1, B0, PG, record=record, prepared=True)
+    X2 = Y2 - sG  # one rounding step away from the true X2 at most
+    bits = unpack_bits(packed, _bits_shape(L, fam.n_bits(spec), y))
+    sF, _, recsF, _ = run_sequence(spec, X2, A0, PF, bits=bits, record=record, prepared=True)
+    return dict(PG=PG, PF=PF, A0=A0, B0=B0, recsG=recsG, recsF=recsF, X2=X2, sF=sF, bits=bits)
+
+
+def _split_gstate(L: Layout, g_state: Optional[State], part: str, x0: Tensor) -> Optional[State]:
+    if g_state is None:
+        return None
+    return tuple(L.step(g, part, x0) for g in g_state)
+
+
+def _rem_backward(spec, L, gy, kept, state0, P, need_params, g_state, x0):
+    fam = family_of(spec)
+    keep = fam.exact_keep(spec, need_params)
+    PR = fam.prepare(spec, L.params(P, "r"))
+    R0 = state_part(L, state0, "r", x0)
+    recs = fam.recs_from_kept(spec, dict(zip(keep, kept)), R0, PR)
+    return fam.vjp(spec, recs, L.seq(gy, "r"), _split_gstate(L, g_state, "r", x0), PR, need_params)
+
+
+def reversible_backward(
+    spec: NeuronSpec,
+    gy: Tensor,
+    g_state: Optional[State],
+    y: Tensor,
+    packed: Tensor,
+    kept: Tensor,
+    state0: Optional[State],
+    P: Params,
+    need_params: Sequence[str],
+    mode: str = "optimized",
+) -> Tuple[Tensor, Optional[State], Dict[str, Tensor]]:
+    """Gradients of the reversible node from what it kept: (gx, g state0, g params)."""
+    fam = family_of(spec)
+    L = Layout(y.shape)
+    x0 = y[0] if y.shape[0] else y.new_empty(y.shape[1:])
+    given_state = state0 is not None
+    if state0 is None:
+        state0 = init_state(spec, y, P)
+    grads: Dict[str, Dict[str, Tensor]] = {}
+    gx_parts: List[Optional[Tensor]] = []
+    gs_parts: Dict[str, Optional[State]] = {}
+    if L.c:
+        if mode == "optimized":
+            rc = _reconstruct(spec, L, y, packed, state0, P, record=True)
+            gY1, gY2 = L.seq(gy, "g"), L.seq(gy, "f")
+            gY1_G, gB0, grads["g"] = fam.vjp(
+                spec, rc["recsG"], gY2, _split_gstate(L, g_state, "g", x0), rc["PG"], need_params
+            )
+            gX1 = gY1 + gY1_G
+            gX2_F, gA0, grads["f"] = fam.vjp(
+                spec, rc["recsF"], gX1, _split_gstate(L, g_state, "f", x0), rc["PF"], need_params
+            )
+            gx_parts = [gX1, gY2 + gX2_F]
+            gs_parts = {"g": gB0, "f": gA0}
+        elif mode == "recompute":
+            gx_parts, gs_parts, grads = _recompute_backward(
+                spec, L, gy, g_state, y, packed, state0, P, need_params, x0
+            )
+        else:
+            raise ValueError(f"unknown backward mode {mode!r}")
+    if L.n_rem != 0:
+        gX3, gR0, grads["r"] = _rem_backward(spec, L, gy, kept, state0, P, need_params, g_state, x0)
+        gx_parts.append(gX3)
+        gs_parts["r"] = gR0
+    gx = torch.cat(gx_parts, 2) if L.C else gx_parts[-1]
+    g_state0 = None
+    if given_state:
+        g_state0 = _join_state_grads(L, gs_parts, state0, x0)
+    gP = L.join_param_grads(P, grads) if L.C else grads.get("r", {})
+    return gx, g_state0, gP
+
+
+def _join_state_grads(L: Layout, gs_parts, state0: State, x0: Tensor) -> State:
+    if L.C == 0:
+        g = gs_parts.get("r")
+        return tuple(torch.zeros_like(s.expand_as(x0)) if g is None or g[i] is None else g[i]
+                     for i, s in enumerate(state0))
+    out = []
+    order = [k for k in ("g", "f", "r") if L.parts[k][1] > L.parts[k][0]]
+    for i, s in enumerate(state0):
+        pieces, likes = [], []
+        for k in order:
+            g = gs_parts.get(k)
+            like = L.step(s, k, x0)
+            pieces.append(None if g is None or g[i] is None else g[i])
+            likes.append(like)
+        out.append(_join(pieces, 1, likes))
+    return tuple(out)
+
+
+def _recompute_backward(spec, L, gy, g_state, y, packed, state0, P, need_params, x0):
+    """RevTorch-style baseline: reconstruct the inputs, re-run the forward under autograd."""
+    rc = _reconstruct(spec, L, y, packed, state0, P, record=False)
+    X1 = L.seq(y, "g") - rc["sF"]
+    with torch.enable_grad():
+        xr = torch.cat([X1, rc["X2"]], 2).detach().requires_grad_(True)
+        Pl = {k: (v.detach().requires_grad_(True) if k in need_params else v.detach()) for k, v in P.items()}
+        paired = 2 * L.c
+        s0 = tuple(s.expand_as(x0).narrow(1, 0, paired).detach().requires_grad_(True) for s in state0)
+        yr, sT = reversible_forward_autograd(spec, xr, s0, Pl, bits=rc["bits"], include_rem=False)
+        outs = [yr]
+        gouts = [gy.narrow(2, 0, paired)]
+        if g_state is not None:
+            for s, g in zip(sT, g_state):
+                if s.requires_grad:
+                    outs.append(s)
+                    gouts.append(g.expand_as(x0).narrow(1, 0, paired))
+        ins = [xr, *s0] + [Pl[k] for k in need_params]
+        gr = torch.autograd.grad(outs, ins, gouts, allow_unused=True)
+    gx = gr[0]
+    gs = gr[1 : 1 + len(s0)]
+    gP = {k: g for k, g in zip(need_params, gr[1 + len(s0) :]) if g is not None}
+    gs_parts = {
+        "g": tuple(None if g is None else g.narrow(1, 0, L.c) for g in gs),
+        "f": tuple(None if g is None else g.narrow(1, L.c, L.c) for g in gs),
+    }
+    # parameter grads from the recompute are already full-shape over the paired channels
+    grads = {"g": {}, "f": {}}
+    for k, g in gP.items():
+        _, axis = L.param(P[k], "g")
+        if axis is None:
+            grads["g"][k] = g
+        else:
+            grads["g"][k] = g.narrow(axis, 0, L.c)
+            grads["f"][k] = g.narrow(axis, L.c, L.c)
+    return [gx.narrow(2, 0, L.c), gx.narrow(2, L.c, L.c)], gs_parts, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# exact node
+# ---------------------------------------------------------------------------------------------
+
+
+def exact_forward(
+    spec: NeuronSpec, x: Tensor, state0: Optional[State], P: Params, need_params: Sequence[str]
+) -> Tuple[Tensor, Tensor, State]:
+    """Forward without autograd: (spikes, kept (K, T, ...), final state)."""
+    fam = family_of(spec)
+    keep = fam.exact_keep(spec, need_params)
+    s, stateT, recs, _ = run_sequence(spec, x, state0, P, record=True)
+    kept = torch.stack([recs[k] for k in keep]) if x.shape[0] else x.new_empty((len(keep),) + x.shape)
+    if stateT is None or len(stateT) == 0:
+        stateT = init_state(spec, x, P)
+    return s, kept, stateT
+
+
+def exact_backward(
+    spec: NeuronSpec,
+    gs: Tensor,
+    g_state: Optional[State],
+    kept: Tensor,
+    state0: Optional[State],
+    P: Params,
+    need_params: Sequence[str],
+) -> Tuple[Tensor, Optional[State], Dict[str, Tensor]]:
+    fam = family_of(spec)
+    given = state0 is not None
+    if state0 is None:
+        state0 = init_state(spec, gs, P)
+    keep = fam.exact_keep(spec, need_params)
+    Pp = fam.prepare(spec, P)
+    recs = fam.recs_from_kept(spec, dict(zip(keep, kept)), state0, Pp)
+    gx, g0, gP = fam.vjp(spec, recs, gs, g_state, Pp, need_params)
+    if given:
+        x0 = gs[0] if gs.shape[0] else gs.new_empty(gs.shape[1:])
+        g0 = tuple(
+            torch.zeros_like(s.expand_as(x0)) if g0 is None or g0[i] is None else g0[i]
+            for i, s in enumerate(state0)
+        )
+    else:
+        g0 = None
+    return gx, g0, gP

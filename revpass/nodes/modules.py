@@ -1,0 +1,217 @@
+"""The replacement modules: :class:`ReversibleNode` and :class:`ExactNode`.
+
+Both are built from a library neuron with ``Node.from_neuron(neuron)``, register the neuron's own
+parameters and buffers under the same names (one copy; state_dict keys unchanged), and run a
+whole (T, B, ...) sequence as one custom op. State behaves like the neuron they replace:
+``reset()`` returns to the reset state (SpikingJelly's ``functional.reset_net`` calls it), and the
+final state of one call is the initial state of the next when ``carry_state`` is on.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from revpass.errors import UnsupportedNeuronError
+from revpass.neurons import spec_from_module
+from revpass.neurons.spec import NeuronSpec, family_of, run_sequence
+from revpass.nodes import core, ops
+
+Tensor = torch.Tensor
+BACKWARDS = ("optimized", "recompute", "autograd")
+
+
+class _Node(nn.Module):
+    kind = "node"
+    _backwards: Tuple[str, ...] = BACKWARDS
+
+    def __init__(
+        self,
+        spec: NeuronSpec,
+        *,
+        backward: str = "optimized",
+        step_mode: str = "m",
+        carry_state: bool = True,
+        return_state: bool = False,
+        name: str = "",
+    ):
+        super().__init__()
+        if backward not in self._backwards:
+            raise ValueError(
+                f"{name or type(self).__name__}: backward={backward!r}; choose one of "
+                f"{', '.join(map(repr, self._backwards))}"
+            )
+        if step_mode not in ("s", "m"):
+            raise ValueError(f"{name or type(self).__name__}: step_mode must be 's' or 'm', got {step_mode!r}")
+        self.spec = spec
+        self.backward_mode = backward
+        self.step_mode = step_mode
+        self.carry_state = carry_state
+        self.return_state = return_state
+        self.name = name or spec.origin
+        self._param_attr: Dict[str, str] = {}
+        for key, t in spec.params.items():
+            attr = spec.attr_names.get(key) or f"_rp_{key}"
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(attr, t)
+            else:
+                self.register_buffer(attr, t, persistent=attr in spec.attr_names.values())
+            self._param_attr[key] = attr
+        self.state: Optional[Tuple[Tensor, ...]] = None
+        self._cfg_id = ops.register_config(
+            ops.OpConfig(spec, tuple(self._param_attr), "optimized" if backward == "autograd" else backward)
+        )
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_neuron(cls, neuron: nn.Module, *, name: str = "", **kwargs) -> "_Node":
+        """Build the node from a library neuron (SpikingJelly, snnTorch, norse or registered)."""
+        spec = spec_from_module(neuron, name)
+        kwargs.setdefault("step_mode", _step_mode(neuron))
+        kwargs.setdefault("carry_state", spec.family == "spikingjelly")
+        node = cls(spec, name=name or type(neuron).__name__, **kwargs)
+        # the library neuron's other persistent buffers keep their state_dict keys too
+        for bname, buf in neuron.named_buffers(recurse=False):
+            if bname in neuron._non_persistent_buffers_set or hasattr(node, bname):
+                continue
+            node.register_buffer(bname, buf)
+        return node
+
+    # -- state ----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the reset state (as SpikingJelly's reset / snnTorch's reset_mem)."""
+        self.state = None
+
+    def detach(self) -> None:
+        """Detach the carried state from the graph (truncated BPTT)."""
+        if self.state is not None:
+            self.state = tuple(s.detach() for s in self.state)
+
+    def params(self) -> Dict[str, Tensor]:
+        return {k: getattr(self, a) for k, a in self._param_attr.items()}
+
+    def public_state(self, state):
+        fam = family_of(self.spec)
+        return None if state is None else tuple(state[: len(fam.public_state)])
+
+    def _complete(self, state, x0: Tensor):
+        fam = family_of(self.spec)
+        if isinstance(state, Tensor):
+            state = (state,)
+        state = tuple(torch.as_tensor(s, dtype=x0.dtype, device=x0.device) for s in state)
+        P = fam.prepare(self.spec, {k: v.detach() for k, v in self.params().items()})
+        if len(state) == len(fam.init_state(self.spec, x0[:0], P)):
+            full = state
+        else:
+            full = fam.complete_state(self.spec, state, P)
+        return tuple(s.expand_as(x0) if s.shape != x0.shape else s for s in full)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: Tensor, state=None):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.name}: expected a tensor input, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self.name}: input dtype {x.dtype} is not floating point; spiking nodes run on "
+                "float32/float64 (cast the input, e.g. x.float())."
+            )
+        single = self.step_mode == "s"
+        xs = x.unsqueeze(0) if single else x
+        if xs.dim() < 2:
+            raise ValueError(
+                f"{self.name}: expected input (T, B, ...) in step_mode='m' or (B, ...) in "
+                f"step_mode='s', got shape {tuple(x.shape)}"
+            )
+        explicit = state is not None
+        if state is None and self.carry_state and self.state is not None:
+            state = self.state
+            if state[0].shape != xs.shape[1:] or state[0].dtype != xs.dtype:
+                state = None  # shape or dtype changed: start again, as SpikingJelly does
+        x0 = xs[0] if xs.shape[0] else xs.new_empty(xs.shape[1:])
+        state0 = None if state is None else self._complete(state, x0)
+        track = explicit or single or self.return_state
+        y, stateT = self._run(xs, state0, track)
+        if self.carry_state:
+            self.state = stateT
+        y = y[0] if single else y
+        if self.return_state or explicit:
+            return y, self.public_state(stateT)
+        return y
+
+    def _run(self, x, state0, track):
+        raise NotImplementedError
+
+    def _op_args(self, state0, track):
+        P = self.params()
+        names = list(self._param_attr)
+        params = [P[n] for n in names]
+        need = sum(1 << i for i, p in enumerate(params) if p.requires_grad and torch.is_grad_enabled())
+        if track:
+            need |= ops.TRACK_STATE
+        return [] if state0 is None else list(state0), params, need
+
+    # -- reports --------------------------------------------------------------------------------
+    def extra_repr(self) -> str:
+        return f"{self.spec.describe()}, backward={self.backward_mode!r}, step_mode={self.step_mode!r}"
+
+
+class ReversibleNode(_Node):
+    """The reversible node of METHOD.md sections 2 to 5.
+
+    Splits channels (dim 2 of a (T, B, C, ...) input) into halves coupled by two copies F and G of
+    the neuron (shared parameters): Y1 = X1 + S^F(X2), Y2 = X2 + S^G(Y1). Keeps for backward only
+    Y, F's spikes packed 8 per byte, and a non-reset initial state. With an odd channel count
+    the unpaired channel runs through the exact node (see :meth:`report`).
+    """
+
+    kind = "reversible"
+
+    def _run(self, x, state0, track):
+        if self.backward_mode == "autograd":
+            return core.reversible_forward_autograd(self.spec, x, state0, self.params())
+        s0, params, need = self._op_args(state0, track)
+        y, _, _, stateT = ops.reversible_op(x, s0, params, self._cfg_id, need)
+        return y, tuple(stateT)
+
+    def report(self, channels: Optional[int] = None) -> Dict[str, object]:
+        """How the node lays out ``channels`` channels (paired reversibly, unpaired exact)."""
+        out: Dict[str, object] = {"kind": self.kind, "neuron": self.spec.describe(), "backward": self.backward_mode}
+        if channels is not None:
+            c = channels // 2
+            out.update(channels=channels, paired=2 * c, unpaired=channels - 2 * c)
+            if channels - 2 * c:
+                out["note"] = (
+                    f"{channels} channels: {2 * c} run reversibly as {c} pairs; the unpaired "
+                    f"channel {channels - 1} runs through the exact node"
+                    + (" (all of them: fewer than 2 channels)" if c == 0 else "")
+                )
+            else:
+                out["note"] = f"{channels} channels: {c} reversible pairs"
+        return out
+
+
+class ExactNode(_Node):
+    """The exact node of METHOD.md section 6: the original neuron's function bit for bit, with the
+    analytic backward; keeps the pre-spike membrane H_t (one float per element and step)."""
+
+    kind = "exact"
+    _backwards = ("optimized", "autograd")
+
+    def _run(self, x, state0, track):
+        if self.backward_mode == "autograd":
+            s, stateT, _, _ = run_sequence(self.spec, x, state0, self.params(), autograd=True)
+            return s, stateT
+        s0, params, need = self._op_args(state0, track)
+        s, _, stateT = ops.exact_op(x, s0, params, self._cfg_id, need)
+        return s, tuple(stateT)
+
+
+def _step_mode(neuron: nn.Module) -> str:
+    from revpass.neurons import adapter_for
+
+    ad = adapter_for(neuron)
+    if ad is not None and hasattr(ad, "step_mode"):
+        return ad.step_mode(neuron)
+    return getattr(neuron, "step_mode", "m")
