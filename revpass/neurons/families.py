@@ -286,7 +286,7 @@ class SnnTorchFamily(Family):
         gP: Dict[str, Tensor] = {}
         if "beta" in need_params:
             beta = P["beta"]
-            mask = ((beta >= 0) & (beta <= 1)).to(h.dtype)
+            mask = ((beta > 0) & (beta < 1)).to(h.dtype)  # as torch.clamp's backward
             if syn:
                 gb_all = gh_all * one_minus_r if zero else gh_all
                 gbc = gb_all * recs["uprev"]
@@ -295,7 +295,7 @@ class SnnTorchFamily(Family):
             gP["beta"] = reduce_to(gbc.sum(0) if gbc.dim() > beta.dim() else gbc, beta) * mask
         if syn and "alpha" in need_params:
             alpha = P["alpha"]
-            mask = ((alpha >= 0) & (alpha <= 1)).to(h.dtype)
+            mask = ((alpha > 0) & (alpha < 1)).to(h.dtype)
             gP["alpha"] = reduce_to((gsyn_all * recs["synprev"]).sum(0), alpha) * mask
         if "threshold" in need_params:
             gt = -(g_spike * ds_dh)
@@ -391,9 +391,10 @@ class NorseLIFFamily(Family):
         h, z = recs["h"], recs["s"]
         sg = spec.surrogate.deriv(h - P["v_th"])
         dv_dh = (1 - z) + (P["v_reset"] - h) * sg
-        k = dt * P["tau_mem_inv"]
+        # the forward's float32 constants, combined in the sequence's precision
+        k = (dt * P["tau_mem_inv"]).to(h.dtype)
         a = 1 - k
-        c = 1 + (-dt * P["tau_syn_inv"])
+        c = 1 + (-dt * P["tau_syn_inv"]).to(h.dtype)
         g_v, g_i = (None, None) if g_state is None else g_state
         gx = torch.empty_like(g_spike)
         for t in range(h.shape[0] - 1, -1, -1):
@@ -443,7 +444,7 @@ class NorseLIFBoxFamily(Family):
             dv_dh = (1 - z) + (P["v_reset"] - h) * sg
         else:
             dv_dh = 1 - P["v_th"] * sg
-        k = dt * P["tau_mem_inv"]
+        k = (dt * P["tau_mem_inv"]).to(h.dtype)
         g_v = None if g_state is None else g_state[0]
         gh, g_v0 = _sweep(h.shape[0], g_spike, sg, dv_dh, 1 - k, g_v)
         return gh * k, (None if g_v0 is None else (g_v0,)), {}

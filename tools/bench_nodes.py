@@ -1,0 +1,627 @@
+"""Benchmark revpass's spiking nodes against the library neurons they replace.
+
+For every supported neuron family and configuration (SpikingJelly LIFNode hard/soft/detached
+reset, IFNode, ParametricLIFNode; snnTorch Leaky subtract/zero reset, Synaptic; norse LIF and
+LIFBoxCell) and every T, on an input X of shape (T, B, C, H, W), it measures side by side:
+
+1. bytes kept for backward (``revpass.memory.saved_bytes``: storage-deduplicated, the input X and
+   the parameters excluded) by the library neuron, the exact node and the reversible node. The
+   reversible node is reported with and without its output Y: Y is kept by its consumer (the next
+   conv or linear layer) anyway, so it costs nothing extra in a network (METHOD.md section 3).
+2. backward time of the reversible node with its three backwards (optimized, recompute,
+   autograd): forward untimed, then ``y.backward(g)`` timed; and forward+backward time of the
+   reversible node (optimized), the exact node and the library neuron. Each figure is the median
+   of ``--repeat`` runs after one warm-up; the variants are interleaved run by run so that drift in
+   the machine's speed hits them alike; on CUDA every timing is synchronized.
+3. two sanity checks that cost nothing extra: the three reversible backwards give bit-identical
+   forward outputs and gradients within METHOD.md section 7's tolerance of each other, and the
+   exact node's spikes equal the library neuron's.
+
+It writes ``<out>/bench_nodes.json`` (every raw figure, the configuration, versions, device,
+date) and ``<out>/bench_nodes.md`` (the tables), prints the markdown to stdout and one progress
+line per finished configuration to stderr, then evaluates the project's targets for every
+SpikingJelly configuration and T (reversible keeps >= 64x fewer bytes than the library neuron,
+output excluded; optimized backward >= 2x faster than recompute; reversible forward+backward
+<= 1.5x the library neuron's) and prints PASS/MISS for each. Targets are reported, not asserted:
+the script exits 0 whatever they say.
+
+Run::
+
+    .venv/bin/python tools/bench_nodes.py                 # (T, 16, 64, 16, 16), T in {4, 16}
+    .venv/bin/python tools/bench_nodes.py --quick         # tiny shape, seconds (used by the tests)
+    .venv/bin/python tools/bench_nodes.py --device cuda --T 4 16 64 --repeat 10
+    .venv/bin/python tools/bench_nodes.py --only spikingjelly/LIFNode --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import revpass
+from revpass.memory import saved_bytes
+
+Tensor = torch.Tensor
+Runner = Callable[[Tensor], Tensor]
+
+BACKWARDS = ("optimized", "recompute", "autograd")
+TARGET_MEMORY = 64.0  # library bytes / reversible bytes (output excluded), at least
+TARGET_BACKWARD = 2.0  # recompute backward time / optimized backward time, at least
+TARGET_FWD_BWD = 1.5  # reversible fwd+bwd time / library fwd+bwd time, at most
+INPUT_SCALE, INPUT_SHIFT = 1.0, 0.5  # X = randn * scale + shift: neurons fire a realistic fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# the neuron configurations
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NeuronConfig:
+    """One library neuron configuration: how to build it and how to run it over a sequence."""
+
+    id: str  # "family/Constructor(args)": stable key in the JSON
+    family: str  # "spikingjelly" | "snntorch" | "norse"
+    make: Callable[[], nn.Module]
+    runner: Callable[[nn.Module], Runner]  # library baseline: X (T, ...) -> spikes (T, ...)
+
+
+def _sj_runner(m: nn.Module) -> Runner:
+    from spikingjelly.activation_based import functional
+
+    def run(x: Tensor) -> Tensor:
+        functional.reset_net(m)
+        return m(x)
+
+    return run
+
+
+def _snn_leaky_runner(m: nn.Module) -> Runner:
+    def run(x: Tensor) -> Tensor:
+        mem = torch.zeros_like(x[0])
+        spikes = []
+        for t in range(x.shape[0]):
+            spk, mem = m(x[t], mem)
+            spikes.append(spk)
+        return torch.stack(spikes)
+
+    return run
+
+
+def _snn_synaptic_runner(m: nn.Module) -> Runner:
+    def run(x: Tensor) -> Tensor:
+        syn = torch.zeros_like(x[0])
+        mem = torch.zeros_like(x[0])
+        spikes = []
+        for t in range(x.shape[0]):
+            spk, syn, mem = m(x[t], syn, mem)
+            spikes.append(spk)
+        return torch.stack(spikes)
+
+    return run
+
+
+def _norse_multi_runner(m: nn.Module) -> Runner:
+    def run(x: Tensor) -> Tensor:
+        return m(x)[0]
+
+    return run
+
+
+def _norse_cell_runner(m: nn.Module) -> Runner:
+    def run(x: Tensor) -> Tensor:
+        state = None
+        spikes = []
+        for t in range(x.shape[0]):
+            z, state = m(x[t], state)
+            spikes.append(z)
+        return torch.stack(spikes)
+
+    return run
+
+
+def neuron_configs() -> List[NeuronConfig]:
+    """Every configuration of the issue, for the frameworks that import (others are skipped)."""
+    configs: List[NeuronConfig] = []
+    try:
+        from spikingjelly.activation_based import neuron as sj
+    except ImportError as e:  # pragma: no cover - the Makefile installs all three
+        print(f"bench_nodes: SpikingJelly not importable ({e}); skipping it", file=sys.stderr)
+    else:
+        configs += [
+            NeuronConfig("spikingjelly/LIFNode", "spikingjelly", lambda: sj.LIFNode(step_mode="m"), _sj_runner),
+            NeuronConfig(
+                "spikingjelly/LIFNode(v_reset=None)",
+                "spikingjelly",
+                lambda: sj.LIFNode(v_reset=None, step_mode="m"),
+                _sj_runner,
+            ),
+            NeuronConfig(
+                "spikingjelly/LIFNode(detach_reset=True)",
+                "spikingjelly",
+                lambda: sj.LIFNode(detach_reset=True, step_mode="m"),
+                _sj_runner,
+            ),
+            NeuronConfig("spikingjelly/IFNode", "spikingjelly", lambda: sj.IFNode(step_mode="m"), _sj_runner),
+            NeuronConfig(
+                "spikingjelly/ParametricLIFNode",
+                "spikingjelly",
+                lambda: sj.ParametricLIFNode(step_mode="m"),
+                _sj_runner,
+            ),
+        ]
+    try:
+        import snntorch as snn
+    except ImportError as e:  # pragma: no cover
+        print(f"bench_nodes: snnTorch not importable ({e}); skipping it", file=sys.stderr)
+    else:
+        configs += [
+            NeuronConfig("snntorch/Leaky(beta=0.9)", "snntorch", lambda: snn.Leaky(beta=0.9), _snn_leaky_runner),
+            NeuronConfig(
+                "snntorch/Leaky(beta=0.9, reset_mechanism='zero')",
+                "snntorch",
+                lambda: snn.Leaky(beta=0.9, reset_mechanism="zero"),
+                _snn_leaky_runner,
+            ),
+            NeuronConfig(
+                "snntorch/Synaptic(alpha=0.8, beta=0.9)",
+                "snntorch",
+                lambda: snn.Synaptic(alpha=0.8, beta=0.9),
+                _snn_synaptic_runner,
+            ),
+        ]
+    try:
+        import norse.torch as norse
+    except ImportError as e:  # pragma: no cover
+        print(f"bench_nodes: norse not importable ({e}); skipping it", file=sys.stderr)
+    else:
+        configs += [
+            NeuronConfig("norse/LIF()", "norse", lambda: norse.LIF(), _norse_multi_runner),
+            NeuronConfig("norse/LIFBoxCell()", "norse", lambda: norse.LIFBoxCell(), _norse_cell_runner),
+        ]
+    return configs
+
+
+def _node_runner(node: nn.Module) -> Runner:
+    def run(x: Tensor) -> Tensor:
+        node.reset()
+        return node(x)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _zero_grads(x: Tensor, params: Sequence[Tensor]) -> None:
+    x.grad = None
+    for p in params:
+        p.grad = None
+
+
+def _tensors_of(m: nn.Module) -> List[Tensor]:
+    return [*m.parameters(), *m.buffers()]
+
+
+def _kept(run: Runner, x: Tensor, module: nn.Module) -> Tuple[Tensor, Dict[str, int]]:
+    """Bytes ``run(x)`` keeps for backward, input and module tensors excluded."""
+    y, rep = saved_bytes(lambda: run(x), exclude=[x, *_tensors_of(module)], output_of=lambda out: [out])
+    return y.detach(), {
+        "total": rep.total,
+        "shared_with_output": rep.shared_with_output,
+        "without_output": rep.total_without_output,
+    }
+
+
+def _time_backward(run: Runner, x: Tensor, g: Tensor, params: Sequence[Tensor]) -> float:
+    _zero_grads(x, params)
+    y = run(x)
+    _sync(x.device)
+    t0 = time.perf_counter()
+    y.backward(g)
+    _sync(x.device)
+    return time.perf_counter() - t0
+
+
+def _time_fwd_bwd(run: Runner, x: Tensor, g: Tensor, params: Sequence[Tensor]) -> float:
+    _zero_grads(x, params)
+    _sync(x.device)
+    t0 = time.perf_counter()
+    y = run(x)
+    y.backward(g)
+    _sync(x.device)
+    return time.perf_counter() - t0
+
+
+def _grads(x: Tensor, params: Sequence[Tensor]) -> List[Optional[Tensor]]:
+    return [None if t.grad is None else t.grad.detach().clone() for t in (x, *params)]
+
+
+def _worst_violation(grads: List[Optional[Tensor]], ref: List[Optional[Tensor]]) -> float:
+    """max over elements of |g - g_ref| / (1e-6 + 1e-5 |g_ref|): <= 1 is METHOD.md section 7's
+    float32 equivalence."""
+    worst = 0.0
+    for g, r in zip(grads, ref):
+        if g is None and r is None:
+            continue
+        if g is None or r is None:
+            return math.inf
+        bound = 1e-6 + 1e-5 * r.abs()
+        worst = max(worst, float(((g - r).abs() / bound).max()))
+    return worst
+
+
+def bench_one(cfg: NeuronConfig, shape: Sequence[int], device: torch.device, repeat: int, seed: int) -> Dict[str, Any]:
+    """Every figure for one neuron configuration at one input shape."""
+    torch.manual_seed(seed)
+    lib = cfg.make().to(device)
+    nodes: Dict[str, nn.Module] = {
+        f"reversible_{b}": revpass.ReversibleNode.from_neuron(lib, backward=b, step_mode="m") for b in BACKWARDS
+    }
+    nodes["exact"] = revpass.ExactNode.from_neuron(lib, backward="optimized", step_mode="m")
+    params = [p for p in lib.parameters() if p.requires_grad]
+    x = (torch.randn(*shape, device=device) * INPUT_SCALE + INPUT_SHIFT).requires_grad_(True)
+    runs: Dict[str, Runner] = {"library": cfg.runner(lib)}
+    runs.update({k: _node_runner(n) for k, n in nodes.items()})
+    input_bytes = x.numel() * x.element_size()
+
+    # 1. bytes kept for backward (and the forward outputs, for the checks)
+    kept: Dict[str, Dict[str, int]] = {}
+    outputs: Dict[str, Tensor] = {}
+    for name, run in runs.items():
+        outputs[name], kept[name] = _kept(run, x, lib if name == "library" else nodes[name])
+    g = torch.randn_like(outputs["library"])
+    lib_b = kept["library"]["total"]
+    rev = kept["reversible_optimized"]
+    ex_b = kept["exact"]["total"]
+
+    # 2. timings, interleaved run by run; the first round is the warm-up
+    plan: List[Tuple[str, str, Callable[..., float]]] = [
+        ("backward", f"reversible_{b}", _time_backward) for b in BACKWARDS
+    ] + [("fwd_bwd", name, _time_fwd_bwd) for name in ("reversible_optimized", "exact", "library")]
+    raw: Dict[str, Dict[str, List[float]]] = {"backward": {}, "fwd_bwd": {}}
+    last_grads: Dict[str, List[Optional[Tensor]]] = {}
+    for r in range(repeat + 1):
+        for kind, name, timer in plan:
+            dt = timer(runs[name], x, g, params)
+            if r:
+                raw[kind].setdefault(name, []).append(dt)
+            if kind == "backward":
+                last_grads[name] = _grads(x, params)
+    med = {kind: {name: statistics.median(v) for name, v in d.items()} for kind, d in raw.items()}
+    bwd, fb = med["backward"], med["fwd_bwd"]
+
+    # 3. checks
+    ref = last_grads["reversible_autograd"]
+    checks = {
+        "reversible_forward_identical": all(
+            torch.equal(outputs[f"reversible_{b}"], outputs["reversible_autograd"]) for b in BACKWARDS
+        ),
+        "grad_violation_optimized": _worst_violation(last_grads["reversible_optimized"], ref),
+        "grad_violation_recompute": _worst_violation(last_grads["reversible_recompute"], ref),
+        "exact_spikes_equal_library": torch.equal(outputs["exact"], outputs["library"]),
+        "library_spike_rate": float(outputs["library"].float().mean()),
+    }
+    checks["grads_within_tolerance"] = max(
+        checks["grad_violation_optimized"], checks["grad_violation_recompute"]
+    ) <= 1.0
+
+    return {
+        "id": cfg.id,
+        "family": cfg.family,
+        "T": shape[0],
+        "shape": list(shape),
+        "input_bytes": input_bytes,
+        "bytes": {
+            "library": lib_b,
+            "exact": ex_b,
+            "reversible": rev["total"],
+            "reversible_without_output": rev["without_output"],
+            "reversible_output_shared": rev["shared_with_output"],
+            "detail": kept,
+        },
+        "ratios": {
+            "library_over_reversible_without_output": _div(lib_b, rev["without_output"]),
+            "library_over_reversible": _div(lib_b, rev["total"]),
+            "library_over_exact": _div(lib_b, ex_b),
+        },
+        "time_s": {"backward": bwd, "fwd_bwd": fb, "raw": raw},
+        "speed": {
+            "recompute_over_optimized_backward": bwd["reversible_recompute"] / bwd["reversible_optimized"],
+            "autograd_over_optimized_backward": bwd["reversible_autograd"] / bwd["reversible_optimized"],
+            "reversible_over_library_fwd_bwd": fb["reversible_optimized"] / fb["library"],
+            "exact_over_library_fwd_bwd": fb["exact"] / fb["library"],
+        },
+        "checks": checks,
+    }
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b else math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# targets and reports
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_targets(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The issue's three targets, for every SpikingJelly configuration and T."""
+    out = []
+    for r in results:
+        if r["family"] != "spikingjelly":
+            continue
+        for name, value, goal, ok in (
+            (
+                "memory: library / reversible (excl. Y)",
+                r["ratios"]["library_over_reversible_without_output"],
+                f">= {TARGET_MEMORY:g}x",
+                r["ratios"]["library_over_reversible_without_output"] >= TARGET_MEMORY,
+            ),
+            (
+                "backward: recompute / optimized",
+                r["speed"]["recompute_over_optimized_backward"],
+                f">= {TARGET_BACKWARD:g}x",
+                r["speed"]["recompute_over_optimized_backward"] >= TARGET_BACKWARD,
+            ),
+            (
+                "fwd+bwd: reversible / library",
+                r["speed"]["reversible_over_library_fwd_bwd"],
+                f"<= {TARGET_FWD_BWD:g}x",
+                r["speed"]["reversible_over_library_fwd_bwd"] <= TARGET_FWD_BWD,
+            ),
+        ):
+            out.append({"id": r["id"], "T": r["T"], "target": name, "goal": goal, "value": value, "pass": bool(ok)})
+    return out
+
+
+def _mib(n: int) -> str:
+    if n >= 1 << 20:
+        return f"{n / (1 << 20):.2f} MiB"
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):.1f} KiB"
+    return f"{n} B"
+
+
+def _bytes_cell(n: int, input_bytes: int) -> str:
+    return f"{_mib(n)} ({n / input_bytes:.3g}x)"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f}" if s >= 0.01 else f"{s * 1e3:.2f}"
+
+
+def _ratio(v: float) -> str:
+    return "inf" if math.isinf(v) else f"{v:.3g}x"
+
+
+def render_markdown(meta: Dict[str, Any], results: List[Dict[str, Any]], targets: List[Dict[str, Any]]) -> str:
+    cfg = meta["config"]
+    lines = [
+        "# revpass node benchmark",
+        "",
+        f"Input X: (T, {cfg['batch']}, {cfg['channels']}, {cfg['hw']}, {cfg['hw']}) float32, "
+        f"randn * {INPUT_SCALE:g} + {INPUT_SHIFT:g}; T in {cfg['T']}; device {meta['device']} "
+        f"({meta['device_name']}); torch {meta['torch']}; median of {cfg['repeat']} runs after one "
+        f"warm-up; {meta['date']}.",
+        "",
+        "## Bytes kept for backward",
+        "",
+        "| neuron | T | library | exact | reversible (incl. Y) | reversible (excl. Y) | library / reversible (excl. Y) | library / exact |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        b, ib = r["bytes"], r["input_bytes"]
+        lines.append(
+            f"| {r['id']} | {r['T']} | {_bytes_cell(b['library'], ib)} | {_bytes_cell(b['exact'], ib)} | "
+            f"{_bytes_cell(b['reversible'], ib)} | {_bytes_cell(b['reversible_without_output'], ib)} | "
+            f"{_ratio(r['ratios']['library_over_reversible_without_output'])} | "
+            f"{_ratio(r['ratios']['library_over_exact'])} |"
+        )
+    lines += [
+        "",
+        "Bytes are storage-deduplicated (`revpass.memory.saved_bytes`); the input X and the parameters "
+        "are not counted (they exist anyway); (Nx) is the multiple of the input's bytes. "
+        "\"excl. Y\" leaves out the reversible node's output Y, which it keeps for its reconstruction: "
+        "Y's consumer (the next conv or linear layer) keeps Y anyway, so in a network the storage is "
+        "shared and costs nothing extra (METHOD.md section 3); the library neuron's output is likewise "
+        "kept by its consumer and is not in its figure either.",
+        "",
+        "## Time (ms)",
+        "",
+        "| neuron | T | bwd optimized | bwd recompute | bwd autograd | recompute / optimized | "
+        "fwd+bwd reversible | fwd+bwd exact | fwd+bwd library | reversible / library | exact / library |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        bw, fb, sp = r["time_s"]["backward"], r["time_s"]["fwd_bwd"], r["speed"]
+        lines.append(
+            f"| {r['id']} | {r['T']} | {_ms(bw['reversible_optimized'])} | {_ms(bw['reversible_recompute'])} | "
+            f"{_ms(bw['reversible_autograd'])} | {_ratio(sp['recompute_over_optimized_backward'])} | "
+            f"{_ms(fb['reversible_optimized'])} | {_ms(fb['exact'])} | {_ms(fb['library'])} | "
+            f"{_ratio(sp['reversible_over_library_fwd_bwd'])} | {_ratio(sp['exact_over_library_fwd_bwd'])} |"
+        )
+    lines += [
+        "",
+        "bwd: the reversible node's backward alone (`y.backward(g)` after an untimed forward) with each "
+        "of its three backward implementations. fwd+bwd: forward and backward together; reversible is "
+        "the optimized backward. The library baseline for snnTorch and norse's LIFBoxCell is a Python "
+        "loop over their single-step modules; SpikingJelly runs its own multi-step forward.",
+        "",
+    ]
+    bad = [
+        r
+        for r in results
+        if not (
+            r["checks"]["reversible_forward_identical"]
+            and r["checks"]["grads_within_tolerance"]
+            and r["checks"]["exact_spikes_equal_library"]
+        )
+    ]
+    lines += ["## Checks", ""]
+    if not bad:
+        lines.append(
+            "All configurations: the three reversible backwards give bit-identical outputs and gradients "
+            "within METHOD.md section 7's tolerance; the exact node's spikes equal the library neuron's."
+        )
+    for r in bad:
+        c = r["checks"]
+        lines.append(
+            f"- {r['id']} T={r['T']}: forward identical {c['reversible_forward_identical']}, "
+            f"gradient error / tolerance optimized {c['grad_violation_optimized']:.3g}, recompute "
+            f"{c['grad_violation_recompute']:.3g}, exact spikes equal library {c['exact_spikes_equal_library']}"
+        )
+    lines += ["", "## Targets (SpikingJelly configurations; reported, not asserted)", ""]
+    for t in targets:
+        lines.append(
+            f"- {'PASS' if t['pass'] else 'MISS'} {t['id']} T={t['T']}: {t['target']} = "
+            f"{_ratio(t['value'])} (target {t['goal']})"
+        )
+    n_pass = sum(t["pass"] for t in targets)
+    lines += ["", f"{n_pass}/{len(targets)} targets met."]
+    return "\n".join(lines) + "\n"
+
+
+def _progress(i: int, n: int, r: Dict[str, Any], seconds: float) -> None:
+    sp = r["speed"]
+    print(
+        f"[{i}/{n}] {r['id']} T={r['T']}: library/reversible "
+        f"{_ratio(r['ratios']['library_over_reversible_without_output'])}, backward recompute/optimized "
+        f"{_ratio(sp['recompute_over_optimized_backward'])}, fwd+bwd reversible/library "
+        f"{_ratio(sp['reversible_over_library_fwd_bwd'])} ({seconds:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f", {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return (platform.processor() or platform.machine()) + f", {torch.get_num_threads()} threads"
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        return getattr(importlib.import_module(mod), "__version__", None)
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16, help="batch size B (default 16)")
+    p.add_argument("--channels", type=int, default=64, help="channels C (default 64)")
+    p.add_argument("--hw", type=int, default=16, help="height = width (default 16)")
+    p.add_argument("--T", type=int, nargs="+", default=[4, 16], help="time steps (default 4 16)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per figure, after one warm-up (default 5)")
+    p.add_argument("--quick", action="store_true", help="tiny run: (4, 2, 8, 4, 4), T=4, repeat 1")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out/)")
+    p.add_argument("--only", nargs="+", default=None, metavar="SUBSTR", help="only configurations whose id contains one of these")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.batch, a.channels, a.hw, a.T, a.repeat = 2, 8, 4, [4], 1
+    if a.repeat < 1 or min(a.T) < 1 or min(a.batch, a.channels, a.hw) < 1:
+        p.error("--repeat, --T, --batch, --channels and --hw must be positive")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    return a
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    configs = neuron_configs()
+    if args.only:
+        configs = [c for c in configs if any(s in c.id for s in args.only)]
+    jobs = [(c, T) for c in configs for T in args.T]
+    results: List[Dict[str, Any]] = []
+    started = time.perf_counter()
+    for i, (cfg, T) in enumerate(jobs, 1):
+        t0 = time.perf_counter()
+        shape = (T, args.batch, args.channels, args.hw, args.hw)
+        r = bench_one(cfg, shape, device, args.repeat, args.seed)
+        results.append(r)
+        _progress(i, len(jobs), r, time.perf_counter() - t0)
+    targets = evaluate_targets(results)
+    meta = {
+        "config": {
+            "batch": args.batch,
+            "channels": args.channels,
+            "hw": args.hw,
+            "T": list(args.T),
+            "repeat": args.repeat,
+            "quick": args.quick,
+            "seed": args.seed,
+            "dtype": "float32",
+            "input": f"randn * {INPUT_SCALE:g} + {INPUT_SHIFT:g}",
+            "only": args.only,
+        },
+        "torch": torch.__version__,
+        "versions": {m: _version(m) for m in ("revpass", "spikingjelly", "snntorch", "norse")},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": _device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - started,
+        "targets_spec": {
+            "memory_min": TARGET_MEMORY,
+            "backward_speedup_min": TARGET_BACKWARD,
+            "fwd_bwd_ratio_max": TARGET_FWD_BWD,
+        },
+    }
+    md = render_markdown(meta, results, targets)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_nodes.json").write_text(
+        json.dumps({**meta, "results": results, "targets": targets}, indent=1, default=_json_default) + "\n"
+    )
+    (args.out / "bench_nodes.md").write_text(md)
+    print(md, end="")
+    print(f"wrote {args.out / 'bench_nodes.json'} and {args.out / 'bench_nodes.md'} "
+          f"({meta['wall_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
