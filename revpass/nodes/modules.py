@@ -131,8 +131,7 @@ class _Node(nn.Module):
                 state = None  # shape or dtype changed: start again, as SpikingJelly does
         x0 = xs[0] if xs.shape[0] else xs.new_empty(xs.shape[1:])
         state0 = None if state is None else self._complete(state, x0)
-        track = explicit or single or self.return_state
-        y, stateT = self._run(xs, state0, track)
+        y, stateT = self._run(xs, state0)
         if self.carry_state:
             self.state = stateT
         y = y[0] if single else y
@@ -140,16 +139,14 @@ class _Node(nn.Module):
             return y, self.public_state(stateT)
         return y
 
-    def _run(self, x, state0, track):
+    def _run(self, x, state0):
         raise NotImplementedError
 
-    def _op_args(self, state0, track):
+    def _op_args(self, state0):
         P = self.params()
         names = list(self._param_attr)
         params = [P[n] for n in names]
         need = sum(1 << i for i, p in enumerate(params) if p.requires_grad and torch.is_grad_enabled())
-        if track:
-            need |= ops.TRACK_STATE
         return [] if state0 is None else list(state0), params, need
 
     # -- reports --------------------------------------------------------------------------------
@@ -168,10 +165,10 @@ class ReversibleNode(_Node):
 
     kind = "reversible"
 
-    def _run(self, x, state0, track):
+    def _run(self, x, state0):
         if self.backward_mode == "autograd":
             return core.reversible_forward_autograd(self.spec, x, state0, self.params())
-        s0, params, need = self._op_args(state0, track)
+        s0, params, need = self._op_args(state0)
         y, _, _, stateT = ops.reversible_op(x, s0, params, self._cfg_id, need)
         return y, tuple(stateT)
 
@@ -199,11 +196,11 @@ class ExactNode(_Node):
     kind = "exact"
     _backwards = ("optimized", "autograd")
 
-    def _run(self, x, state0, track):
+    def _run(self, x, state0):
         if self.backward_mode == "autograd":
             s, stateT, _, _ = run_sequence(self.spec, x, state0, self.params(), autograd=True)
             return s, stateT
-        s0, params, need = self._op_args(state0, track)
+        s0, params, need = self._op_args(state0)
         s, _, stateT = ops.exact_op(x, s0, params, self._cfg_id, need)
         return s, tuple(stateT)
 

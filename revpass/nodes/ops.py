@@ -55,9 +55,6 @@ def _P(cfg: OpConfig, params: List[Tensor]) -> Dict[str, Tensor]:
     return dict(zip(cfg.param_names, params))
 
 
-TRACK_STATE = 1 << 30  # bit of ``need``: the final state's gradient flows back
-
-
 def _need(cfg: OpConfig, mask: int) -> Tuple[str, ...]:
     return tuple(n for i, n in enumerate(cfg.param_names) if mask >> i & 1)
 
@@ -148,7 +145,7 @@ def _rev_setup(ctx, inputs, output):
     ctx.n_state = len(state0)
     ctx.n_params = len(params)
     ctx.state_grad = [s.requires_grad for s in state0]
-    ctx.track_state = bool(need & TRACK_STATE)
+    ctx.set_materialize_grads(False)  # unused final states arrive as None: a cheaper sweep
     ctx.save_for_backward(y, bits, kept, *state0, *params)
 
 
@@ -156,7 +153,9 @@ def _rev_backward(ctx, gy, g_bits, g_kept, g_stateT):
     y, bits, kept, *rest = ctx.saved_tensors
     state0 = list(rest[: ctx.n_state])
     params = list(rest[ctx.n_state :])
-    g_state = _g_state(ctx, g_stateT, y)
+    if gy is None:
+        gy = torch.zeros_like(y)
+    g_state = _g_state(g_stateT, y)
     mode = BACKWARD_MODES[_CONFIGS[ctx.cfg].mode]
     if mode == BACKWARD_MODES["recompute"]:
         # the baseline re-runs the forward under autograd, which a custom op's kernel (below the
@@ -179,9 +178,9 @@ def _backward_eager(ctx, gy, g_state, y, bits, kept, state0, params):
     return gx, (list(g0) if g0 is not None else []), [gP[n].reshape(P[n].shape) for n in need_names]
 
 
-def _g_state(ctx, g_stateT, like):
-    """Gradients of the final state, or [] when the node does not track them (cheaper sweep)."""
-    if not ctx.track_state:
+def _g_state(g_stateT, like):
+    """Gradients of the final state, or [] when nothing used it (the sweep skips the state term)."""
+    if all(g is None for g in g_stateT):
         return []
     return [g if g is not None else like.new_zeros(like.shape[1:]) for g in g_stateT]
 
@@ -264,7 +263,7 @@ def _exact_setup(ctx, inputs, output):
     ctx.n_state = len(state0)
     ctx.n_params = len(params)
     ctx.state_grad = [s.requires_grad for s in state0]
-    ctx.track_state = bool(need & TRACK_STATE)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(kept, *state0, *params)
 
 
@@ -272,7 +271,9 @@ def _exact_backward(ctx, gs, g_kept, g_stateT):
     kept, *rest = ctx.saved_tensors
     state0 = list(rest[: ctx.n_state])
     params = list(rest[ctx.n_state :])
-    g_state = _g_state(ctx, g_stateT, gs)
+    if gs is None:
+        gs = kept.new_zeros(kept.shape[1:])
+    g_state = _g_state(g_stateT, gs)
     gx, g0, gP = exact_backward_op(gs.contiguous(), g_state, kept, state0, params, ctx.cfg, ctx.need)
     return gx, _state_grads(ctx, g0), _param_grads(ctx, gP), None, None
 

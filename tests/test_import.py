@@ -1,0 +1,15 @@
+import subprocess
+import sys
+
+
+def test_import_revpass_imports_no_snn_framework():
+    code = (
+        "import sys, revpass\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'spikingjelly', 'snntorch', 'norse'})\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'matplotlib', 'onnxruntime'})\n"
+        "print(bad, heavy)\n"
+        "assert not bad and not heavy, (bad, heavy)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip() == "[] []"
