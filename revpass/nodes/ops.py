@@ -35,7 +35,7 @@ class OpConfig:
     @property
     def n_state(self) -> int:
         fam = family_of(self.spec)
-        P = {k: v.detach() for k, v in self.spec.params.items()}
+        P = {k: v.detach().cpu() for k, v in self.spec.params.items()}
         return len(fam.init_state(self.spec, torch.zeros(1), fam.prepare(self.spec, P)))
 
 

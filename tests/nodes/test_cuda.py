@@ -1,0 +1,49 @@
+"""The nodes on CUDA (skipped without a GPU; run on a lent GPU machine, never required by CI)."""
+
+import pytest
+import torch
+
+import revpass
+from catalogue import CASES, close, input_for, within_reconstruction_bound, worst
+from revpass.memory import saved_bytes
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _grads(node, x, seed=3):
+    y = node(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(y)
+    params = [p for p in node.parameters() if p.requires_grad]
+    return y.detach(), torch.autograd.grad(y, [x] + params, g)
+
+
+@pytest.mark.parametrize("T", [16, 128])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_cuda_backwards_agree(case, T):
+    lib = case.make().cuda()
+    x = input_for(case, T).cuda().requires_grad_(True)
+    res = {b: _grads(revpass.ReversibleNode.from_neuron(lib, backward=b, step_mode="m", carry_state=False), x)
+           for b in ("autograd", "optimized", "recompute")}
+    for b in ("optimized", "recompute"):
+        assert torch.equal(res[b][0], res["autograd"][0])
+        for a, r in zip(res[b][1], res["autograd"][1]):
+            # float32 reconstruction: the documented bound (docs/method.md), at any T
+            assert within_reconstruction_bound(a, r), f"{b}: worst {worst(a, r):.3g}"
+    ex = {b: _grads(revpass.ExactNode.from_neuron(lib, backward=b, step_mode="m", carry_state=False), x)
+          for b in ("autograd", "optimized")}
+    assert torch.equal(ex["optimized"][0], ex["autograd"][0])
+    for a, r in zip(ex["optimized"][1], ex["autograd"][1]):
+        assert close(a, r), f"exact: worst {worst(a, r):.3g}"
+    # the library neuron on CUDA (SpikingJelly may use its own fused kernels there)
+    y_lib = case.run(lib, x)
+    assert torch.equal(ex["optimized"][0], y_lib.detach().to(x.dtype)), "exact node vs library forward"
+
+
+def test_cuda_bytes_kept():
+    from spikingjelly.activation_based import neuron
+
+    lif = neuron.LIFNode(step_mode="m").cuda()
+    x = torch.randn(8, 4, 16, 8, 8, device="cuda", requires_grad=True)
+    node = revpass.ReversibleNode.from_neuron(lif, carry_state=False)
+    y, rep = saved_bytes(lambda: node(x), exclude=[x], output_of=lambda y: [y])
+    assert rep.total_without_output * 64 == x.numel() * 4
