@@ -37,17 +37,29 @@ def _sweep(
 ):
     """The reverse-time sweep shared by single-state families.
 
-    gh_t = g_spike_t * ds_dh_t + g_v * dv_dh_t ;  g_v <- gh_t * dh_dv_t
-    Returns (gh for all t (T, ...), gradient of the initial state).
+    gh_t = g_spike_t * ds_dh_t + g_v * dv_dh_t ;  g_v <- gh_t * dh_dv
+    The first term does not depend on the sweep: it is computed for all t at once, which leaves
+    two fused ops per step. Returns (gh for all t (T, ...), gradient of the initial state).
     """
-    gh_all = torch.empty_like(g_spike)
+    gh_all = g_spike * ds_dh
     for t in range(T - 1, -1, -1):
-        gh = g_spike[t] * ds_dh[t]
         if g_v is not None:
-            gh = gh + (g_v * dv_dh[t] if dv_dh is not None else g_v)
-        gh_all[t] = gh
-        g_v = gh * dh_dv
+            gh = gh_all[t]
+            if dv_dh is None:
+                gh.add_(g_v)
+            else:
+                gh.addcmul_(g_v, dv_dh[t])
+        g_v = gh_all[t] * dh_dv
     return gh_all, g_v
+
+
+def _spike(spec, h: Tensor, thr, bits, autograd: bool) -> Tensor:
+    """The step's spike: the surrogate's Heaviside, or the stored bit during reconstruction."""
+    if bits is not None and not autograd:
+        return bits[0].to(h.dtype)
+    shift = h - thr
+    s = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
+    return pin(s, None if bits is None else bits[0], autograd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,15 +108,13 @@ class SpikingJellyFamily(Family):
         c = spec.consts
         (v,) = state
         h = self._charge(c, x, v, P)
-        shift = h - c["v_threshold"]
-        s = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
-        s = pin(s, None if bits is None else bits[0], autograd)
+        s = _spike(spec, h, c["v_threshold"], bits, autograd)
         v_next = self._reset(c, h, s)
         rec = {"h": h, "s": s}
         if c["kind"] == "plif":
             r = 0.0 if c["v_reset"] is None else c["v_reset"]
             rec["dq"] = x - (v - r) if c["decay_input"] else -(v - r)
-        return s, (v_next,), rec, (s > 0,)
+        return s, (v_next,), rec, (s,)
 
     def _decay(self, c, P):
         """(dH/dV, dH/dX) as Python floats or 0-d tensors."""
@@ -218,9 +228,7 @@ class SnnTorchFamily(Family):
             else:
                 h = bc * u + x
         rec.update(h=h, r=r, uprev=u)
-        shift = h - thr
-        sp = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
-        sp = pin(sp, None if bits is None else bits[0], autograd)
+        sp = _spike(spec, h, thr, bits, autograd)
         s = sp * g
         rec["s"] = sp
         if c["reset_delay"]:
@@ -237,7 +245,7 @@ class SnnTorchFamily(Family):
                 u_next = h
             r_next = (u_next - thr > 0).to(h.dtype).detach()
             r_next = pin(r_next, None if bits is None else bits[1], False)
-        out_bits = (sp > 0,) if c["reset_delay"] else (sp > 0, r_next > 0)
+        out_bits = (sp,) if c["reset_delay"] else (sp, r_next)
         new_state = (syn, u_next, r_next) if self._syn(spec) else (u_next, r_next)
         return s, new_state, rec, out_bits
 
@@ -265,13 +273,16 @@ class SnnTorchFamily(Family):
         gu_in = torch.zeros_like(g_spike) if ("threshold" in need_params and du_dh is not None) else None
         gsyn_all = torch.empty_like(g_spike) if (syn and "alpha" in need_params) else None
         one_minus_r = 1.0 - r if zero else None
+        torch.mul(g_spike, ds_dh, out=gh_all)
         for t in range(T - 1, -1, -1):
-            gh = g_spike[t] * ds_dh[t]
+            gh = gh_all[t]
             if g_u is not None:
                 if gu_in is not None:
                     gu_in[t] = g_u
-                gh = gh + (g_u * du_dh[t] if du_dh is not None else g_u)
-            gh_all[t] = gh
+                if du_dh is None:
+                    gh.add_(g_u)
+                else:
+                    gh.addcmul_(g_u, du_dh[t])
             if syn:
                 gb = gh * one_minus_r[t] if zero else gh
                 g_u = gb * bc
@@ -380,11 +391,9 @@ class NorseLIFFamily(Family):
         v_decayed = v + dv
         di = -dt * P["tau_syn_inv"] * i_new
         i_decayed = i_new + di
-        shift = v_decayed - P["v_th"]
-        z = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
-        z = pin(z, None if bits is None else bits[0], autograd)
+        z = _spike(spec, v_decayed, P["v_th"], bits, autograd)
         v_new = (1 - z) * v_decayed + z * P["v_reset"]
-        return z, (v_new, i_decayed), {"h": v_decayed, "s": z}, (z > 0,)
+        return z, (v_new, i_decayed), {"h": v_decayed, "s": z}, (z,)
 
     def vjp(self, spec, recs, g_spike, g_state, P, need_params):
         dt = spec.consts["dt"]
@@ -397,11 +406,12 @@ class NorseLIFFamily(Family):
         c = 1 + (-dt * P["tau_syn_inv"]).to(h.dtype)
         g_v, g_i = (None, None) if g_state is None else g_state
         gx = torch.empty_like(g_spike)
+        gh_all = g_spike * sg
         for t in range(h.shape[0] - 1, -1, -1):
-            gh = g_spike[t] * sg[t]
+            gh = gh_all[t]
             if g_v is not None:
-                gh = gh + g_v * dv_dh[t]
-            gi = gh * k if g_i is None else gh * k + g_i * c
+                gh.addcmul_(g_v, dv_dh[t])
+            gi = gh * k if g_i is None else torch.addcmul(gh * k, g_i, c)
             gx[t] = gi
             g_i = gi
             g_v = gh * a
@@ -427,14 +437,12 @@ class NorseLIFBoxFamily(Family):
         (v,) = state
         dv = dt * P["tau_mem_inv"] * (x + P["v_leak"] - v)
         v_decayed = v + dv
-        shift = v_decayed - P["v_th"]
-        z = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
-        z = pin(z, None if bits is None else bits[0], autograd)
+        z = _spike(spec, v_decayed, P["v_th"], bits, autograd)
         if spec.consts["reset"] == "value":
             v_new = (1 - z) * v_decayed + z * P["v_reset"]
         else:
             v_new = (1 - z) * v_decayed + z * (v_decayed - P["v_th"])
-        return z, (v_new,), {"h": v_decayed, "s": z}, (z > 0,)
+        return z, (v_new,), {"h": v_decayed, "s": z}, (z,)
 
     def vjp(self, spec, recs, g_spike, g_state, P, need_params):
         dt = spec.consts["dt"]

@@ -86,7 +86,10 @@ class Family:
         bits: Optional[Tuple[Tensor, ...]] = None,
         autograd: bool = False,
     ) -> Tuple[Tensor, State, Dict[str, Tensor], Tuple[Tensor, ...]]:
-        """One time step. Returns (spike, next state, records for the VJP, pinnable bits)."""
+        """One time step. Returns (spike, next state, records for the VJP, pinnable decisions).
+
+        The decisions are 0/1 tensors (the unit spike, and for some families a reset signal);
+        ``bits`` passes stored ones back in to pin them during reconstruction."""
         raise NotImplementedError
 
     def vjp(
@@ -141,11 +144,12 @@ def run_sequence(
     record: bool = False,
     autograd: bool = False,
     prepared: bool = False,
+    want_bits: bool = False,
 ) -> Tuple[Tensor, State, Dict[str, Tensor], Optional[Tensor]]:
     """Run the spec's step over ``x_seq`` (T, ...).
 
-    Returns (spikes (T, ...), final state, stacked records if ``record``, stacked bits (T, nbits,
-    ...) as bool). ``bits`` pins the spike decisions (reconstruction).
+    Returns (spikes (T, ...), final state, stacked records if ``record``, stacked decisions
+    (T, nbits, ...) as bool if ``want_bits``). ``bits`` pins the decisions (reconstruction).
     """
     fam = family_of(spec)
     Pp = P if prepared else fam.prepare(spec, P)
@@ -166,7 +170,8 @@ def run_sequence(
         if record:
             for k, v in rec.items():
                 recs.setdefault(k, []).append(v)
-        bit_list.append(torch.stack(b) if len(b) > 1 else b[0].unsqueeze(0))
+        if want_bits:
+            bit_list.append(torch.stack(b).bool())
     if autograd:
         spikes = torch.stack(spike_list) if spike_list else x_seq.clone()
     stacked = {k: torch.stack(v) for k, v in recs.items()}

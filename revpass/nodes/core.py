@@ -301,7 +301,6 @@ def reversible_backward(
     if state0 is None:
         state0 = init_state(spec, y, P)
     grads: Dict[str, Dict[str, Tensor]] = {}
-    gx_parts: List[Optional[Tensor]] = []
     gs_parts: Dict[str, Optional[State]] = {}
     if L.c:
         if mode == "optimized":
@@ -310,23 +309,29 @@ def reversible_backward(
             gY1_G, gB0, grads["g"] = fam.vjp(
                 spec, rc["recsG"], gY2, _split_gstate(L, g_state, "g", x0), rc["PG"], need_params
             )
-            gX1 = gY1 + gY1_G
+            gx = torch.empty_like(gy)
+            gX1 = torch.add(gY1, gY1_G, out=L.seq(gx, "g"))
             gX2_F, gA0, grads["f"] = fam.vjp(
                 spec, rc["recsF"], gX1, _split_gstate(L, g_state, "f", x0), rc["PF"], need_params
             )
-            gx_parts = [gX1, gY2 + gX2_F]
+            torch.add(gY2, gX2_F, out=L.seq(gx, "f"))
             gs_parts = {"g": gB0, "f": gA0}
         elif mode == "recompute":
-            gx_parts, gs_parts, grads = _recompute_backward(
-                spec, L, gy, g_state, y, packed, state0, P, need_params, x0
+            gx = torch.empty_like(gy)
+            gs_parts, grads = _recompute_backward(
+                spec, L, gy, g_state, y, packed, state0, P, need_params, x0, gx
             )
         else:
             raise ValueError(f"unknown backward mode {mode!r}")
     if L.n_rem != 0:
         gX3, gR0, grads["r"] = _rem_backward(spec, L, gy, kept, state0, P, need_params, g_state, x0)
-        gx_parts.append(gX3)
+        if L.C == 0:
+            gx = gX3
+        else:
+            if not L.c:
+                gx = torch.empty_like(gy)
+            L.seq(gx, "r").copy_(gX3)
         gs_parts["r"] = gR0
-    gx = torch.cat(gx_parts, 2) if L.C else gx_parts[-1]
     g_state0 = None
     if given_state:
         g_state0 = _join_state_grads(L, gs_parts, state0, x0)
@@ -352,7 +357,7 @@ def _join_state_grads(L: Layout, gs_parts, state0: State, x0: Tensor) -> State:
     return tuple(out)
 
 
-def _recompute_backward(spec, L, gy, g_state, y, packed, state0, P, need_params, x0):
+def _recompute_backward(spec, L, gy, g_state, y, packed, state0, P, need_params, x0, gx):
     """RevTorch-style baseline: reconstruct the inputs, re-run the forward under autograd."""
     rc = _reconstruct(spec, L, y, packed, state0, P, record=False)
     X1 = L.seq(y, "g") - rc["sF"]
@@ -371,7 +376,6 @@ def _recompute_backward(spec, L, gy, g_state, y, packed, state0, P, need_params,
                     gouts.append(g.expand_as(x0).narrow(1, 0, paired))
         ins = [xr, *s0] + [Pl[k] for k in need_params]
         gr = torch.autograd.grad(outs, ins, gouts, allow_unused=True)
-    gx = gr[0]
     gs = gr[1 : 1 + len(s0)]
     gP = {k: g for k, g in zip(need_params, gr[1 + len(s0) :]) if g is not None}
     gs_parts = {
@@ -387,7 +391,8 @@ def _recompute_backward(spec, L, gy, g_state, y, packed, state0, P, need_params,
         else:
             grads["g"][k] = g.narrow(axis, 0, L.c)
             grads["f"][k] = g.narrow(axis, L.c, L.c)
-    return [gx.narrow(2, 0, L.c), gx.narrow(2, L.c, L.c)], gs_parts, grads
+    gx.narrow(2, 0, 2 * L.c).copy_(gr[0])
+    return gs_parts, grads
 
 
 # ---------------------------------------------------------------------------------------------
