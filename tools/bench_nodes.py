@@ -13,9 +13,12 @@ LIFBoxCell) and every T, on an input X of shape (T, B, C, H, W), it measures sid
    reversible node (optimized), the exact node and the library neuron. Each figure is the median
    of ``--repeat`` runs after one warm-up; the variants are interleaved run by run so that drift in
    the machine's speed hits them alike; on CUDA every timing is synchronized.
-3. two sanity checks that cost nothing extra: the three reversible backwards give bit-identical
-   forward outputs and gradients within METHOD.md section 7's tolerance of each other, and the
-   exact node's spikes equal the library neuron's.
+3. checks, from the same runs: the three reversible backwards give bit-identical forward outputs,
+   their gradients agree (METHOD.md section 7's float32 tolerance, and the looser reconstruction
+   bound that large inputs need), the exact node's spikes equal the library neuron's, and
+   ``saved_bytes`` agrees with the bytes the graph still holds when the forward returns (it does
+   not where a library saves tensors in graph branches it then drops, e.g. snnTorch's detached
+   reset or norse's unused final state: those are listed in the report).
 
 It writes ``<out>/bench_nodes.json`` (every raw figure, the configuration, versions, device,
 date) and ``<out>/bench_nodes.md`` (the tables), prints the markdown to stdout and one progress
@@ -63,6 +66,7 @@ BACKWARDS = ("optimized", "recompute", "autograd")
 TARGET_MEMORY = 64.0  # library bytes / reversible bytes (output excluded), at least
 TARGET_BACKWARD = 2.0  # recompute backward time / optimized backward time, at least
 TARGET_FWD_BWD = 1.5  # reversible fwd+bwd time / library fwd+bwd time, at most
+NOISY_SPREAD = 1.5  # slowest / fastest timed run above this: flagged in the report
 INPUT_SCALE, INPUT_SHIFT = 1.0, 0.5  # X = randn * scale + shift: neurons fire a realistic fraction
 
 
@@ -135,66 +139,47 @@ def _norse_cell_runner(m: nn.Module) -> Runner:
     return run
 
 
+def _kwargs_repr(kwargs: Dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
 def neuron_configs() -> List[NeuronConfig]:
     """Every configuration of the issue, for the frameworks that import (others are skipped)."""
     configs: List[NeuronConfig] = []
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script in SpikingJelly
+
+    def add(
+        family: str, cls: Callable[..., nn.Module], runner: Callable[[nn.Module], Runner], **kw: Any
+    ) -> None:
+        shown = {k: v for k, v in kw.items() if k != "step_mode"}
+        name = cls.__name__ + (f"({_kwargs_repr(shown)})" if shown or family != "spikingjelly" else "")
+        configs.append(NeuronConfig(f"{family}/{name}", family, lambda: cls(**kw), runner))
+
     try:
         from spikingjelly.activation_based import neuron as sj
     except ImportError as e:  # pragma: no cover - the Makefile installs all three
         print(f"bench_nodes: SpikingJelly not importable ({e}); skipping it", file=sys.stderr)
     else:
-        configs += [
-            NeuronConfig("spikingjelly/LIFNode", "spikingjelly", lambda: sj.LIFNode(step_mode="m"), _sj_runner),
-            NeuronConfig(
-                "spikingjelly/LIFNode(v_reset=None)",
-                "spikingjelly",
-                lambda: sj.LIFNode(v_reset=None, step_mode="m"),
-                _sj_runner,
-            ),
-            NeuronConfig(
-                "spikingjelly/LIFNode(detach_reset=True)",
-                "spikingjelly",
-                lambda: sj.LIFNode(detach_reset=True, step_mode="m"),
-                _sj_runner,
-            ),
-            NeuronConfig("spikingjelly/IFNode", "spikingjelly", lambda: sj.IFNode(step_mode="m"), _sj_runner),
-            NeuronConfig(
-                "spikingjelly/ParametricLIFNode",
-                "spikingjelly",
-                lambda: sj.ParametricLIFNode(step_mode="m"),
-                _sj_runner,
-            ),
-        ]
+        add("spikingjelly", sj.LIFNode, _sj_runner, step_mode="m")
+        add("spikingjelly", sj.LIFNode, _sj_runner, v_reset=None, step_mode="m")
+        add("spikingjelly", sj.LIFNode, _sj_runner, detach_reset=True, step_mode="m")
+        add("spikingjelly", sj.IFNode, _sj_runner, step_mode="m")
+        add("spikingjelly", sj.ParametricLIFNode, _sj_runner, step_mode="m")
     try:
         import snntorch as snn
     except ImportError as e:  # pragma: no cover
         print(f"bench_nodes: snnTorch not importable ({e}); skipping it", file=sys.stderr)
     else:
-        configs += [
-            NeuronConfig("snntorch/Leaky(beta=0.9)", "snntorch", lambda: snn.Leaky(beta=0.9), _snn_leaky_runner),
-            NeuronConfig(
-                "snntorch/Leaky(beta=0.9, reset_mechanism='zero')",
-                "snntorch",
-                lambda: snn.Leaky(beta=0.9, reset_mechanism="zero"),
-                _snn_leaky_runner,
-            ),
-            NeuronConfig(
-                "snntorch/Synaptic(alpha=0.8, beta=0.9)",
-                "snntorch",
-                lambda: snn.Synaptic(alpha=0.8, beta=0.9),
-                _snn_synaptic_runner,
-            ),
-        ]
+        add("snntorch", snn.Leaky, _snn_leaky_runner, beta=0.9)
+        add("snntorch", snn.Leaky, _snn_leaky_runner, beta=0.9, reset_mechanism="zero")
+        add("snntorch", snn.Synaptic, _snn_synaptic_runner, alpha=0.8, beta=0.9)
     try:
         import norse.torch as norse
     except ImportError as e:  # pragma: no cover
         print(f"bench_nodes: norse not importable ({e}); skipping it", file=sys.stderr)
     else:
-        configs += [
-            NeuronConfig("norse/LIF()", "norse", lambda: norse.LIF(), _norse_multi_runner),
-            NeuronConfig("norse/LIFBoxCell()", "norse", lambda: norse.LIFBoxCell(), _norse_cell_runner),
-        ]
+        add("norse", norse.LIF, _norse_multi_runner)
+        add("norse", norse.LIFBoxCell, _norse_cell_runner)
     return configs
 
 
@@ -309,12 +294,12 @@ def _grad_agreement(grads: List[Optional[Tensor]], ref: List[Optional[Tensor]]) 
     return out
 
 
-def bench_one(cfg: NeuronConfig, shape: Sequence[int], device: torch.device, repeat: int, seed: int) -> Dict[str, Any]:
-    """Every figure for one neuron configuration at one input shape."""
-    torch.manual_seed(seed)
+def _build(cfg: NeuronConfig, device: torch.device) -> Tuple[nn.Module, Dict[str, nn.Module]]:
+    """The library neuron and the nodes made from it: reversible with each backward, exact."""
     lib = cfg.make()
     nodes: Dict[str, nn.Module] = {
-        f"reversible_{b}": revpass.ReversibleNode.from_neuron(lib, backward=b, step_mode="m") for b in BACKWARDS
+        f"reversible_{b}": revpass.ReversibleNode.from_neuron(lib, backward=b, step_mode="m")
+        for b in BACKWARDS
     }
     nodes["exact"] = revpass.ExactNode.from_neuron(lib, backward="optimized", step_mode="m")
     # converted on the CPU, then moved, as a model usually is; the parameters stay shared
@@ -322,26 +307,15 @@ def bench_one(cfg: NeuronConfig, shape: Sequence[int], device: torch.device, rep
         m.to(device)
     shared = {id(p) for p in lib.parameters()}
     assert all(id(p) in shared for n in nodes.values() for p in n.parameters()), "parameters not shared"
-    params = [p for p in lib.parameters() if p.requires_grad]
-    x = (torch.randn(*shape, device=device) * INPUT_SCALE + INPUT_SHIFT).requires_grad_(True)
-    runs: Dict[str, Runner] = {"library": cfg.runner(lib)}
-    runs.update({k: _node_runner(n) for k, n in nodes.items()})
-    input_bytes = x.numel() * x.element_size()
+    return lib, nodes
 
-    # 1. bytes kept for backward (and the forward outputs, for the checks)
-    kept: Dict[str, Dict[str, int]] = {}
-    outputs: Dict[str, Tensor] = {}
-    for name, run in runs.items():
-        module = lib if name == "library" else nodes[name]
-        outputs[name], kept[name] = _kept(run, x, module)
-        kept[name]["alive_at_end"] = _alive_saved_bytes(run, x, module)
-    g = torch.randn_like(outputs["library"])
-    lib_b = kept["library"]["total"]
-    rev = kept["reversible_optimized"]
-    ex_b = kept["exact"]["total"]
 
-    # 2. timings, interleaved run by run; the first round is the warm-up
-    plan: List[Tuple[str, str, Callable[..., float]]] = [
+def _measure_times(
+    runs: Dict[str, Runner], x: Tensor, g: Tensor, params: Sequence[Tensor], repeat: int
+) -> Tuple[Dict[str, Dict[str, List[float]]], Dict[str, List[Optional[Tensor]]]]:
+    """Raw timings {"backward"|"fwd_bwd": {variant: [seconds]}} and each backward's last gradients.
+    The variants are interleaved run by run; the first round is the warm-up."""
+    plan: List[Tuple[str, str, Callable[[Runner, Tensor, Tensor, Sequence[Tensor]], float]]] = [
         ("backward", f"reversible_{b}", _time_backward) for b in BACKWARDS
     ] + [("fwd_bwd", name, _time_fwd_bwd) for name in ("reversible_optimized", "exact", "library")]
     raw: Dict[str, Dict[str, List[float]]] = {"backward": {}, "fwd_bwd": {}}
@@ -353,33 +327,63 @@ def bench_one(cfg: NeuronConfig, shape: Sequence[int], device: torch.device, rep
                 raw[kind].setdefault(name, []).append(dt)
             if kind == "backward":
                 last_grads[name] = _grads(x, params)
-    med = {kind: {name: statistics.median(v) for name, v in d.items()} for kind, d in raw.items()}
-    bwd, fb = med["backward"], med["fwd_bwd"]
+    return raw, last_grads
 
-    # 3. checks
-    ref = last_grads["reversible_autograd"]
-    checks = {
+
+def _checks(
+    outputs: Dict[str, Tensor], grads: Dict[str, List[Optional[Tensor]]], kept: Dict[str, Dict[str, int]]
+) -> Dict[str, Any]:
+    ref = grads["reversible_autograd"]
+    checks: Dict[str, Any] = {
         "reversible_forward_identical": all(
             torch.equal(outputs[f"reversible_{b}"], outputs["reversible_autograd"]) for b in BACKWARDS
         ),
-        "grads_optimized_vs_autograd": _grad_agreement(last_grads["reversible_optimized"], ref),
-        "grads_recompute_vs_autograd": _grad_agreement(last_grads["reversible_recompute"], ref),
+        "grads_optimized_vs_autograd": _grad_agreement(grads["reversible_optimized"], ref),
+        "grads_recompute_vs_autograd": _grad_agreement(grads["reversible_recompute"], ref),
         "exact_spikes_equal_library": torch.equal(outputs["exact"], outputs["library"]),
         "library_spike_rate": float(outputs["library"].float().mean()),
     }
     agree = (checks["grads_optimized_vs_autograd"], checks["grads_recompute_vs_autograd"])
     checks["grads_within_section7"] = all(a["section7"] <= 1 for a in agree)
-    checks["grads_within_reconstruction_bound"] = all(a["bound"] <= 1 and a["normwise"] <= 1e-5 for a in agree)
+    checks["grads_within_reconstruction_bound"] = all(
+        a["bound"] <= 1 and a["normwise"] <= 1e-5 for a in agree
+    )
     checks["saved_bytes_overcount"] = {
         name: k["total"] - k["alive_at_end"] for name, k in kept.items() if k["total"] != k["alive_at_end"]
     }
+    return checks
+
+
+def bench_one(
+    cfg: NeuronConfig, shape: Sequence[int], device: torch.device, repeat: int, seed: int
+) -> Dict[str, Any]:
+    """Every figure for one neuron configuration at one input shape."""
+    torch.manual_seed(seed)
+    lib, nodes = _build(cfg, device)
+    params = [p for p in lib.parameters() if p.requires_grad]
+    x = (torch.randn(*shape, device=device) * INPUT_SCALE + INPUT_SHIFT).requires_grad_(True)
+    runs: Dict[str, Runner] = {"library": cfg.runner(lib), **{k: _node_runner(n) for k, n in nodes.items()}}
+
+    # bytes kept for backward, and the forward outputs for the checks
+    kept: Dict[str, Dict[str, int]] = {}
+    outputs: Dict[str, Tensor] = {}
+    for name, run in runs.items():
+        module = lib if name == "library" else nodes[name]
+        outputs[name], kept[name] = _kept(run, x, module)
+        kept[name]["alive_at_end"] = _alive_saved_bytes(run, x, module)
+    lib_b, ex_b, rev = kept["library"]["total"], kept["exact"]["total"], kept["reversible_optimized"]
+
+    g = torch.randn_like(outputs["library"])
+    raw, last_grads = _measure_times(runs, x, g, params, repeat)
+    med = {kind: {name: statistics.median(v) for name, v in d.items()} for kind, d in raw.items()}
+    bwd, fb = med["backward"], med["fwd_bwd"]
 
     return {
         "id": cfg.id,
         "family": cfg.family,
         "T": shape[0],
         "shape": list(shape),
-        "input_bytes": input_bytes,
+        "input_bytes": x.numel() * x.element_size(),
         "bytes": {
             "library": lib_b,
             "exact": ex_b,
@@ -400,7 +404,7 @@ def bench_one(cfg: NeuronConfig, shape: Sequence[int], device: torch.device, rep
             "reversible_over_library_fwd_bwd": fb["reversible_optimized"] / fb["library"],
             "exact_over_library_fwd_bwd": fb["exact"] / fb["library"],
         },
-        "checks": checks,
+        "checks": _checks(outputs, last_grads, kept),
     }
 
 
@@ -439,7 +443,9 @@ def evaluate_targets(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 r["speed"]["reversible_over_library_fwd_bwd"] <= TARGET_FWD_BWD,
             ),
         ):
-            out.append({"id": r["id"], "T": r["T"], "target": name, "goal": goal, "value": value, "pass": bool(ok)})
+            out.append(
+                {"id": r["id"], "T": r["T"], "target": name, "goal": goal, "value": value, "pass": bool(ok)}
+            )
     return out
 
 
@@ -463,7 +469,9 @@ def _ratio(v: float) -> str:
     return "inf" if math.isinf(v) else f"{v:.3g}x"
 
 
-def render_markdown(meta: Dict[str, Any], results: List[Dict[str, Any]], targets: List[Dict[str, Any]]) -> str:
+def render_markdown(
+    meta: Dict[str, Any], results: List[Dict[str, Any]], targets: List[Dict[str, Any]]
+) -> str:
     cfg = meta["config"]
     lines = [
         "# revpass node benchmark",
@@ -475,7 +483,8 @@ def render_markdown(meta: Dict[str, Any], results: List[Dict[str, Any]], targets
         "",
         "## Bytes kept for backward",
         "",
-        "| neuron | T | library | exact | reversible (incl. Y) | reversible (excl. Y) | library / reversible (excl. Y) | library / exact |",
+        "| neuron | T | library | exact | reversible (incl. Y) | reversible (excl. Y) | "
+        "library / reversible (excl. Y) | library / exact |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -493,7 +502,13 @@ def render_markdown(meta: Dict[str, Any], results: List[Dict[str, Any]], targets
         "\"excl. Y\" leaves out the reversible node's output Y, which it keeps for its reconstruction: "
         "Y's consumer (the next conv or linear layer) keeps Y anyway, so in a network the storage is "
         "shared and costs nothing extra (METHOD.md section 3); the library neuron's output is likewise "
-        "kept by its consumer and is not in its figure either.",
+        "kept by its consumer and is not in its figure either."
+        + (
+            f" C = {cfg['channels']} is odd: the reversible node pairs {cfg['channels'] - 1} channels "
+            "and runs the unpaired one through the exact node (ReversibleNode.report)."
+            if cfg["channels"] % 2
+            else ""
+        ),
         "",
         "## Time (ms)",
         "",
@@ -504,7 +519,8 @@ def render_markdown(meta: Dict[str, Any], results: List[Dict[str, Any]], targets
     for r in results:
         bw, fb, sp = r["time_s"]["backward"], r["time_s"]["fwd_bwd"], r["speed"]
         lines.append(
-            f"| {r['id']} | {r['T']} | {_ms(bw['reversible_optimized'])} | {_ms(bw['reversible_recompute'])} | "
+            f"| {r['id']} | {r['T']} | {_ms(bw['reversible_optimized'])} | "
+            f"{_ms(bw['reversible_recompute'])} | "
             f"{_ms(bw['reversible_autograd'])} | {_ratio(sp['recompute_over_optimized_backward'])} | "
             f"{_ms(fb['reversible_optimized'])} | {_ms(fb['exact'])} | {_ms(fb['library'])} | "
             f"{_ratio(sp['reversible_over_library_fwd_bwd'])} | {_ratio(sp['exact_over_library_fwd_bwd'])} |"
@@ -514,7 +530,13 @@ def render_markdown(meta: Dict[str, Any], results: List[Dict[str, Any]], targets
         "bwd: the reversible node's backward alone (`y.backward(g)` after an untimed forward) with each "
         "of its three backward implementations. fwd+bwd: forward and backward together; reversible is "
         "the optimized backward. The library baseline for snnTorch and norse's LIFBoxCell is a Python "
-        "loop over their single-step modules; SpikingJelly runs its own multi-step forward.",
+        "loop over their single-step modules; SpikingJelly runs its own multi-step forward"
+        + (
+            " (on CUDA, SpikingJelly 2.0.0 dispatches it to its fused CUDA/Triton kernels: METHOD.md "
+            "section 1's figures are its CPU path)."
+            if meta["device"].startswith("cuda")
+            else "."
+        ),
         "",
     ]
     lines += ["## Checks", ""] + _checks_markdown(results)
@@ -522,10 +544,12 @@ def render_markdown(meta: Dict[str, Any], results: List[Dict[str, Any]], targets
     for t in targets:
         lines.append(
             f"- {'PASS' if t['pass'] else 'MISS'} {t['id']} T={t['T']}: {t['target']} = "
-            f"{_ratio(t['value'])} (target {t['goal']})"
+            f"{t['value']:.{1 if t['value'] >= 10 else 3}f}x (target {t['goal']})"
         )
-    n_pass = sum(t["pass"] for t in targets)
-    lines += ["", f"{n_pass}/{len(targets)} targets met."]
+    if targets:
+        lines += ["", f"{sum(t['pass'] for t in targets)}/{len(targets)} targets met."]
+    else:
+        lines.append("No SpikingJelly configuration ran: no target to evaluate.")
     return "\n".join(lines) + "\n"
 
 
@@ -563,7 +587,8 @@ def _checks_markdown(results: List[Dict[str, Any]]) -> List[str]:
     else:
         line += "over 1 in " + ", ".join(f"{r['id']} T={r['T']} ({figure(r, 'section7'):.3g})" for r in over)
         line += (
-            "; these are float32 rounding from rebuilding X2 = Y2 - S^G (METHOD.md section 4): "
+            "; float32 rounding from rebuilding X2 = Y2 - S^G "
+            "(docs/method.md, 'Accuracy of reconstruction'): "
             + (
                 "all within the reconstruction bound (normwise <= 1e-5, elementwise <= 100x the tolerance)"
                 if not beyond
@@ -574,6 +599,24 @@ def _checks_markdown(results: List[Dict[str, Any]]) -> List[str]:
     if results:
         line += f". Largest normwise relative error: {max(figure(r, 'normwise') for r in results):.2g}."
     lines.append(line)
+    spreads = sorted(
+        (
+            (max(v) / min(v), f"{r['id']} T={r['T']} {kind} {name}")
+            for r in results
+            for kind, d in r["time_s"]["raw"].items()
+            for name, v in d.items()
+            if len(v) > 1 and min(v) > 0
+        ),
+        reverse=True,
+    )
+    noisy = [(x, what) for x, what in spreads if x > NOISY_SPREAD]
+    if noisy:
+        lines.append(
+            f"- Timing spread (slowest / fastest timed run) over {NOISY_SPREAD:g}x in {len(noisy)} of "
+            f"{len(spreads)} figures; the largest: "
+            + ", ".join(f"{what} ({x:.2g}x)" for x, what in noisy[:5])
+            + ". Medians resist a few slow runs; the raw runs are in the JSON."
+        )
     for r in results:
         for name, extra in r["checks"]["saved_bytes_overcount"].items():
             k = r["bytes"]["detail"][name]
@@ -623,16 +666,20 @@ def _version(mod: str) -> Optional[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=16, help="batch size B (default 16)")
     p.add_argument("--channels", type=int, default=64, help="channels C (default 64)")
     p.add_argument("--hw", type=int, default=16, help="height = width (default 16)")
     p.add_argument("--T", type=int, nargs="+", default=[4, 16], help="time steps (default 4 16)")
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per figure, after one warm-up (default 5)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per figure, after a warm-up (default 5)")
     p.add_argument("--quick", action="store_true", help="tiny run: (4, 2, 8, 4, 4), T=4, repeat 1")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out/)")
-    p.add_argument("--only", nargs="+", default=None, metavar="SUBSTR", help="only configurations whose id contains one of these")
+    p.add_argument(
+        "--only", nargs="+", metavar="SUBSTR", help="only the configurations whose id contains one of these"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.quick:

@@ -141,13 +141,14 @@ def run_sequence(
     P: Params,
     *,
     bits: Optional[Tensor] = None,
-    record: bool = False,
+    record=False,
     autograd: bool = False,
     prepared: bool = False,
     want_bits: bool = False,
 ) -> Tuple[Tensor, State, Dict[str, Tensor], Optional[Tensor]]:
     """Run the spec's step over ``x_seq`` (T, ...).
 
+    ``record`` is True (all records) or a collection of record names.
     Returns (spikes (T, ...), final state, stacked records if ``record``, stacked decisions
     (T, nbits, ...) as bool if ``want_bits``). ``bits`` pins the decisions (reconstruction).
     """
@@ -169,7 +170,8 @@ def run_sequence(
             spikes[t] = s
         if record:
             for k, v in rec.items():
-                recs.setdefault(k, []).append(v)
+                if record is True or k in record:
+                    recs.setdefault(k, []).append(v)
         if want_bits:
             bit_list.append(torch.stack(b).bool())
     if autograd:

@@ -191,7 +191,7 @@ def reversible_forward(
     keep = fam.exact_keep(spec, need_params)
     if L.n_rem != 0:
         R = state_part(L, state0, "r", x0)
-        sR, R, recs, _ = run_sequence(spec, L.seq(x, "r"), R, L.params(P, "r"), record=True)
+        sR, R, recs, _ = run_sequence(spec, L.seq(x, "r"), R, L.params(P, "r"), record=keep)
         L.seq(y, "r").copy_(sR)
         kept = torch.stack([recs[k] for k in keep]) if T else L.seq(x, "r").new_empty((len(keep),) + L.seq(x, "r").shape)
     else:
@@ -406,7 +406,7 @@ def exact_forward(
     """Forward without autograd: (spikes, kept (K, T, ...), final state)."""
     fam = family_of(spec)
     keep = fam.exact_keep(spec, need_params)
-    s, stateT, recs, _ = run_sequence(spec, x, state0, P, record=True)
+    s, stateT, recs, _ = run_sequence(spec, x, state0, P, record=keep)
     kept = torch.stack([recs[k] for k in keep]) if x.shape[0] else x.new_empty((len(keep),) + x.shape)
     if stateT is None or len(stateT) == 0:
         stateT = init_state(spec, x, P)
