@@ -1,14 +1,17 @@
 """Measuring what autograd keeps for backward.
 
 :func:`saved_bytes` runs a function under ``torch.autograd.graph.saved_tensors_hooks`` and counts
-the bytes of every tensor saved for backward, deduplicated by storage, excluding the storages of
-parameters, buffers and the inputs (they exist anyway). Tensors stashed on ``ctx`` outside
+the bytes of every tensor saved for backward that is still held when the function returns
+(a branch of the graph that died during the forward, such as a detached reset computed with a
+surrogate, frees what it saved), deduplicated by storage, excluding the storages of parameters,
+buffers and the inputs (they exist anyway). Tensors stashed on ``ctx`` outside
 ``save_for_backward`` are invisible to the hooks, which is why revpass's nodes save everything
 through it.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Optional
 
@@ -61,17 +64,21 @@ def saved_bytes(
             p, n = _key(t)
             excluded[p] = n
     rep = SavedReport(excluded=excluded)
+    seen = []  # (weak reference to what autograd holds, storage address, bytes)
 
     def pack(t: Tensor):
         if t.numel() == 0 or t.device.type == "meta":
             return t
         p, n = _key(t)
         if p not in excluded:
-            rep.storages[p] = max(n, rep.storages.get(p, 0))
+            seen.append((weakref.ref(t), p, n))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
+    for ref, p, n in seen:
+        if ref() is not None:  # still held by the graph (freed branches are not kept)
+            rep.storages[p] = max(n, rep.storages.get(p, 0))
     if output_of is not None:
         for t in output_of(out):
             if isinstance(t, Tensor) and t.numel():
