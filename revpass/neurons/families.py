@@ -27,30 +27,28 @@ from revpass.neurons.spec import (
 Tensor = torch.Tensor
 
 
-def _sweep(
-    T: int,
-    g_spike: Tensor,
-    ds_dh: Tensor,
-    dv_dh: Optional[Tensor],
-    dh_dv,
-    g_v: Optional[Tensor],
-):
-    """The reverse-time sweep shared by single-state families.
+def _sweep(gh_all: Tensor, dv_dh: Optional[Tensor], dh_dv, g_v: Optional[Tensor]):
+    """The reverse-time sweep shared by single-state families, in place on ``gh_all``.
 
-    gh_t = g_spike_t * ds_dh_t + g_v * dv_dh_t ;  g_v <- gh_t * dh_dv
-    The first term does not depend on the sweep: it is computed for all t at once, which leaves
-    two fused ops per step. Returns (gh for all t (T, ...), gradient of the initial state).
+    On entry gh_all[t] = g_spike_t * ds_dh_t (computed for all t at once: it does not depend on
+    the sweep); on exit gh_all[t] = g_spike_t * ds_dh_t + g_v * dv_dh_t with g_v <- gh_t * dh_dv,
+    two fused ops per step. Returns (gh_all, gradient of the initial state).
     """
-    gh_all = g_spike * ds_dh
-    for t in range(T - 1, -1, -1):
+    for t in range(gh_all.shape[0] - 1, -1, -1):
+        gh = gh_all[t]
         if g_v is not None:
-            gh = gh_all[t]
             if dv_dh is None:
                 gh.add_(g_v)
             else:
                 gh.addcmul_(g_v, dv_dh[t])
-        g_v = gh_all[t] * dh_dv
+        g_v = gh * dh_dv
     return gh_all, g_v
+
+
+def _sg(spec, recs, h: Tensor, thr) -> Tensor:
+    """Surrogate derivative at h - thr over the whole sequence (a fresh tensor)."""
+    shift = recs.pop("shift", None)
+    return spec.surrogate.deriv_(shift if shift is not None else h - thr)
 
 
 def _spike(spec, h: Tensor, thr, bits, autograd: bool) -> Tensor:
@@ -128,33 +126,33 @@ class SpikingJellyFamily(Family):
         c = spec.consts
         h, s = recs["h"], recs["s"]
         thr = c["v_threshold"]
-        sg = spec.surrogate.deriv(h - thr)
+        sg = _sg(spec, recs, h, thr)
         r = c["v_reset"]
         if c["detach_reset"]:
-            dv_dh = None if r is None else 1.0 - s
+            dv_dh = None if r is None else torch.rsub(s, 1.0)
         elif r is None:
-            dv_dh = 1.0 - thr * sg
+            dv_dh = sg.mul(-thr).add_(1.0)  # 1 - thr sg
         else:
-            dv_dh = (1.0 - s) + (r - h) * sg
+            dv_dh = torch.rsub(h, r).mul_(sg).add_(1.0).sub_(s)  # (1 - s) + (r - h) sg
         a, b = self._decay(c, P)
         g_v = None if g_state is None else g_state[0]
-        gh, g_v0 = _sweep(h.shape[0], g_spike, sg, dv_dh, a, g_v)
-        gx = gh * b if not (isinstance(b, float) and b == 1.0) else gh
+        gh, g_v0 = _sweep(sg.mul_(g_spike), dv_dh, a, g_v)
         gP = {}
         if "w" in need_params:
             q = P["q"]
             gq = (gh * recs["dq"]).sum()
             gP["w"] = reduce_to(gq * q * (1 - q), P["w"])
+        gx = gh if isinstance(b, float) and b == 1.0 else gh.mul_(b)
         return gx, (None if g_v0 is None else (g_v0,)), gP
 
     def recs_from_kept(self, spec, kept, state0, P):
         c = spec.consts
         h = kept["h"]
-        s = spec.surrogate.fire(h - c["v_threshold"])
-        recs = {"h": h, "s": s}
+        shift = h - c["v_threshold"]
+        recs = {"h": h, "s": spec.surrogate.fire(shift), "shift": shift}
         if c["kind"] == "plif":
             (v0,) = state0
-            v_after = self._reset(c, h, s)  # V_t for all t, vectorized
+            v_after = self._reset(c, h, recs["s"])  # V_t for all t, vectorized
             v_prev = torch.cat([v0.expand_as(h[0]).unsqueeze(0), v_after[:-1]], 0)
             r = 0.0 if c["v_reset"] is None else c["v_reset"]
             if c["decay_input"]:
@@ -254,7 +252,7 @@ class SnnTorchFamily(Family):
         thr, bc, g = P["threshold"], P["bc"], P["graded"]
         h, sp, r = recs["h"], recs["s"], recs["r"]
         T = h.shape[0]
-        sg = spec.surrogate.deriv(h - thr)
+        sg = _sg(spec, recs, h, thr)
         ds_dh = sg * g
         if c["reset_delay"] or c["reset"] == "none":
             du_dh = None
@@ -335,14 +333,15 @@ class SnnTorchFamily(Family):
         c = spec.consts
         thr, g = P["threshold"], P["graded"]
         h = kept["h"]
-        sp = spec.surrogate.fire(h - thr)
+        shift = h - thr
+        sp = spec.surrogate.fire(shift)
         syn = self._syn(spec)
         u, r = state0[-2], state0[-1]
         if c["reset_delay"]:
             # R_t = Theta(H_{t-1} - thr) = spike of the previous step; U_{t-1} = H_{t-1}
             r_seq = torch.cat([r.expand_as(h[0]).unsqueeze(0), sp[:-1]], 0)
             u_prev = torch.cat([u.expand_as(h[0]).unsqueeze(0), h[:-1]], 0)
-            recs = {"h": h, "s": sp, "r": r_seq, "uprev": u_prev}
+            recs = {"h": h, "s": sp, "r": r_seq, "uprev": u_prev, "shift": shift}
         else:
             rs, us, drs = [], [], []
             for t in range(h.shape[0]):
@@ -359,7 +358,7 @@ class SnnTorchFamily(Family):
                 r = (u - thr > 0).to(h.dtype)
             recs = {"h": h, "s": sp, "r": torch.stack([x.expand_as(h[0]) for x in rs]),
                     "uprev": torch.stack([x.expand_as(h[0]) for x in us]),
-                    "do_reset": torch.stack(drs)}
+                    "do_reset": torch.stack(drs), "shift": shift}
         if syn and "syn" in kept:
             recs["synprev"] = torch.cat([state0[0].expand_as(h[0]).unsqueeze(0), kept["syn"][:-1]], 0)
         return recs
@@ -398,15 +397,15 @@ class NorseLIFFamily(Family):
     def vjp(self, spec, recs, g_spike, g_state, P, need_params):
         dt = spec.consts["dt"]
         h, z = recs["h"], recs["s"]
-        sg = spec.surrogate.deriv(h - P["v_th"])
-        dv_dh = (1 - z) + (P["v_reset"] - h) * sg
+        sg = _sg(spec, recs, h, P["v_th"])
+        dv_dh = torch.rsub(h, P["v_reset"]).mul_(sg).add_(1.0).sub_(z)  # (1 - z) + (v_reset - h) sg
         # the forward's float32 constants, combined in the sequence's precision
         k = (dt * P["tau_mem_inv"]).to(h.dtype)
         a = 1 - k
         c = 1 + (-dt * P["tau_syn_inv"]).to(h.dtype)
         g_v, g_i = (None, None) if g_state is None else g_state
         gx = torch.empty_like(g_spike)
-        gh_all = g_spike * sg
+        gh_all = sg.mul_(g_spike)
         for t in range(h.shape[0] - 1, -1, -1):
             gh = gh_all[t]
             if g_v is not None:
@@ -419,7 +418,8 @@ class NorseLIFFamily(Family):
 
     def recs_from_kept(self, spec, kept, state0, P):
         h = kept["h"]
-        return {"h": h, "s": spec.surrogate.fire(h - P["v_th"])}
+        shift = h - P["v_th"]
+        return {"h": h, "s": spec.surrogate.fire(shift), "shift": shift}
 
 
 class NorseLIFBoxFamily(Family):
@@ -447,19 +447,20 @@ class NorseLIFBoxFamily(Family):
     def vjp(self, spec, recs, g_spike, g_state, P, need_params):
         dt = spec.consts["dt"]
         h, z = recs["h"], recs["s"]
-        sg = spec.surrogate.deriv(h - P["v_th"])
+        sg = _sg(spec, recs, h, P["v_th"])
         if spec.consts["reset"] == "value":
-            dv_dh = (1 - z) + (P["v_reset"] - h) * sg
+            dv_dh = torch.rsub(h, P["v_reset"]).mul_(sg).add_(1.0).sub_(z)
         else:
-            dv_dh = 1 - P["v_th"] * sg
+            dv_dh = sg.mul(-P["v_th"]).add_(1.0)
         k = (dt * P["tau_mem_inv"]).to(h.dtype)
         g_v = None if g_state is None else g_state[0]
-        gh, g_v0 = _sweep(h.shape[0], g_spike, sg, dv_dh, 1 - k, g_v)
-        return gh * k, (None if g_v0 is None else (g_v0,)), {}
+        gh, g_v0 = _sweep(sg.mul_(g_spike), dv_dh, 1 - k, g_v)
+        return gh.mul_(k), (None if g_v0 is None else (g_v0,)), {}
 
     def recs_from_kept(self, spec, kept, state0, P):
         h = kept["h"]
-        return {"h": h, "s": spec.surrogate.fire(h - P["v_th"])}
+        shift = h - P["v_th"]
+        return {"h": h, "s": spec.surrogate.fire(shift), "shift": shift}
 
 
 for _fam in (SpikingJellyFamily(), SnnTorchFamily(), NorseLIFFamily(), NorseLIFBoxFamily()):

@@ -17,7 +17,12 @@ from norse.torch.module.snn import SNN, SNNCell, SNNRecurrent, SNNRecurrentCell 
 
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons.spec import NeuronSpec
-from revpass.neurons.surrogate import Surrogate, check_derivative, derivative_from_function
+from revpass.neurons.surrogate import (
+    Surrogate,
+    check_derivative,
+    derivative_from_function,
+    superspike_deriv_,
+)
 
 SUPPORTED = (LIF, LIFCell, LIFBoxCell)
 
@@ -36,7 +41,7 @@ def surrogate_of(p, where: str) -> Surrogate:
         def deriv(x):  # norse SuperSpike.backward with a unit gradient (alpha unused in 1.1.0)
             return 1.0 / (torch.abs(x) + 1.0).pow(2)
 
-        return Surrogate("SuperSpike", deriv, False)
+        return Surrogate("SuperSpike", deriv, False, superspike_deriv_)
     if method in ("heaviside", "adjoint"):
         raise UnsupportedNeuronError(
             f"{where}: p.method={method!r} has no surrogate gradient revpass can use. "

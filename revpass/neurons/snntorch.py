@@ -15,7 +15,12 @@ from snntorch import surrogate as snn_surrogate  # noqa: E402
 
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons.spec import NeuronSpec
-from revpass.neurons.surrogate import Surrogate, check_derivative, derivative_from_function
+from revpass.neurons.surrogate import (
+    Surrogate,
+    atan_deriv_,
+    check_derivative,
+    derivative_from_function,
+)
 
 SUPPORTED = (snn.Leaky, snn.Synaptic)
 
@@ -60,7 +65,7 @@ def surrogate_of(m: nn.Module, where: str) -> Surrogate:
         def deriv(x):  # snntorch.surrogate.ATan.backward with a unit gradient
             return half / (1 + (k * x).pow(2))
 
-        return Surrogate(f"atan(alpha={alpha:g})", deriv, False)
+        return Surrogate(f"atan(alpha={alpha:g})", deriv, False, atan_deriv_(alpha))
     deriv = derivative_from_function(fn)
     check_derivative(deriv, where, f"spike_grad={qual or fn!r}")
     return Surrogate(f"{qual.split('.')[0] or 'spike_grad'} (own derivative)", deriv, False)

@@ -10,7 +10,13 @@ from torch import nn
 
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons.spec import NeuronSpec
-from revpass.neurons.surrogate import Surrogate, check_derivative, derivative_from_function
+from revpass.neurons.surrogate import (
+    Surrogate,
+    atan_deriv_,
+    check_derivative,
+    derivative_from_function,
+    sigmoid_deriv_,
+)
 
 from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 from spikingjelly.activation_based import base as sj_base  # noqa: E402
@@ -48,7 +54,13 @@ def surrogate_of(fn: nn.Module, where: str) -> Surrogate:
         and _surrogate_gradient is not None
     ):
         a = float(alpha)
-        return Surrogate(f"{name}(alpha={a:g})", lambda x: _surrogate_gradient(x, a, sid), True)
+        inplace = {"Sigmoid": sigmoid_deriv_, "ATan": atan_deriv_}.get(name)
+        return Surrogate(
+            f"{name}(alpha={a:g})",
+            lambda x: _surrogate_gradient(x, a, sid),
+            True,
+            inplace(a) if inplace is not None else None,
+        )
     deriv = derivative_from_function(fn)
     check_derivative(deriv, where, f"surrogate_function={name}")
     return Surrogate(f"{name} (own derivative)", deriv, True)

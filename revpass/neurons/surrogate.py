@@ -28,10 +28,22 @@ class Surrogate:
         fires_at_zero: ``True`` if the forward is ``x >= 0`` (SpikingJelly), ``False`` for ``x > 0``.
     """
 
-    def __init__(self, name: str, deriv: Callable[[Tensor], Tensor], fires_at_zero: bool):
+    def __init__(
+        self,
+        name: str,
+        deriv: Callable[[Tensor], Tensor],
+        fires_at_zero: bool,
+        deriv_: Optional[Callable[[Tensor], Tensor]] = None,
+    ):
         self.name = name
         self.deriv = deriv
         self.fires_at_zero = fires_at_zero
+        self._deriv_ = deriv_
+
+    def deriv_(self, x: Tensor) -> Tensor:
+        """``deriv(x)``, overwriting ``x`` where the surrogate has an in-place form (the
+        optimized backward evaluates it over whole sequences: fewer large temporaries)."""
+        return self._deriv_(x) if self._deriv_ is not None else self.deriv(x)
 
     def fire(self, x: Tensor) -> Tensor:
         """Heaviside forward in ``x``'s dtype, without autograd."""
@@ -98,3 +110,31 @@ def check_derivative(
             "gradient can flow through the spike. Use a surrogate with a gradient, or exclude "
             "this module from conversion."
         )
+
+
+def sigmoid_deriv_(alpha: float) -> Callable[[Tensor], Tensor]:
+    """In place: alpha * s * (1 - s), s = sigmoid(alpha x) (SpikingJelly Sigmoid)."""
+
+    def f(x: Tensor) -> Tensor:
+        t = x.mul_(alpha).sigmoid_()
+        return t.mul_(torch.rsub(t, 1.0)).mul_(alpha)
+
+    return f
+
+
+def atan_deriv_(alpha: float) -> Callable[[Tensor], Tensor]:
+    """In place: (alpha / 2) / (1 + (pi / 2 alpha x)^2) (SpikingJelly ATan, snnTorch atan)."""
+    import math
+
+    k = math.pi / 2 * alpha
+
+    def f(x: Tensor) -> Tensor:
+        x.mul_(k)
+        return x.mul_(x).add_(1.0).reciprocal_().mul_(alpha / 2)
+
+    return f
+
+
+def superspike_deriv_(x: Tensor) -> Tensor:
+    """In place: 1 / (|x| + 1)^2 (norse SuperSpike)."""
+    return x.abs_().add_(1.0).square_().reciprocal_()
