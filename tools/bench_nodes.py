@@ -48,7 +48,6 @@ import statistics
 import sys
 import time
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -221,30 +220,23 @@ def _kept(run: Runner, x: Tensor, module: nn.Module) -> Tuple[Tensor, Dict[str, 
     }
 
 
-def _alive_saved_bytes(run: Runner, x: Tensor, module: nn.Module) -> int:
-    """Cross-check of :func:`_kept`: bytes of the saved tensors that the graph still holds when the
-    forward returns (distinct storages, the same exclusions). ``saved_bytes`` also counts tensors
-    saved by graph branches that are freed before the forward returns (a detached reset, as in
-    snnTorch), and as freed memory is reused its count depends on the allocator."""
-    refs: List[weakref.ref] = []
-
-    def pack(t: Tensor) -> Tensor:
-        refs.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = run(x)
-    excluded = {t.untyped_storage().data_ptr() for t in (x, *_tensors_of(module)) if t.numel()}
-    storages: Dict[int, int] = {}
-    for ref in refs:
-        t = ref()
-        if t is None or not t.numel() or t.device.type == "meta":
-            continue
-        st = t.untyped_storage()
-        if st.data_ptr() not in excluded:
-            storages[st.data_ptr()] = max(st.nbytes(), storages.get(st.data_ptr(), 0))
+def _cuda_peak(run: Runner, x: Tensor, g: Tensor, params: Sequence[Tensor]) -> Dict[str, int]:
+    """On CUDA: bytes allocated above what existed before the forward (input, parameters, the
+    incoming gradient): held at the end of the forward, and the peak over forward and backward
+    (activations, backward temporaries and the input's gradient buffer)."""
+    _zero_grads(x, params)
+    torch.cuda.synchronize(x.device)
+    base = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    y = run(x)
+    torch.cuda.synchronize(x.device)
+    after_forward = torch.cuda.memory_allocated(x.device) - base
+    y.backward(g)
+    torch.cuda.synchronize(x.device)
+    peak = torch.cuda.max_memory_allocated(x.device) - base
     del y
-    return sum(storages.values())
+    _zero_grads(x, params)
+    return {"after_forward": after_forward, "peak_fwd_bwd": peak}
 
 
 def _time_backward(run: Runner, x: Tensor, g: Tensor, params: Sequence[Tensor]) -> float:
@@ -330,9 +322,7 @@ def _measure_times(
     return raw, last_grads
 
 
-def _checks(
-    outputs: Dict[str, Tensor], grads: Dict[str, List[Optional[Tensor]]], kept: Dict[str, Dict[str, int]]
-) -> Dict[str, Any]:
+def _checks(outputs: Dict[str, Tensor], grads: Dict[str, List[Optional[Tensor]]]) -> Dict[str, Any]:
     ref = grads["reversible_autograd"]
     checks: Dict[str, Any] = {
         "reversible_forward_identical": all(
@@ -348,9 +338,6 @@ def _checks(
     checks["grads_within_reconstruction_bound"] = all(
         a["bound"] <= 1 and a["normwise"] <= 1e-5 for a in agree
     )
-    checks["saved_bytes_overcount"] = {
-        name: k["total"] - k["alive_at_end"] for name, k in kept.items() if k["total"] != k["alive_at_end"]
-    }
     return checks
 
 
@@ -370,10 +357,14 @@ def bench_one(
     for name, run in runs.items():
         module = lib if name == "library" else nodes[name]
         outputs[name], kept[name] = _kept(run, x, module)
-        kept[name]["alive_at_end"] = _alive_saved_bytes(run, x, module)
     lib_b, ex_b, rev = kept["library"]["total"], kept["exact"]["total"], kept["reversible_optimized"]
 
     g = torch.randn_like(outputs["library"])
+    cuda_mem = (
+        {n: _cuda_peak(runs[n], x, g, params) for n in ("library", "exact", "reversible_optimized")}
+        if device.type == "cuda"
+        else None
+    )
     raw, last_grads = _measure_times(runs, x, g, params, repeat)
     med = {kind: {name: statistics.median(v) for name, v in d.items()} for kind, d in raw.items()}
     bwd, fb = med["backward"], med["fwd_bwd"]
@@ -404,7 +395,8 @@ def bench_one(
             "reversible_over_library_fwd_bwd": fb["reversible_optimized"] / fb["library"],
             "exact_over_library_fwd_bwd": fb["exact"] / fb["library"],
         },
-        "checks": _checks(outputs, last_grads, kept),
+        "checks": _checks(outputs, last_grads),
+        "cuda_memory": cuda_mem,
     }
 
 
@@ -539,6 +531,30 @@ def render_markdown(
         ),
         "",
     ]
+    if any(r.get("cuda_memory") for r in results):
+        lines += [
+            "## CUDA memory (torch.cuda allocator)",
+            "",
+            "| neuron | T | held after forward: library | exact | reversible | "
+            "peak fwd+bwd: library | exact | reversible | library / reversible (held) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in results:
+            m, ib = r["cuda_memory"], r["input_bytes"]
+            lines.append(
+                f"| {r['id']} | {r['T']} | "
+                + " | ".join(_bytes_cell(m[n]["after_forward"], ib) for n in ("library", "exact", "reversible_optimized"))
+                + " | "
+                + " | ".join(_bytes_cell(m[n]["peak_fwd_bwd"], ib) for n in ("library", "exact", "reversible_optimized"))
+                + f" | {_ratio(_div(m['library']['after_forward'], m['reversible_optimized']['after_forward']))} |"
+            )
+        lines += [
+            "",
+            "Bytes above what existed before the forward (input, parameters, incoming gradient). "
+            "Held after forward includes each module's output (for the reversible node, Y is the "
+            "output); the peak includes the backward's temporaries and the input's gradient buffer.",
+            "",
+        ]
     lines += ["## Checks", ""] + _checks_markdown(results)
     lines += ["", "## Targets (SpikingJelly configurations; reported, not asserted)", ""]
     for t in targets:
@@ -617,14 +633,6 @@ def _checks_markdown(results: List[Dict[str, Any]]) -> List[str]:
             + ", ".join(f"{what} ({x:.2g}x)" for x, what in noisy[:5])
             + ". Medians resist a few slow runs; the raw runs are in the JSON."
         )
-    for r in results:
-        for name, extra in r["checks"]["saved_bytes_overcount"].items():
-            k = r["bytes"]["detail"][name]
-            lines.append(
-                f"- {r['id']} T={r['T']}, {name}: `saved_bytes` counts {_mib(k['total'])}, of which "
-                f"{_mib(extra)} were saved by graph branches freed before the forward returned; the graph "
-                f"holds {_mib(k['alive_at_end'])} ({k['alive_at_end'] / r['input_bytes']:.3g}x the input)."
-            )
     return lines
 
 
