@@ -250,20 +250,28 @@ def reversible_forward_autograd(
     return y, tuple(torch.cat([p[i] for p in parts], 1) for i in range(len(state0)))
 
 
-def _reconstruct(spec, L: Layout, y: Tensor, packed: Tensor, state0: State, P: Params, record: bool):
-    """Rebuild F's and G's records (and X2, F spikes) from Y, forward in time."""
+def _rebuild_g(spec, L: Layout, y: Tensor, state0: State, P: Params, record: bool):
+    """G, recomputed bit-exactly from Y1 (same inputs, same operations), and X2 = Y2 - S^G."""
     fam = family_of(spec)
     x0 = y[0] if y.shape[0] else y.new_empty(y.shape[1:])
     PG = fam.prepare(spec, L.params(P, "g"))
+    sG, _, recsG, _ = run_sequence(
+        spec, L.seq(y, "g"), state_part(L, state0, "g", x0), PG, record=record, prepared=True
+    )
+    X2 = L.seq(y, "f") - sG  # one rounding step away from the true X2 at most
+    return PG, recsG, X2
+
+
+def _rebuild_f(spec, L: Layout, y: Tensor, packed: Tensor, X2: Tensor, state0: State, P: Params, record: bool):
+    """F, rebuilt forward in time from X2 with its stored spike decisions pinned."""
+    fam = family_of(spec)
+    x0 = y[0] if y.shape[0] else y.new_empty(y.shape[1:])
     PF = fam.prepare(spec, L.params(P, "f"))
-    Y1, Y2 = L.seq(y, "g"), L.seq(y, "f")
-    B0 = state_part(L, state0, "g", x0)
-    A0 = state_part(L, state0, "f", x0)
-    sG, _, recsG, _ = run_sequence(spec, Y1, B0, PG, record=record, prepared=True)
-    X2 = Y2 - sG  # one rounding step away from the true X2 at most
     bits = unpack_bits(packed, _bits_shape(L, fam.n_bits(spec), y))
-    sF, _, recsF, _ = run_sequence(spec, X2, A0, PF, bits=bits, record=record, prepared=True)
-    return dict(PG=PG, PF=PF, A0=A0, B0=B0, recsG=recsG, recsF=recsF, X2=X2, sF=sF, bits=bits)
+    sF, _, recsF, _ = run_sequence(
+        spec, X2, state_part(L, state0, "f", x0), PF, bits=bits, record=record, prepared=True
+    )
+    return PF, recsF, sF, bits
 
 
 def _split_gstate(L: Layout, g_state: Optional[State], part: str, x0: Tensor) -> Optional[State]:
@@ -304,15 +312,20 @@ def reversible_backward(
     gs_parts: Dict[str, Optional[State]] = {}
     if L.c:
         if mode == "optimized":
-            rc = _reconstruct(spec, L, y, packed, state0, P, record=True)
+            # G first: its spikes feed Y2, so dL/dS^G = dL/dY2 is known for every step; G's records
+            # are dropped before F's are built (a lower peak)
             gY1, gY2 = L.seq(gy, "g"), L.seq(gy, "f")
+            PG, recs, X2 = _rebuild_g(spec, L, y, state0, P, record=True)
             gY1_G, gB0, grads["g"] = fam.vjp(
-                spec, rc["recsG"], gY2, _split_gstate(L, g_state, "g", x0), rc["PG"], need_params
+                spec, recs, gY2, _split_gstate(L, g_state, "g", x0), PG, need_params
             )
             gx = torch.empty_like(gy)
             gX1 = torch.add(gY1, gY1_G, out=L.seq(gx, "g"))
+            del recs, gY1_G
+            PF, recs, _, _ = _rebuild_f(spec, L, y, packed, X2, state0, P, record=True)
+            del X2
             gX2_F, gA0, grads["f"] = fam.vjp(
-                spec, rc["recsF"], gX1, _split_gstate(L, g_state, "f", x0), rc["PF"], need_params
+                spec, recs, gX1, _split_gstate(L, g_state, "f", x0), PF, need_params
             )
             torch.add(gY2, gX2_F, out=L.seq(gx, "f"))
             gs_parts = {"g": gB0, "f": gA0}
@@ -359,14 +372,15 @@ def _join_state_grads(L: Layout, gs_parts, state0: State, x0: Tensor) -> State:
 
 def _recompute_backward(spec, L, gy, g_state, y, packed, state0, P, need_params, x0, gx):
     """RevTorch-style baseline: reconstruct the inputs, re-run the forward under autograd."""
-    rc = _reconstruct(spec, L, y, packed, state0, P, record=False)
-    X1 = L.seq(y, "g") - rc["sF"]
+    _, _, X2 = _rebuild_g(spec, L, y, state0, P, record=False)
+    _, _, sF, bits = _rebuild_f(spec, L, y, packed, X2, state0, P, record=False)
+    X1 = L.seq(y, "g") - sF
     with torch.enable_grad():
-        xr = torch.cat([X1, rc["X2"]], 2).detach().requires_grad_(True)
+        xr = torch.cat([X1, X2], 2).detach().requires_grad_(True)
         Pl = {k: (v.detach().requires_grad_(True) if k in need_params else v.detach()) for k, v in P.items()}
         paired = 2 * L.c
         s0 = tuple(s.expand_as(x0).narrow(1, 0, paired).detach().requires_grad_(True) for s in state0)
-        yr, sT = reversible_forward_autograd(spec, xr, s0, Pl, bits=rc["bits"], include_rem=False)
+        yr, sT = reversible_forward_autograd(spec, xr, s0, Pl, bits=bits, include_rem=False)
         outs = [yr]
         gouts = [gy.narrow(2, 0, paired)]
         if g_state is not None:
