@@ -17,3 +17,9 @@ __all__ = [
     "ReversibleNode",
     "ExactNode",
 ]
+from revpass.api import convert  # noqa: E402
+
+__all__ += ["convert"]
+from revpass.verify import verify  # noqa: E402
+
+__all__ += ["verify"]

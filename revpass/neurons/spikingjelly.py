@@ -30,8 +30,8 @@ SUPPORTED = (sj_neuron.LIFNode, sj_neuron.IFNode, sj_neuron.ParametricLIFNode)
 
 
 def is_neuron(m: nn.Module) -> bool:
-    """A SpikingJelly stateful module (neuron or other memory module)."""
-    return isinstance(m, sj_base.MemoryModule)
+    """A SpikingJelly spiking neuron (a class of spikingjelly.activation_based.neuron)."""
+    return isinstance(m, sj_base.MemoryModule) and type(m).__module__.startswith(sj_neuron.__name__)
 
 
 def is_leaf(m: nn.Module) -> bool:

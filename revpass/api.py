@@ -1,0 +1,161 @@
+"""revpass.convert: trace, detect, roll, rewrite. revpass.verify: gradient equivalence."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import fx, nn
+
+from revpass.passes.detect import find_sites
+from revpass.passes.rewrite import _set_module, rewrite_site
+from revpass.passes.roll import graph_to_nx, plan_roll
+from revpass.report import ConversionReport, SiteRow
+from revpass.trace import reset_states, trace
+
+MODES = ("reversible", "exact")
+
+
+def safe_deepcopy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also works after a forward: state tensors that are part of an
+    autograd graph (SpikingJelly's v, snnTorch's mem) are copied detached. The model is not
+    touched."""
+    memo = {}
+    for m in model.modules():
+        pools = [vars(m), m._buffers]
+        mem = getattr(m, "_memories", None)  # SpikingJelly's state
+        if isinstance(mem, dict):
+            pools.append(mem)
+        for pool in pools:
+            stack = list(pool.values())
+            while stack:
+                v = stack.pop()
+                if isinstance(v, torch.Tensor):
+                    if not v.is_leaf:
+                        memo[id(v)] = v.detach().clone()
+                elif isinstance(v, (tuple, list)):
+                    stack.extend(v)
+                elif isinstance(v, dict):
+                    stack.extend(v.values())
+    return copy.deepcopy(model, memo)
+
+
+def _selected(path: str, include, exclude) -> Tuple[bool, str]:
+    def match(pats):
+        return any(fnmatch.fnmatchcase(path, p) for p in ([pats] if isinstance(pats, str) else pats))
+
+    if include is not None and not match(include):
+        return False, "not in include"
+    if exclude is not None and match(exclude):
+        return False, "excluded"
+    return True, ""
+
+
+def convert(
+    model: nn.Module,
+    example_inputs: Optional[Union[torch.Tensor, Sequence[Any]]] = None,
+    *,
+    mode: str = "reversible",
+    backward: str = "optimized",
+    include: Optional[Union[str, Iterable[str]]] = None,
+    exclude: Optional[Union[str, Iterable[str]]] = None,
+    inplace: bool = False,
+    concrete_args: Optional[dict] = None,
+) -> fx.GraphModule:
+    """Convert the spiking neurons of ``model`` into revpass nodes.
+
+    Args:
+        model: any SpikingJelly, snnTorch, norse or plain PyTorch SNN (not modified unless
+            ``inplace``).
+        example_inputs: optional inputs; with them the report gives each site's input shape.
+        mode: ``"reversible"`` (memory-saving nodes; the network's function changes: train it as
+            converted) or ``"exact"`` (the original function bit for bit, for trained weights).
+        backward: ``"optimized"``, ``"recompute"`` or ``"autograd"`` (see ReversibleNode).
+        include, exclude: module-path patterns (fnmatch) selecting the sites to convert.
+        inplace: convert ``model``'s own modules instead of a copy.
+
+    Returns:
+        A ``torch.fx.GraphModule`` that runs, trains and resets like the original, with
+        ``.revpass_report`` listing every neuron site found, the decision and the reason.
+    """
+    if mode not in MODES:
+        raise ValueError(f"convert: mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    work = model if inplace else safe_deepcopy(model)
+    gm = trace(work, concrete_args=concrete_args)
+    shapes = _site_shapes(gm, example_inputs) if example_inputs is not None else {}
+    report = ConversionReport(mode=mode, backward=backward)
+    g = graph_to_nx(gm.graph)
+    for site in find_sites(gm):
+        site.shape = shapes.get(site.path)
+        ok, why = _selected(site.path, include, exclude)
+        if site.spec is None or site.reason.startswith("already"):
+            pass
+        elif not ok:
+            site.reason = why
+        elif site.kind == "a":
+            site.decision = mode
+            site.reason = "multi-step neuron: one node over (T, ...)"
+        else:
+            roll_ok, why, plan = plan_roll(site, g)
+            if roll_ok:
+                site.decision = mode
+                site.reason = f"{len(site.calls)} single-step calls rolled into one sequence node"
+                site.details["plan"] = plan
+            else:
+                site.reason = why
+        if site.decision != "unchanged":
+            rewrite_site(gm, site, mode, backward, site.details.get("plan", {}))
+            g = graph_to_nx(gm.graph)
+            if inplace:  # the user's model gets the same node at the same path
+                _set_module(model, site.path, gm.get_submodule(site.path))
+        report.rows.append(
+            SiteRow(site.path, site.framework, site.kind, len(site.calls), site.shape, site.decision, site.reason)
+        )
+        if site.decision != "unchanged" and site.shape is not None and site.shape and len(site.shape) >= 3:
+            C = site.shape[2]
+            if mode == "reversible" and C % 2:
+                report.rows[-1].reason += f"; {C} channels: the unpaired one runs through the exact node"
+    for n in list(gm.graph.nodes):  # fresh states of rolled snnTorch calls, now unused
+        if n.op == "call_function" and n.target is torch.zeros and not n.users:
+            gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.recompile()
+    _invalidate_reset_cache(gm)
+    if inplace:
+        _invalidate_reset_cache(model)
+    gm.revpass_report = report
+    return gm
+
+
+def _invalidate_reset_cache(gm: nn.Module) -> None:
+    import sys
+
+    if "spikingjelly" in sys.modules:
+        try:
+            from spikingjelly.activation_based import functional
+
+            functional.invalidate_reset_cache(gm)
+        except (ImportError, AttributeError):  # pragma: no cover
+            pass
+
+
+def _site_shapes(gm: fx.GraphModule, example_inputs) -> dict:
+    """Input shape of every call_module node, by target (the first call's), from one run."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    probe = safe_deepcopy(gm)
+    reset_states(probe)
+    shapes = {}
+    with torch.no_grad():
+        ShapeProp(probe).propagate(*inputs)
+    for n in probe.graph.nodes:
+        if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node):
+            meta = n.args[0].meta.get("tensor_meta")
+            if meta is not None and hasattr(meta, "shape") and n.target not in shapes:
+                shapes[n.target] = tuple(meta.shape)
+    return shapes

@@ -1,0 +1,86 @@
+"""Rewrite neuron sites into revpass nodes.
+
+Kind ``a``: the module at the site's path is swapped for the node (same call, same outputs).
+Kind ``b``: the T calls become ``stack -> node -> unbind`` (see :mod:`revpass.passes.roll`), then
+the graph is put back in a topological order. The node takes the neuron's path, so state_dict
+keys do not change.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Dict, List
+
+import networkx as nx
+import torch
+from torch import fx
+
+from revpass.nodes.modules import ExactNode, ReversibleNode
+from revpass.passes.detect import Site
+
+NODE_CLASSES = {"reversible": ReversibleNode, "exact": ExactNode}
+
+
+def _set_module(gm: fx.GraphModule, path: str, module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def rewrite_site(gm: fx.GraphModule, site: Site, mode: str, backward: str, plan: Dict) -> None:
+    cls = NODE_CLASSES[mode]
+    if site.kind == "a":
+        node = cls.from_neuron(site.module, name=site.path, backward=backward, step_mode="m")
+        if site.spec.family in ("norse_lif", "norse_lif_box"):
+            node.return_state = True  # norse returns (spikes, state)
+        _set_module(gm, site.path, node)
+        return
+    node = cls.from_neuron(site.module, name=site.path, backward=backward, step_mode="m")
+    _set_module(gm, site.path, node)
+    g = gm.graph
+    calls: List[fx.Node] = site.calls
+    last_input = max((c.args[0] for c in calls), key=_position(g))
+    with g.inserting_after(last_input):
+        stacked = g.call_function(torch.stack, ([c.args[0] for c in calls], 0))
+    with g.inserting_after(stacked):
+        seq = g.call_module(site.path, (stacked,))
+    with g.inserting_after(seq):
+        steps = g.call_function(torch.unbind, (seq, 0))
+    prev = steps
+    for t, spike in enumerate(plan["spikes"]):
+        with g.inserting_after(prev):
+            item = g.call_function(operator.getitem, (steps, t))
+        prev = item
+        if spike is not None:
+            spike.replace_all_uses_with(item)
+    # the old calls and their tuple items: only they use each other now; users go first
+    doomed = set(calls)
+    for c in calls:
+        doomed.update(u for u in c.users if u.op == "call_function" and u.target is operator.getitem)
+    pos = _position(g)
+    for n in sorted(doomed, key=pos, reverse=True):
+        stray = [u for u in n.users if u not in doomed]
+        assert not stray, f"{site.path}: {n.name} still used by {stray}"
+        g.erase_node(n)
+    topo_sort(g)
+
+
+def _position(g: fx.Graph):
+    order = {n: i for i, n in enumerate(g.nodes)}
+    return lambda n: order[n]
+
+
+def topo_sort(g: fx.Graph) -> None:
+    """Reorder ``g``'s nodes topologically, keeping the original order where free (stable)."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    dg = nx.DiGraph()
+    for n in g.nodes:
+        dg.add_node(n)
+        for inp in n.all_input_nodes:
+            dg.add_edge(inp, n)
+    ordered = list(nx.lexicographical_topological_sort(dg, key=lambda n: order[n]))
+    placeholders = [n for n in ordered if n.op == "placeholder"]
+    others = [n for n in ordered if n.op != "placeholder"]
+    cur = placeholders[-1] if placeholders else g._root
+    for n in others:
+        cur.append(n)
+        cur = n

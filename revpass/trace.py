@@ -1,0 +1,212 @@
+"""The tracer: torch.fx with every framework's neurons kept as leaves, and the framework pitfalls
+(FRAMEWORKS.md) handled so that the traced model behaves like the original over repeated calls.
+
+* Neurons of SpikingJelly (``MemoryModule`` and ``StepModule``), snnTorch (``SpikingNeuron``),
+  norse (``SNN``/``SNNCell`` and recurrent ones), registered neuron classes and revpass's own
+  nodes are leaves: one ``call_module`` node per call.
+* ``functional.reset_net(self)`` inside ``forward`` runs once at trace time and would leave no
+  node: while tracing it is replaced by a node that resets every stateful module of the traced
+  model at that point of each call.
+* snnTorch's ``init_leaky()`` / ``init_synaptic()`` / ``reset_mem()`` inside ``forward`` would
+  become reads of the module's current state: while tracing they return a fresh empty state,
+  which the neuron (and revpass's node) reads as "start from the reset state".
+* A model that cannot be traced raises :class:`TraceError`, which names the module and line and
+  says what to do (register a leaf, pass ``concrete_args``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import traceback
+import weakref
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import fx, nn
+
+from revpass.errors import RevpassError
+
+__all__ = ["trace", "RevpassTracer", "TraceError", "StateReset", "reset_states"]
+
+
+class TraceError(RevpassError, RuntimeError):
+    """The model could not be traced; the message says where and what to do."""
+
+
+_EXTRA_LEAVES: List[type] = []
+
+
+def register_leaf(cls: type) -> None:
+    """Keep modules of ``cls`` as single nodes when tracing (their forward is not traced)."""
+    _EXTRA_LEAVES.append(cls)
+
+
+def _framework_leaf(m: nn.Module) -> bool:
+    from revpass.neurons import adapter_for, registered
+    from revpass.nodes.modules import _Node
+
+    if isinstance(m, _Node) or isinstance(m, StateReset) or registered(m) is not None:
+        return True
+    if any(isinstance(m, c) for c in _EXTRA_LEAVES):
+        return True
+    ad = adapter_for(m)
+    return bool(ad is not None and ad.is_leaf(m))
+
+
+class RevpassTracer(fx.Tracer):
+    """torch.fx tracer whose leaves are the neurons of every supported framework."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _framework_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+class StateReset(nn.Module):
+    """Resets every stateful module of the model it belongs to (what ``reset_net(self)`` did in
+    the original forward). Holds its model by weak reference; set by :func:`trace`."""
+
+    def __init__(self):
+        super().__init__()
+        self._owner: Callable[[], Optional[nn.Module]] = lambda: None
+
+    def forward(self) -> None:
+        owner = self._owner()
+        if owner is not None:
+            reset_states(owner)
+
+    def __deepcopy__(self, memo):
+        return StateReset()
+
+
+def reset_states(model: nn.Module) -> None:
+    """Reset every stateful module of ``model``: revpass nodes and the frameworks' neurons."""
+    for m in model.modules():
+        if m is model or isinstance(m, StateReset):
+            continue
+        fn = getattr(m, "reset", None)
+        if callable(fn) and not isinstance(fn, torch.Tensor):
+            try:
+                fn()
+            except TypeError:
+                pass
+        init = getattr(m, "reset_mem", None)  # snnTorch
+        if callable(init):
+            init()
+
+
+_RESET_MARK = "_revpass_reset"
+
+
+@contextlib.contextmanager
+def _patched_frameworks(tracer: "RevpassTracer"):
+    """Replace reset_net / init_leaky & co. for the duration of a trace."""
+    undo: List[Any] = []
+
+    def patch(obj, name, new):
+        old = getattr(obj, name)
+        setattr(obj, name, new)
+        undo.append((obj, name, old))
+
+    if "spikingjelly" in sys.modules:
+        from spikingjelly.activation_based import functional as sjf
+
+        def reset_net(net):
+            tracer.create_proxy("call_module", _RESET_MARK, (), {})
+
+        patch(sjf, "reset_net", reset_net)
+        try:
+            from spikingjelly.activation_based.functional import net_config
+
+            patch(net_config, "reset_net", reset_net)
+        except ImportError:  # pragma: no cover
+            pass
+    if "snntorch" in sys.modules:
+        import snntorch as snn
+
+        def fresh_like(original):
+            """Returns what ``original`` returns, as fresh empty tensors made in the graph."""
+
+            def fresh(self, *args, **kwargs):
+                out = original(self, *args, **kwargs)
+                if isinstance(out, tuple):
+                    return tuple(tracer.create_proxy("call_function", torch.zeros, (0,), {}) for _ in out)
+                return tracer.create_proxy("call_function", torch.zeros, (0,), {})
+
+            return fresh
+
+        for cls in {c for c in vars(snn).values() if isinstance(c, type) and issubclass(c, snn.SpikingNeuron)}:
+            for name, fn in list(vars(cls).items()):
+                if (name.startswith("init_") or name == "reset_mem") and callable(fn):
+                    patch(cls, name, fresh_like(fn))
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(undo):
+            setattr(obj, name, old)
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of user code in a traceback: 'file:line in function'."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for f in reversed(frames):
+        if "/torch/" not in f.filename and "/revpass/" not in f.filename:
+            return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return "unknown location"
+
+
+def trace(
+    model: nn.Module,
+    concrete_args: Optional[Dict[str, Any]] = None,
+    tracer: Optional[RevpassTracer] = None,
+) -> fx.GraphModule:
+    """Trace ``model`` (not modified) into a GraphModule that behaves like it over repeated calls.
+
+    norse's ``SequentialState`` takes a ``state`` argument: it is bound to None automatically.
+    """
+    tracer = tracer or RevpassTracer()
+    concrete_args = dict(concrete_args or {})
+    _default_concrete_args(model, concrete_args)
+    try:
+        with _patched_frameworks(tracer):
+            graph = tracer.trace(model, concrete_args=concrete_args or None)
+    except Exception as exc:  # noqa: BLE001 - re-raised with a location and a remedy
+        raise TraceError(
+            f"could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            f"  at {_where(exc)}\n"
+            "  What to do: if this is data-dependent control flow inside a module, keep that module "
+            "as one node with revpass.trace.register_leaf(ItsClass) (or register it as a neuron with "
+            "revpass.register_neuron); if it depends on a forward argument, fix that argument with "
+            "concrete_args={'name': value}."
+        ) from exc
+    has_reset = any(n.op == "call_module" and n.target == _RESET_MARK for n in graph.nodes)
+    root = _Root(model, has_reset)
+    gm = fx.GraphModule(root, graph, class_name=f"Traced{type(model).__name__}")
+    if has_reset:
+        gm._revpass_reset._owner = weakref.ref(gm)
+    return gm
+
+
+class _Root(nn.Module):
+    """The traced model's modules, plus the reset marker's module when the forward reset state."""
+
+    def __init__(self, model: nn.Module, with_reset: bool):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        for k, v in vars(model).items():
+            if not k.startswith("_") and k not in ("training",) and not hasattr(self, k):
+                object.__setattr__(self, k, v)
+        if with_reset:
+            self.add_module(_RESET_MARK, StateReset())
+
+
+def _default_concrete_args(model: nn.Module, concrete_args: Dict[str, Any]) -> None:
+    if "norse" in sys.modules:
+        from norse.torch.module.sequential import SequentialState
+
+        if isinstance(model, SequentialState):
+            concrete_args.setdefault("state", None)

@@ -1,0 +1,142 @@
+"""revpass.convert on models nobody here wrote: sites found, both modes, verify, exactness."""
+
+import pytest
+import torch
+from torch import nn
+
+import models
+import revpass
+from revpass.trace import TraceError
+
+
+def _flat(o):
+    if isinstance(o, torch.Tensor):
+        return [o]
+    if isinstance(o, (tuple, list)):
+        return [t for p in o for t in _flat(p)]
+    return []
+
+
+def _reset(net):
+    from revpass.trace import reset_states
+
+    reset_states(net)
+
+
+# name, factory, input, expected sites, expected converted, unchanged site -> reason fragment
+CASES = [
+    ("spiking_resnet18", lambda: models.sj_zoo("spiking_resnet18"), lambda: torch.randn(2, 1, 3, 32, 32), 17, 17, {}),
+    ("spiking_vgg11_bn", lambda: models.sj_zoo("spiking_vgg11_bn"), lambda: torch.randn(2, 1, 3, 32, 32), 10, 10, {}),
+    ("snntorch_fc", models.SnnTorchFC, lambda: torch.randn(3, 20) * 2, 2, 1, {"lif2": "read by"}),
+    ("snntorch_conv", models.SnnTorchConv, lambda: torch.randn(2, 1, 28, 28) * 2, 3, 2, {"lif3": "read by"}),
+    ("snntorch_init_hidden", lambda: models.OverTime(models.snntorch_init_hidden_conv()),
+     lambda: torch.randn(2, 1, 28, 28) * 2, 3, 3, {}),
+    ("norse_sequential", models.norse_sequential, lambda: torch.randn(4, 2, 8) * 4, 2, 2, {}),
+    ("norse_cell_loop", models.NorseCellLoop, lambda: torch.randn(4, 2, 8) * 4, 1, 1, {}),
+    ("sj_single_step_loop", models.SJSingleStepLoop, lambda: torch.randn(4, 2, 8) + 0.5, 2, 2, {}),
+    ("hand_written_lif", lambda: (models.register_hand_lif(), models.HandNet())[1],
+     lambda: torch.randn(6, 2, 8) + 0.5, 2, 2, {}),
+    ("snntorch_recurrent", models.SnnTorchRecurrent, lambda: torch.randn(4, 2, 8), 2, 1, {"rlif": "RLeaky"}),
+]
+
+
+@pytest.mark.parametrize("name,make,inp,n_sites,n_conv,unchanged", CASES, ids=[c[0] for c in CASES])
+def test_convert_real_models(name, make, inp, n_sites, n_conv, unchanged):
+    torch.manual_seed(0)
+    net = make()
+    x = inp()
+    for mode in ("exact", "reversible"):
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        modules_before = [type(m) for m in net.modules()]
+        conv = revpass.convert(net, x, mode=mode)
+        # the original is untouched: same modules, same tensors
+        assert [type(m) for m in net.modules()] == modules_before
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+        rep = conv.revpass_report
+        assert len(rep) == n_sites
+        assert rep.count(mode) == n_conv
+        for path, why in unchanged.items():
+            row = rep.by_path(path)
+            assert row.decision == "unchanged" and why in row.reason
+        assert path_table_ok(str(rep), rep)
+        # state_dict keys unchanged; a checkpoint loads both ways with strict=True
+        assert set(conv.state_dict()) == set(net.state_dict())
+        conv.load_state_dict(net.state_dict(), strict=True)
+        net.load_state_dict(conv.state_dict(), strict=True)
+        def call(m, seed):  # the same dropout masks for every model
+            torch.manual_seed(seed)
+            return _flat(m(x))
+
+        _reset(net)
+        y_ref, y_ref2 = call(net, 1), call(net, 2)
+        y1, y2 = call(conv, 1), call(conv, 2)
+        _reset(conv)
+        y3 = call(conv, 1)
+        assert all(torch.equal(a, b) for a, b in zip(y1, y3)), "reset does not bring the state back"
+        if mode == "exact":  # the same function, call after call (state carried as the original does)
+            assert all(torch.equal(a, b) for a, b in zip(y_ref, y1)), "exact mode changed the output"
+            assert all(torch.equal(a, b) for a, b in zip(y_ref2, y2)), "second call differs"
+        result = revpass.verify(net, conv, x)
+        assert result.passed, str(result)
+
+
+def path_table_ok(text, rep):
+    return all(r.path in text and r.decision in text for r in rep)
+
+
+def test_inplace_converts_the_model_itself():
+    net = models.SJSingleStepLoop()
+    conv = revpass.convert(net, mode="exact", inplace=True)
+    assert isinstance(net.sn1, revpass.ExactNode) and conv.sn1 is net.sn1
+
+
+def test_include_and_exclude():
+    net = models.sj_zoo("spiking_resnet18")
+    conv = revpass.convert(net, include=["layer1.*"], exclude=["layer1.1.*"])
+    rep = conv.revpass_report
+    converted = sorted(r.path for r in rep if r.decision == "reversible")
+    assert converted == ["layer1.0.sn1", "layer1.0.sn2"]
+    assert rep.by_path("sn1").reason == "not in include"
+    assert rep.by_path("layer1.1.sn1").reason == "excluded"
+
+
+def test_a_recurrent_input_is_not_rolled():
+    import snntorch as snn
+
+    class SelfFed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.rec, self.lif = nn.Linear(4, 3), nn.Linear(3, 3), snn.Leaky(beta=0.9)
+
+        def forward(self, x):
+            mem = self.lif.init_leaky()
+            spk = self.fc(x[0]) * 0.0
+            out = []
+            for t in range(3):
+                spk, mem = self.lif(self.fc(x[t]) + self.rec(spk), mem)
+                out.append(spk)
+            return torch.stack(out)
+
+    rep = revpass.convert(SelfFed()).revpass_report
+    assert rep.by_path("lif").decision == "unchanged"
+    assert "depends on this neuron's own outputs" in rep.by_path("lif").reason
+
+
+def test_untraceable_model_names_the_line_and_the_fix():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.fc(x)
+            return x
+
+    with pytest.raises(TraceError, match=r"test_convert\.py:\d+ in forward.*x\.sum\(\) > 0(.|\n)*register_leaf"):
+        revpass.convert(Branchy())
+
+
+def test_bad_mode_is_refused():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        revpass.convert(models.SJSingleStepLoop(), mode="fast")
