@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 STAMP := $(VENV)/.revpass-installed
 
-.PHONY: venv demo test bench-nodes clean
+.PHONY: venv demo test bench-nodes bench-convert clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: $(STAMP)
 
 bench-nodes: $(STAMP)
 	$(VPY) tools/bench_nodes.py
+
+bench-convert: $(STAMP)
+	$(VPY) tools/bench_convert.py
 
 clean:
 	rm -rf $(VENV) bench_out

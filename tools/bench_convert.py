@@ -1,0 +1,71 @@
+"""How long revpass.convert takes on the SpikingJelly zoo's spiking_resnet18 (target: < 2 s on CPU).
+
+    .venv/bin/python tools/bench_convert.py [--repeat 5] [--mode reversible]
+
+Prints the median wall time of convert() (trace, detect, rewrite, lint; plus a shape pass when
+--with-inputs) over --repeat runs, measured in one run, and the target verdict (reported, not
+asserted). Writes bench_out/bench_convert.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TARGET_S = 2.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--mode", choices=("reversible", "exact"), default="reversible")
+    ap.add_argument("--with-inputs", action="store_true", help="also pass example inputs (shape pass)")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    a = ap.parse_args(argv)
+
+    import revpass
+    from spikingjelly.activation_based import functional, neuron
+    from spikingjelly.activation_based.model import spiking_resnet
+
+    torch.manual_seed(0)
+    net = spiking_resnet.spiking_resnet18(spiking_neuron=neuron.LIFNode, num_classes=10)
+    functional.set_step_mode(net, "m")
+    x = torch.randn(4, 2, 3, 32, 32) if a.with_inputs else None
+    times = []
+    for i in range(a.repeat + 1):  # the first run imports and warms up; not counted
+        t0 = time.perf_counter()
+        conv = revpass.convert(net, x, mode=a.mode)
+        dt = time.perf_counter() - t0
+        if i:
+            times.append(dt)
+        print(f"[{i}/{a.repeat}] convert: {dt:.3f} s{' (warm-up)' if not i else ''}", file=sys.stderr)
+    med = statistics.median(times)
+    rep = conv.revpass_report
+    result = {
+        "model": "spikingjelly spiking_resnet18 (LIFNode, multi-step)",
+        "mode": a.mode,
+        "with_inputs": a.with_inputs,
+        "sites": len(rep),
+        "converted": rep.count(a.mode),
+        "times_s": times,
+        "median_s": med,
+        "target_s": TARGET_S,
+        "pass": med < TARGET_S,
+        "torch": torch.__version__,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "bench_convert.json").write_text(json.dumps(result, indent=2))
+    print(f"convert(spiking_resnet18, mode={a.mode!r}{', example inputs' if a.with_inputs else ''}): "
+          f"{rep.count(a.mode)}/{len(rep)} sites converted, median {med:.3f} s over {a.repeat} runs "
+          f"-> {'PASS' if med < TARGET_S else 'MISS'} (target < {TARGET_S:g} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
