@@ -140,3 +140,15 @@ def test_untraceable_model_names_the_line_and_the_fix():
 def test_bad_mode_is_refused():
     with pytest.raises(ValueError, match="mode must be one of"):
         revpass.convert(models.SJSingleStepLoop(), mode="fast")
+
+
+def test_converting_twice_does_not_convert_again():
+    net = models.SJSingleStepLoop()
+    once = revpass.convert(net, mode="exact")
+    twice = revpass.convert(once, mode="reversible")
+    rep = twice.revpass_report
+    assert [r.decision for r in rep] == ["unchanged", "unchanged"]
+    assert all(r.reason == "already a revpass exact node" for r in rep)
+    assert all(isinstance(m, revpass.ExactNode) for m in (twice.sn1, twice.sn2))
+    x = torch.randn(4, 2, 8) + 0.5
+    assert torch.equal(once(x), twice(x))
