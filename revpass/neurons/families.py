@@ -178,6 +178,9 @@ class SnnTorchFamily(Family):
 
     name = "snntorch"
 
+    def n_public(self, spec):
+        return 2 if self._syn(spec) else 1  # (syn, mem) or (mem,); the reset signal is derived
+
     def n_bits(self, spec):
         return 1 if spec.consts["reset_delay"] else 2
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from norse.torch.functional.lif_box import LIFBoxParameters  # noqa: E402,F401
+from norse.torch.functional.lif import LIFFeedForwardState  # noqa: E402
+from norse.torch.functional.lif_box import LIFBoxFeedForwardState  # noqa: E402
 from norse.torch.functional.reset import reset_subtract, reset_value  # noqa: E402
 from norse.torch.functional.threshold import threshold  # noqa: E402
 from norse.torch.module.lif import LIF, LIFCell  # noqa: E402
@@ -82,6 +83,7 @@ def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
             params=params,
             surrogate=surrogate_of(p, where),
             origin=f"norse.{type(m).__name__}",
+            make_state=LIFBoxFeedForwardState,
         )
     params = {
         k: _t(getattr(p, k)) for k in ("tau_syn_inv", "tau_mem_inv", "v_leak", "v_th", "v_reset")
@@ -92,6 +94,7 @@ def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
         params=params,
         surrogate=surrogate_of(p, where),
         origin=f"norse.{type(m).__name__}",
+        make_state=LIFFeedForwardState,
     )
 
 

@@ -46,6 +46,9 @@ class NeuronSpec:
     surrogate: Surrogate
     origin: str = ""
     attr_names: Dict[str, str] = field(default_factory=dict)
+    #: builds the framework's own state object from the public state tensors (norse's
+    #: LIFFeedForwardState, say), so that code reading ``state.v`` keeps working
+    make_state: Optional[Any] = None
 
     def describe(self) -> str:
         kv = ", ".join(f"{k}={v}" for k, v in self.consts.items())
@@ -60,6 +63,10 @@ class Family:
     state_names: Tuple[str, ...] = ("v",)
     #: names of the state tensors that are the framework's visible state (others are derived)
     public_state: Tuple[str, ...] = ("v",)
+
+    def n_public(self, spec: NeuronSpec) -> int:
+        """How many leading state tensors the framework itself exposes."""
+        return len(self.public_state)
 
     def n_bits(self, spec: NeuronSpec) -> int:
         """Number of discrete decisions per element and step that reconstruction must pin."""

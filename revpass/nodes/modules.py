@@ -93,8 +93,11 @@ class _Node(nn.Module):
         return {k: getattr(self, a) for k, a in self._param_attr.items()}
 
     def public_state(self, state):
-        fam = family_of(self.spec)
-        return None if state is None else tuple(state[: len(fam.public_state)])
+        """The final state as the framework returns it (its own state type where it has one)."""
+        if state is None:
+            return None
+        public = tuple(state[: family_of(self.spec).n_public(self.spec)])
+        return self.spec.make_state(*public) if self.spec.make_state is not None else public
 
     def _complete(self, state, x0: Tensor):
         fam = family_of(self.spec)

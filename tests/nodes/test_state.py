@@ -98,3 +98,33 @@ def test_single_step_mode_carries_state_like_the_library():
     g_lib = torch.autograd.grad(torch.stack(ys).sum(), x)[0]
     g_node = torch.autograd.grad(torch.stack(yn).sum(), x)[0]
     assert close(g_node, g_lib)
+
+
+def test_norse_state_keeps_its_type():
+    import norse.torch as norse
+
+    lib = norse.LIF()
+    x = input_for(_case("norse-lif"), 8)
+    z_lib, s_lib = lib(x)
+    node = revpass.ExactNode.from_neuron(lib, return_state=True)
+    z, s = node(x)
+    assert type(s).__name__ == "LIFFeedForwardState"
+    assert torch.equal(z, z_lib) and torch.equal(s.v, s_lib.v) and torch.equal(s.i, s_lib.i)
+    z2, s2 = node(x, s)  # a norse state passed back in continues the sequence
+    z2_lib, _ = lib(x, s_lib)
+    assert torch.equal(z2, z2_lib)
+
+
+def test_snntorch_synaptic_explicit_state():
+    import snntorch as snn
+
+    lib = snn.Synaptic(alpha=0.8, beta=0.9)
+    x = input_for(_case("snn-synaptic"), 8)
+    syn0, mem0 = torch.full_like(x[0], 0.3), torch.full_like(x[0], 0.6)
+    syn, mem, out = syn0, mem0, []
+    for t in range(8):
+        s, syn, mem = lib(x[t], syn, mem)
+        out.append(s)
+    y, (syn_n, mem_n) = revpass.ExactNode.from_neuron(lib)(x, (syn0, mem0))
+    assert torch.equal(y, torch.stack(out))
+    assert torch.equal(syn_n, syn) and torch.equal(mem_n, mem)
