@@ -85,7 +85,7 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     work = model if inplace else safe_deepcopy(model)
-    gm = trace(work, concrete_args=concrete_args)
+    gm = trace(work, concrete_args=concrete_args, time_steps=_time_steps(example_inputs))
     shapes = _site_shapes(gm, example_inputs) if example_inputs is not None else {}
     report = ConversionReport(mode=mode, backward=backward)
     g = graph_to_nx(gm.graph)
@@ -119,6 +119,7 @@ def convert(
             C = site.shape[2]
             if mode == "reversible" and C % 2:
                 report.rows[-1].reason += f"; {C} channels: the unpaired one runs through the exact node"
+    _convert_patterns(gm, report, shapes, mode, backward, include, exclude, model if inplace else None)
     for n in list(gm.graph.nodes):  # fresh states of rolled snnTorch calls, now unused
         if n.op == "call_function" and n.target is torch.zeros and not n.users:
             gm.graph.erase_node(n)
@@ -129,6 +130,37 @@ def convert(
         _invalidate_reset_cache(model)
     gm.revpass_report = report
     return gm
+
+
+def _time_steps(example_inputs) -> Optional[int]:
+    """The leading dimension of the first example input: how many steps a loop over a sequence
+    tensor (``for x in x_seq``) unrolls into while tracing."""
+    first = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs else example_inputs
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
+
+
+def _convert_patterns(gm, report, shapes, mode, backward, include, exclude, user_model) -> None:
+    """Kind c: hand-written neurons traced into primitive ops (revpass/passes/patterns.py)."""
+    from revpass.passes.patterns import find_pattern_sites, rewrite_pattern_site
+    from revpass.passes.rewrite import NODE_CLASSES
+
+    for ps in find_pattern_sites(gm, graph_to_nx(gm.graph)):
+        shape = shapes.get(ps.steps[0].X.name)
+        decision, reason, path = "unchanged", ps.reason, ps.path
+        ok, why = _selected(ps.path, include, exclude)
+        if ps.spec is not None and not ok:
+            reason = why
+        elif ps.spec is not None:
+            node = NODE_CLASSES[mode](ps.spec, backward=backward, step_mode="m", carry_state=False, name=ps.path)
+            path = rewrite_pattern_site(gm, ps, node)
+            if user_model is not None:
+                _set_module(user_model, path, node)
+            decision = mode
+            reason = (f"{len(ps.steps)} steps of a hand-written neuron ({ps.steps[0].charge} charge, "
+                      f"{ps.steps[0].reset} reset) rolled into one sequence node")
+        report.rows.append(SiteRow(path, ps.spec.origin if ps.spec else "pattern", "c", len(ps.steps),
+                                   (shape[0] and (len(ps.steps),) + tuple(shape)) if shape else None,
+                                   decision, reason))
 
 
 def _invalidate_reset_cache(gm: nn.Module) -> None:
@@ -154,6 +186,9 @@ def _site_shapes(gm: fx.GraphModule, example_inputs) -> dict:
     with torch.no_grad():
         ShapeProp(probe).propagate(*inputs)
     for n in probe.graph.nodes:
+        meta = n.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            shapes[n.name] = tuple(meta.shape)  # every value, by node name (kind c sites)
         if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node):
             meta = n.args[0].meta.get("tensor_meta")
             if meta is not None and hasattr(meta, "shape") and n.target not in shapes:

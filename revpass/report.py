@@ -57,7 +57,7 @@ class ConversionReport:
             f"revpass: {len(self.rows)} neuron sites, {self.count('reversible')} reversible, "
             f"{self.count('exact')} exact, {self.count('unchanged')} unchanged "
             f"(mode={self.mode!r}, backward={self.backward!r}); kind a = multi-step module, "
-            "b = single-step calls rolled over time",
+            "b = single-step calls rolled over time, c = hand-written neuron recognised from its ops",
             line(head),
             line(["-" * w for w in widths]),
         ]

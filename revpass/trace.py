@@ -55,10 +55,43 @@ def _framework_leaf(m: nn.Module) -> bool:
 
 
 class RevpassTracer(fx.Tracer):
-    """torch.fx tracer whose leaves are the neurons of every supported framework."""
+    """torch.fx tracer whose leaves are the neurons of every supported framework.
+
+    ``time_steps``: when set (convert sets it from the example input's leading dimension), a
+    loop over a sequence tensor (``for x in x_seq``) unrolls over that many steps.
+    """
+
+    def __init__(self, time_steps: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.time_steps = time_steps
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return _framework_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def iter(self, obj):
+        if self.time_steps is not None:
+            return iter([obj[i] for i in range(self.time_steps)])
+        return super().iter(obj)
+
+
+_APPLY_WRAPPERS: Dict[type, Callable] = {}
+
+
+def function_apply(cls: type) -> Callable:
+    """A plain function that calls ``cls.apply`` (an autograd.Function), usable as a graph node
+    target: the Function, with its own backward, stays one node instead of being traced through."""
+    fn = _APPLY_WRAPPERS.get(cls)
+    if fn is None:
+        base = torch.autograd.function.Function.__dict__["apply"]
+
+        def fn(*args, **kwargs):
+            return base.__get__(None, cls)(*args, **kwargs)
+
+        fn.__name__ = fn.__qualname__ = f"apply_{cls.__name__}"
+        fn.__module__ = __name__
+        fn.revpass_function = cls
+        _APPLY_WRAPPERS[cls] = fn
+    return fn
 
 
 class StateReset(nn.Module):
@@ -102,10 +135,20 @@ def _patched_frameworks(tracer: "RevpassTracer"):
     """Replace reset_net / init_leaky & co. for the duration of a trace."""
     undo: List[Any] = []
 
-    def patch(obj, name, new):
-        old = getattr(obj, name)
+    def patch(obj, name, new, old=None):
+        old = getattr(obj, name) if old is None else old
         setattr(obj, name, new)
         undo.append((obj, name, old))
+
+    Function = torch.autograd.function.Function
+    base_apply = Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if any(isinstance(a, fx.Proxy) for a in args):
+            return tracer.create_proxy("call_function", function_apply(cls), args, kwargs)
+        return base_apply.__get__(None, cls)(*args, **kwargs)
+
+    patch(Function, "apply", classmethod(apply), base_apply)
 
     if "spikingjelly" in sys.modules:
         from spikingjelly.activation_based import functional as sjf
@@ -158,12 +201,15 @@ def trace(
     model: nn.Module,
     concrete_args: Optional[Dict[str, Any]] = None,
     tracer: Optional[RevpassTracer] = None,
+    time_steps: Optional[int] = None,
 ) -> fx.GraphModule:
-    """Trace ``model`` (not modified) into a GraphModule that behaves like it over repeated calls.
+    """Trace ``model`` into a GraphModule that behaves like it over repeated calls.
 
     norse's ``SequentialState`` takes a ``state`` argument: it is bound to None automatically.
+    autograd.Functions called in traced code stay single nodes (their backward is kept).
+    ``time_steps`` unrolls loops over sequence tensors (``for x in x_seq``).
     """
-    tracer = tracer or RevpassTracer()
+    tracer = tracer or RevpassTracer(time_steps=time_steps)
     concrete_args = dict(concrete_args or {})
     _default_concrete_args(model, concrete_args)
     try:

@@ -179,11 +179,21 @@ class HandNet(nn.Module):
         return self.sn2(self.fc2(self.sn1(self.fc1(x))))
 
 
+class RegisteredLIF(HandLIF):
+    """The same neuron, registered with revpass (converted as kind a instead of by pattern)."""
+
+
+class RegisteredHandNet(HandNet):
+    def __init__(self):
+        super().__init__()
+        self.sn1, self.sn2 = RegisteredLIF(), RegisteredLIF(tau=3.0)
+
+
 def register_hand_lif():
     import revpass
 
     revpass.register_neuron(
-        HandLIF,
+        RegisteredLIF,
         lambda m: revpass.lif_spec(tau=m.tau, v_threshold=m.v_threshold, v_reset=0.0, origin="HandLIF"),
     )
 
@@ -231,4 +241,26 @@ class SnnTorchRecurrent(nn.Module):
             spk, mem = self.rlif(self.fc(x[t]), spk, mem)
             s2, mem2 = self.lif(spk, mem2)
             out.append(s2)
+        return torch.stack(out)
+
+
+class SnnTorchStyleHandNet(nn.Module):
+    """A hand-written snnTorch-style LIF inline in the model's time loop: mem = beta mem + cur,
+    spike with the user's own autograd.Function, subtract reset."""
+
+    def __init__(self, T=5, beta=0.9, threshold=1.0):
+        super().__init__()
+        self.T, self.beta, self.threshold = T, beta, threshold
+        self.fc1 = nn.Linear(8, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        mem = torch.zeros_like(self.fc1(x[0]))
+        out = []
+        for t in range(self.T):
+            cur = self.fc1(x[t])
+            mem = self.beta * mem + cur
+            spk = _SigmoidSpike.apply(mem - self.threshold)
+            mem = mem - spk * self.threshold
+            out.append(self.fc2(spk))
         return torch.stack(out)

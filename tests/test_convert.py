@@ -34,8 +34,10 @@ CASES = [
     ("norse_sequential", models.norse_sequential, lambda: torch.randn(4, 2, 8) * 4, 2, 2, {}),
     ("norse_cell_loop", models.NorseCellLoop, lambda: torch.randn(4, 2, 8) * 4, 1, 1, {}),
     ("sj_single_step_loop", models.SJSingleStepLoop, lambda: torch.randn(4, 2, 8) + 0.5, 2, 2, {}),
-    ("hand_written_lif", lambda: (models.register_hand_lif(), models.HandNet())[1],
+    ("registered_hand_lif", lambda: (models.register_hand_lif(), models.RegisteredHandNet())[1],
      lambda: torch.randn(6, 2, 8) + 0.5, 2, 2, {}),
+    ("hand_written_lif_module", models.HandNet, lambda: torch.randn(6, 2, 8) + 0.5, 2, 2, {}),
+    ("hand_written_snntorch_style", models.SnnTorchStyleHandNet, lambda: torch.randn(5, 2, 8) + 0.5, 1, 1, {}),
     ("snntorch_recurrent", models.SnnTorchRecurrent, lambda: torch.randn(4, 2, 8), 2, 1, {"rlif": "RLeaky"}),
 ]
 
@@ -152,3 +154,69 @@ def test_converting_twice_does_not_convert_again():
     assert all(isinstance(m, revpass.ExactNode) for m in (twice.sn1, twice.sn2))
     x = torch.randn(4, 2, 8) + 0.5
     assert torch.equal(once(x), twice(x))
+
+
+class _Variant(nn.Module):
+    """A hand-written neuron in one of the table's forms, inline in a time loop."""
+
+    def __init__(self, style, reset, T=6):
+        super().__init__()
+        self.style, self.reset, self.T = style, reset, T
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        v = torch.zeros_like(self.fc1(x[0]))
+        out = []
+        for t in range(self.T):
+            cur = self.fc1(x[t])
+            if self.style == "spikingjelly":
+                h = v + (cur - v) / 2.0
+            elif self.style == "spikingjelly-no-decay-input":
+                h = v - v / 3.0 + cur
+            elif self.style == "if":
+                h = v + cur
+            else:  # snntorch-style
+                h = 0.8 * v + cur
+            s = models._SigmoidSpike.apply(h - 0.5)
+            if self.reset == "hard":
+                v = s * 0.0 + (1.0 - s) * h
+            elif self.reset == "zero":
+                v = h * (1.0 - s)
+            else:
+                v = h - s * 0.5
+            out.append(self.fc2(s))
+        return torch.stack(out)
+
+
+@pytest.mark.parametrize("style", ["spikingjelly", "spikingjelly-no-decay-input", "if", "snntorch"])
+@pytest.mark.parametrize("reset", ["hard", "zero", "soft"])
+def test_hand_written_neurons_are_recognised(style, reset):
+    torch.manual_seed(0)
+    net = _Variant(style, reset)
+    x = torch.randn(6, 2, 8) + 0.5
+    for mode in ("exact", "reversible"):
+        conv = revpass.convert(net, x, mode=mode)
+        rep = conv.revpass_report
+        assert len(rep) == 1 and rep.rows[0].kind == "c" and rep.rows[0].decision == mode, str(rep)
+        assert rep.rows[0].calls == 6
+        # no primitive op of the neuron is left: the spike function is gone from the graph
+        assert not any(hasattr(n.target, "revpass_function") for n in conv.graph.nodes)
+        if mode == "exact":
+            assert torch.equal(conv(x), net(x))
+        assert revpass.verify(net, conv, x).passed
+
+
+def test_a_hand_written_membrane_read_elsewhere_is_left_alone():
+    class Leaky(nn.Module):
+        def forward(self, x):
+            v, out, mems = torch.zeros_like(x[0]), [], []
+            for t in range(4):
+                h = v + (x[t] - v) / 2.0
+                s = models._SigmoidSpike.apply(h - 1.0)
+                v = s * 0.0 + (1.0 - s) * h
+                out.append(s)
+                mems.append(h)  # the membrane feeds the output
+            return torch.stack(out), torch.stack(mems)
+
+    rep = revpass.convert(Leaky(), torch.randn(4, 2, 3)).revpass_report
+    assert rep.rows[0].decision == "unchanged" and "is read by" in rep.rows[0].reason

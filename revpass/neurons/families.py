@@ -68,8 +68,9 @@ def _spike(spec, h: Tensor, thr, bits, autograd: bool) -> Tensor:
 class SpikingJellyFamily(Family):
     """H = charge(V, X); S = Theta(H - v_th) (fires at the threshold); V = reset(H, S).
 
-    consts: kind ('lif' | 'if' | 'plif'), tau, decay_input, v_threshold, v_reset (None = soft),
-    detach_reset. params: 'w' for 'plif' (1/tau = sigmoid(w)).
+    consts: kind ('lif' | 'if' | 'plif' | 'beta'), tau, decay_input, v_threshold, v_reset (None =
+    soft), detach_reset, beta ('beta': H = beta V + X, a hand-written snnTorch-style charge).
+    params: 'w' for 'plif' (1/tau = sigmoid(w)).
     """
 
     name = "spikingjelly"
@@ -91,6 +92,8 @@ class SpikingJellyFamily(Family):
         kind = c["kind"]
         if kind == "if":
             return v + x
+        if kind == "beta":  # snnTorch-style charge, hand-written: H = beta V + X
+            return c["beta"] * v + x
         if kind == "lif":
             tau = c["tau"]
             return v + (x - (v - r)) / tau if c["decay_input"] else v - (v - r) / tau + x
@@ -119,6 +122,8 @@ class SpikingJellyFamily(Family):
         kind = c["kind"]
         if kind == "if":
             return 1.0, 1.0
+        if kind == "beta":
+            return c["beta"], 1.0
         k = 1.0 / c["tau"] if kind == "lif" else P["q"]
         return 1.0 - k, (k if c["decay_input"] else 1.0)
 

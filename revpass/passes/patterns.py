@@ -1,0 +1,286 @@
+"""Kind c: hand-written neurons traced into primitive ops, recognised by a table of patterns.
+
+A neuron step is three sub-expressions around a spike function (an autograd.Function kept as one
+node by the tracer):
+
+    H = charge(V, X)             one of CHARGE: SpikingJelly-style LIF (with or without decay of the
+                                 input, any v_reset), IF, or snnTorch-style H = beta V + X
+    S = spike(H - v_threshold)   the user's autograd.Function: its own forward and backward
+    V' = reset(H, S)             one of RESET: hard (to v_reset), zero, soft (subtract v_threshold)
+
+The matcher binds V, X, H, S and the constants; steps whose V is the previous step's V' form a
+chain that starts from a zero state; a chain whose inputs do not depend on its own spikes and
+whose intermediate values are read by nothing else becomes one sequence node (stack, node,
+unbind). Each table entry says which revpass family (and constants) computes the same values.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import networkx as nx
+import torch
+from torch import fx
+
+from revpass.neurons import lif_spec
+from revpass.neurons.spec import NeuronSpec
+from revpass.neurons.surrogate import Surrogate, derivative_from_function
+
+add, sub, mul, div = operator.add, operator.sub, operator.mul, operator.truediv
+_COMMUTATIVE = {add, mul}
+
+# (name, pattern, constants -> lif_spec arguments). Leaves: "V", "X", "H", "S" bind graph values;
+# ("c", name) binds a number; a bare number must match exactly.
+CHARGE: List[Tuple[str, Any, Callable[[Dict[str, float]], Dict[str, Any]]]] = [
+    ("lif", (add, "V", (div, (sub, "X", (sub, "V", ("c", "r"))), ("c", "tau"))),
+     lambda c: dict(tau=c["tau"], decay_input=True, v_reset_charge=c["r"])),
+    ("lif", (add, "V", (div, (sub, "X", "V"), ("c", "tau"))),
+     lambda c: dict(tau=c["tau"], decay_input=True, v_reset_charge=0.0)),
+    ("lif-no-decay-input", (add, (sub, "V", (div, (sub, "V", ("c", "r")), ("c", "tau"))), "X"),
+     lambda c: dict(tau=c["tau"], decay_input=False, v_reset_charge=c["r"])),
+    ("lif-no-decay-input", (add, (sub, "V", (div, "V", ("c", "tau"))), "X"),
+     lambda c: dict(tau=c["tau"], decay_input=False, v_reset_charge=0.0)),
+    ("beta-lif", (add, (mul, ("c", "beta"), "V"), "X"), lambda c: dict(beta=c["beta"], v_reset_charge=None)),
+    # the most general form last: it would also match the ones above
+    ("if", (add, "V", "X"), lambda c: dict(tau=None, v_reset_charge=None)),
+]
+
+RESET: List[Tuple[str, Any, Callable[[Dict[str, float]], Dict[str, Any]]]] = [
+    ("hard", (add, (mul, "S", ("c", "r")), (mul, (sub, 1.0, "S"), "H")), lambda c: dict(v_reset=c["r"])),
+    ("zero", (mul, "H", (sub, 1.0, "S")), lambda c: dict(v_reset=0.0)),
+    ("zero", (sub, "H", (mul, "S", "H")), lambda c: dict(v_reset=0.0)),
+    ("soft", (sub, "H", (mul, "S", ("c", "thr"))), lambda c: dict(v_reset=None, soft_thr=c["thr"])),
+]
+
+
+def _const(a) -> Optional[float]:
+    return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+
+
+def match(pat, node, b: Dict[str, Any], inner: List[fx.Node]) -> bool:
+    """Match ``pat`` at ``node``, extending bindings ``b``; ``inner`` collects the matched op nodes."""
+    if isinstance(pat, str):
+        if pat in b:
+            return b[pat] is node
+        if not isinstance(node, fx.Node):
+            return False
+        b[pat] = node
+        return True
+    if isinstance(pat, (int, float)):
+        return _const(node) == float(pat)
+    if pat[0] == "c":
+        v = _const(node)
+        if v is None:
+            return False
+        if pat[1] in b and b[pat[1]] != v:
+            return False
+        b[pat[1]] = v
+        return True
+    op, pa, pb = pat
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
+            and len(node.args) == 2 and not node.kwargs):
+        return False
+    orders = [(node.args[0], node.args[1])]
+    if op in _COMMUTATIVE:
+        orders.append((node.args[1], node.args[0]))
+    for a0, a1 in orders:
+        b2, i2 = dict(b), list(inner)
+        if match(pa, a0, b2, i2) and match(pb, a1, b2, i2):
+            b.clear()
+            b.update(b2)
+            inner[:] = i2 + [node]
+            return True
+    return False
+
+
+@dataclass
+class Step:
+    spike: fx.Node
+    H: fx.Node
+    V: Any
+    X: fx.Node
+    V_next: fx.Node
+    charge: str
+    reset: str
+    consts: Dict[str, float]
+    inner: List[fx.Node] = field(default_factory=list)  # every op of the step but the spike's input X
+
+
+def _is_zero_state(v) -> bool:
+    if _const(v) == 0.0:
+        return True
+    return (isinstance(v, fx.Node) and v.op == "call_function"
+            and v.target in (torch.zeros_like, torch.zeros) and not v.kwargs)
+
+
+def find_steps(gm: fx.GraphModule) -> List[Step]:
+    steps = []
+    for s in gm.graph.nodes:
+        if not (s.op == "call_function" and hasattr(s.target, "revpass_function") and len(s.args) == 1):
+            continue
+        shift = s.args[0]
+        b: Dict[str, Any] = {}
+        inner: List[fx.Node] = []
+        if not match((sub, "H", ("c", "thr")), shift, b, inner):
+            continue
+        H, thr = b["H"], b["thr"]
+        for cname, cpat, cbuild in CHARGE:
+            cb: Dict[str, Any] = {}
+            ci: List[fx.Node] = []
+            if not match(cpat, H, cb, ci):
+                continue
+            found = None
+            for cand in _near(s):
+                for rname, rpat, rbuild in RESET:
+                    rb: Dict[str, Any] = {"S": s, "H": H}
+                    ri: List[fx.Node] = []
+                    if match(rpat, cand, rb, ri) and (rname != "soft" or rb["thr"] == thr):
+                        found = (rname, rb, ri, cand)
+                        break
+                if found:
+                    break
+            if not found:
+                continue
+            rname, rb, ri, vnext = found
+            consts = {k: v for k, v in {**cb, **rb}.items() if not isinstance(v, fx.Node)}
+            consts["thr"] = thr
+            steps.append(Step(s, H, cb["V"], cb["X"], vnext, cname, rname, consts,
+                              inner=[shift] + ci + ri))
+            break
+    return steps
+
+
+def _near(s: fx.Node) -> List[fx.Node]:
+    """Candidate reset roots: users of the spike and their users."""
+    out = []
+    for u in s.users:
+        out.append(u)
+        out.extend(u.users)
+    return out
+
+
+@dataclass
+class PatternSite:
+    steps: List[Step]
+    spec: Optional[NeuronSpec]
+    path: str
+    reason: str = ""
+
+
+def _spec_for(first: Step, fn) -> NeuronSpec:
+    c = first.consts
+    fires_at_zero = bool(fn(torch.zeros(1)).item() == 1)
+    surrogate = Surrogate(f"{fn.revpass_function.__name__} (own derivative)", derivative_from_function(fn), fires_at_zero)
+    charge = dict(CHARGE_BUILD[first.charge](c))
+    reset = dict(RESET_BUILD[first.reset](c))
+    r_charge = charge.pop("v_reset_charge", None)
+    beta = charge.pop("beta", None)
+    v_reset = reset.get("v_reset")
+    if first.charge.startswith("lif") and r_charge != (v_reset if v_reset is not None else 0.0):
+        raise ValueError("the charge's v_reset and the reset's differ")
+    spec = lif_spec(
+        tau=charge.get("tau") if beta is None else None,
+        decay_input=charge.get("decay_input", True),
+        v_threshold=c["thr"],
+        v_reset=v_reset,
+        surrogate=surrogate,
+        origin=f"pattern:{first.charge}/{first.reset}",
+    )
+    if beta is not None:
+        spec.consts.update(kind="beta", beta=beta)
+    return spec
+
+
+CHARGE_BUILD = {name: build for name, _, build in CHARGE}
+RESET_BUILD = {name: build for name, _, build in RESET}
+
+
+def find_pattern_sites(gm: fx.GraphModule, g: nx.DiGraph) -> List[PatternSite]:
+    """Chains of matched steps, each a candidate sequence node, with the reason if it is not one."""
+    steps = find_steps(gm)
+    by_v = {id(st.V_next): st for st in steps}
+    sites = []
+    followers = {}
+    for st in steps:
+        prev = by_v.get(id(st.V))
+        if prev is not None:
+            followers[id(prev.spike)] = st
+    starts = [st for st in steps if by_v.get(id(st.V)) is None]
+    for i, first in enumerate(starts):
+        chain = [first]
+        while id(chain[-1].spike) in followers:
+            chain.append(followers[id(chain[-1].spike)])
+        stack = first.spike.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else f"revpass_neuron_{i}"
+        site = PatternSite(chain, None, path)
+        sites.append(site)
+        if not _is_zero_state(first.V):
+            site.reason = "the first step does not start from a zero state"
+            continue
+        key = (first.charge, first.reset, tuple(sorted(first.consts.items())), first.spike.target)
+        if any((st.charge, st.reset, tuple(sorted(st.consts.items())), st.spike.target) != key for st in chain):
+            site.reason = "the steps do not share one neuron's equations and constants"
+            continue
+        spikes = {st.spike for st in chain}
+        internal = set(spikes) | {n for st in chain for n in st.inner}
+        for t, st in enumerate(chain):
+            if (nx.ancestors(g, st.X) | {st.X}) & spikes:
+                site.reason = f"the input of step {t} depends on this neuron's own spikes"
+                break
+            outside = [u for n in st.inner for u in n.users
+                       if u not in internal and not (t + 1 < len(chain) and n is st.V_next)]
+            if outside:
+                site.reason = f"an intermediate value of step {t} (membrane or state) is read by '{outside[0].name}'"
+                break
+        if site.reason:
+            continue
+        if first.reset == "hard" and first.consts.get("r", 0.0) != 0.0:
+            site.reason = "a hard reset to a non-zero v_reset starting from a zero state"
+            continue
+        try:
+            site.spec = _spec_for(first, first.spike.target)
+        except Exception as exc:  # noqa: BLE001 - reported, the site stays as it is
+            site.reason = f"no revpass family computes this neuron: {exc}"
+    return sites
+
+
+def rewrite_pattern_site(gm: fx.GraphModule, site: PatternSite, node_module) -> str:
+    """Replace the chain's ops by stack -> node -> unbind; returns the node's module path."""
+    from revpass.passes.rewrite import _position, _set_module, topo_sort
+
+    path = site.path
+    try:
+        old = gm.get_submodule(path)
+        keep_old = any(True for _ in old.parameters()) or any(True for _ in old.buffers())
+    except AttributeError:
+        old, keep_old = None, False
+    if keep_old:  # its own tensors keep their state_dict keys; the node sits beside it
+        path = f"{path}_revpass"
+    _set_module(gm, path, node_module)
+    g = gm.graph
+    xs = [st.X for st in site.steps]
+    last = max(xs, key=_position(g))
+    with g.inserting_after(last):
+        stacked = g.call_function(torch.stack, (xs, 0))
+    with g.inserting_after(stacked):
+        seq = g.call_module(path, (stacked,))
+    with g.inserting_after(seq):
+        steps = g.call_function(torch.unbind, (seq, 0))
+    prev = steps
+    internal = {st.spike for st in site.steps} | {n for st in site.steps for n in st.inner}
+    for t, st in enumerate(site.steps):
+        with g.inserting_after(prev):
+            item = g.call_function(operator.getitem, (steps, t))
+        prev = item
+        st.spike.replace_all_uses_with(item, delete_user_cb=lambda u: u not in internal)
+    pos = _position(g)
+    for n in sorted(internal, key=pos, reverse=True):
+        assert all(u in internal for u in n.users), f"{path}: {n.name} is still read outside the neuron"
+        g.erase_node(n)
+    v0 = site.steps[0].V
+    if isinstance(v0, fx.Node) and not v0.users:
+        g.erase_node(v0)
+    topo_sort(g)
+    return path
