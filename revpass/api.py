@@ -99,11 +99,19 @@ def convert(
         elif site.kind == "a":
             site.decision = mode
             site.reason = "multi-step neuron: one node over (T, ...)"
+        elif len(site.calls) == 1 and getattr(site.module, "init_hidden", False):
+            site.reason = (
+                "snnTorch init_hidden=True called once per forward: its state lives between calls "
+                "and snntorch.utils.reset cannot reach a revpass node; put the time loop inside a "
+                "module (for step in range(num_steps): net(x)) so that convert rolls it"
+            )
         else:
             roll_ok, why, plan = plan_roll(site, g)
             if roll_ok:
                 site.decision = mode
                 site.reason = f"{len(site.calls)} single-step calls rolled into one sequence node"
+                if getattr(site.module, "init_hidden", False):
+                    site.reason += " (starting each forward from the reset state, as after snntorch.utils.reset)"
                 site.details["plan"] = plan
             else:
                 site.reason = why

@@ -220,3 +220,10 @@ def test_a_hand_written_membrane_read_elsewhere_is_left_alone():
 
     rep = revpass.convert(Leaky(), torch.randn(4, 2, 3)).revpass_report
     assert rep.rows[0].decision == "unchanged" and "is read by" in rep.rows[0].reason
+
+
+def test_snntorch_init_hidden_stepped_from_outside_is_left_alone():
+    net = models.snntorch_init_hidden_conv()  # the tutorial calls it once per step, in its own loop
+    rep = revpass.convert(net, torch.randn(2, 1, 28, 28)).revpass_report
+    assert [r.decision for r in rep] == ["unchanged"] * 3
+    assert all("init_hidden=True called once per forward" in r.reason for r in rep)
