@@ -19,40 +19,10 @@ class Case:
     learnable: bool = False
 
 
-def _sj_run(m, x):
-    from spikingjelly.activation_based import functional
+def _run(m, x):
+    from revpass.neurons import run_library
 
-    functional.reset_net(m)
-    m.step_mode = "m"
-    return m(x)
-
-
-def _snn_run(m, x):
-    import snntorch as snn
-
-    mem = torch.zeros_like(x[0])
-    syn = torch.zeros_like(x[0])
-    out = []
-    for t in range(x.shape[0]):
-        if isinstance(m, snn.Synaptic):
-            s, syn, mem = m(x[t], syn, mem)
-        else:
-            s, mem = m(x[t], mem)
-        out.append(s)
-    return torch.stack(out)
-
-
-def _norse_seq(m, x):
-    return m(x)[0]
-
-
-def _norse_cell(m, x):
-    s = None
-    out = []
-    for t in range(x.shape[0]):
-        z, s = m(x[t], s)
-        out.append(z)
-    return torch.stack(out)
+    return run_library(m, x)
 
 
 def _sj(name, **kw):
@@ -97,35 +67,35 @@ def _norse(name, **kw):
 
 
 CASES = [
-    Case("sj-lif", _sj("LIFNode"), _sj_run, "spikingjelly"),
-    Case("sj-lif-soft", _sj("LIFNode", v_reset=None), _sj_run, "spikingjelly"),
-    Case("sj-lif-detach", _sj("LIFNode", detach_reset=True), _sj_run, "spikingjelly"),
-    Case("sj-lif-nodecay-atan", _sj("LIFNode", decay_input=False, tau=3.0, surrogate_function="ATan"), _sj_run, "spikingjelly"),
-    Case("sj-lif-thr-reset", _sj("LIFNode", v_threshold=0.5, v_reset=-0.25, tau=4.0), _sj_run, "spikingjelly"),
-    Case("sj-lif-own-surrogate", _sj("LIFNode", surrogate_function="PiecewiseLeakyReLU"), _sj_run, "spikingjelly"),
-    Case("sj-if", _sj("IFNode"), _sj_run, "spikingjelly"),
-    Case("sj-if-soft-detach", _sj("IFNode", v_reset=None, detach_reset=True), _sj_run, "spikingjelly"),
-    Case("sj-plif", _sj("ParametricLIFNode"), _sj_run, "spikingjelly", True),
-    Case("sj-plif-nodecay-soft", _sj("ParametricLIFNode", decay_input=False, v_reset=None, init_tau=3.0), _sj_run, "spikingjelly", True),
-    Case("snn-leaky", _snn("Leaky", beta=0.9), _snn_run, "snntorch"),
-    Case("snn-leaky-zero", _snn("Leaky", beta=0.8, reset_mechanism="zero"), _snn_run, "snntorch"),
-    Case("snn-leaky-none", _snn("Leaky", beta=0.7, reset_mechanism="none"), _snn_run, "snntorch"),
-    Case("snn-leaky-nodelay", _snn("Leaky", beta=0.9, reset_delay=False), _snn_run, "snntorch"),
-    Case("snn-leaky-zero-nodelay", _snn("Leaky", beta=0.9, reset_mechanism="zero", reset_delay=False), _snn_run, "snntorch"),
-    Case("snn-leaky-learn", _snn("Leaky", beta=0.85, learn_beta=True, learn_threshold=True), _snn_run, "snntorch", True),
-    Case("snn-leaky-learn-nodelay", _snn("Leaky", beta=0.85, learn_beta=True, learn_threshold=True, reset_delay=False), _snn_run, "snntorch", True),
-    Case("snn-leaky-channel-beta", _snn("Leaky", beta=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95], learn_beta=True), _snn_run, "snntorch", True),
-    Case("snn-leaky-graded", _snn("Leaky", beta=0.9, graded_spikes_factor=0.5), _snn_run, "snntorch"),
-    Case("snn-leaky-fastsig", _snn("Leaky", beta=0.9, spike_grad="fast_sigmoid"), _snn_run, "snntorch"),
-    Case("snn-synaptic", _snn("Synaptic", alpha=0.8, beta=0.9), _snn_run, "snntorch"),
-    Case("snn-synaptic-zero", _snn("Synaptic", alpha=0.7, beta=0.9, reset_mechanism="zero"), _snn_run, "snntorch"),
-    Case("snn-synaptic-learn", _snn("Synaptic", alpha=0.8, beta=0.9, learn_alpha=True, learn_beta=True, learn_threshold=True), _snn_run, "snntorch", True),
-    Case("snn-synaptic-nodelay", _snn("Synaptic", alpha=0.8, beta=0.9, reset_delay=False), _snn_run, "snntorch"),
-    Case("norse-lif", _norse("LIF"), _norse_seq, "norse"),
-    Case("norse-lifcell", _norse("LIFCell", v_th=torch.as_tensor(0.3)), _norse_cell, "norse"),
-    Case("norse-lifcell-tanh", _norse("LIFCell", method="tanh", alpha=torch.as_tensor(5.0)), _norse_cell, "norse"),
-    Case("norse-lifbox", _norse("LIFBoxCell"), _norse_cell, "norse"),
-    Case("norse-lifbox-subtract", _norse("LIFBoxCell", subtract=True), _norse_cell, "norse"),
+    Case("sj-lif", _sj("LIFNode"), _run, "spikingjelly"),
+    Case("sj-lif-soft", _sj("LIFNode", v_reset=None), _run, "spikingjelly"),
+    Case("sj-lif-detach", _sj("LIFNode", detach_reset=True), _run, "spikingjelly"),
+    Case("sj-lif-nodecay-atan", _sj("LIFNode", decay_input=False, tau=3.0, surrogate_function="ATan"), _run, "spikingjelly"),
+    Case("sj-lif-thr-reset", _sj("LIFNode", v_threshold=0.5, v_reset=-0.25, tau=4.0), _run, "spikingjelly"),
+    Case("sj-lif-own-surrogate", _sj("LIFNode", surrogate_function="PiecewiseLeakyReLU"), _run, "spikingjelly"),
+    Case("sj-if", _sj("IFNode"), _run, "spikingjelly"),
+    Case("sj-if-soft-detach", _sj("IFNode", v_reset=None, detach_reset=True), _run, "spikingjelly"),
+    Case("sj-plif", _sj("ParametricLIFNode"), _run, "spikingjelly", True),
+    Case("sj-plif-nodecay-soft", _sj("ParametricLIFNode", decay_input=False, v_reset=None, init_tau=3.0), _run, "spikingjelly", True),
+    Case("snn-leaky", _snn("Leaky", beta=0.9), _run, "snntorch"),
+    Case("snn-leaky-zero", _snn("Leaky", beta=0.8, reset_mechanism="zero"), _run, "snntorch"),
+    Case("snn-leaky-none", _snn("Leaky", beta=0.7, reset_mechanism="none"), _run, "snntorch"),
+    Case("snn-leaky-nodelay", _snn("Leaky", beta=0.9, reset_delay=False), _run, "snntorch"),
+    Case("snn-leaky-zero-nodelay", _snn("Leaky", beta=0.9, reset_mechanism="zero", reset_delay=False), _run, "snntorch"),
+    Case("snn-leaky-learn", _snn("Leaky", beta=0.85, learn_beta=True, learn_threshold=True), _run, "snntorch", True),
+    Case("snn-leaky-learn-nodelay", _snn("Leaky", beta=0.85, learn_beta=True, learn_threshold=True, reset_delay=False), _run, "snntorch", True),
+    Case("snn-leaky-channel-beta", _snn("Leaky", beta=[0.5, 0.6, 0.7, 0.8, 0.9, 0.95], learn_beta=True), _run, "snntorch", True),
+    Case("snn-leaky-graded", _snn("Leaky", beta=0.9, graded_spikes_factor=0.5), _run, "snntorch"),
+    Case("snn-leaky-fastsig", _snn("Leaky", beta=0.9, spike_grad="fast_sigmoid"), _run, "snntorch"),
+    Case("snn-synaptic", _snn("Synaptic", alpha=0.8, beta=0.9), _run, "snntorch"),
+    Case("snn-synaptic-zero", _snn("Synaptic", alpha=0.7, beta=0.9, reset_mechanism="zero"), _run, "snntorch"),
+    Case("snn-synaptic-learn", _snn("Synaptic", alpha=0.8, beta=0.9, learn_alpha=True, learn_beta=True, learn_threshold=True), _run, "snntorch", True),
+    Case("snn-synaptic-nodelay", _snn("Synaptic", alpha=0.8, beta=0.9, reset_delay=False), _run, "snntorch"),
+    Case("norse-lif", _norse("LIF"), _run, "norse"),
+    Case("norse-lifcell", _norse("LIFCell", v_th=torch.as_tensor(0.3)), _run, "norse"),
+    Case("norse-lifcell-tanh", _norse("LIFCell", method="tanh", alpha=torch.as_tensor(5.0)), _run, "norse"),
+    Case("norse-lifbox", _norse("LIFBoxCell"), _run, "norse"),
+    Case("norse-lifbox-subtract", _norse("LIFBoxCell", subtract=True), _run, "norse"),
 ]
 
 CASE_IDS = [c.id for c in CASES]

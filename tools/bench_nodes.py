@@ -57,6 +57,7 @@ from torch import nn
 
 import revpass
 from revpass.memory import saved_bytes
+from revpass.neurons import run_library
 
 Tensor = torch.Tensor
 Runner = Callable[[Tensor], Tensor]
@@ -84,56 +85,11 @@ class NeuronConfig:
     runner: Callable[[nn.Module], Runner]  # library baseline: X (T, ...) -> spikes (T, ...)
 
 
-def _sj_runner(m: nn.Module) -> Runner:
-    from spikingjelly.activation_based import functional
+def _library_runner(m: nn.Module) -> Runner:
+    """The library neuron over a sequence from its reset state (revpass.neurons.run_library)."""
 
     def run(x: Tensor) -> Tensor:
-        functional.reset_net(m)
-        return m(x)
-
-    return run
-
-
-def _snn_leaky_runner(m: nn.Module) -> Runner:
-    def run(x: Tensor) -> Tensor:
-        mem = torch.zeros_like(x[0])
-        spikes = []
-        for t in range(x.shape[0]):
-            spk, mem = m(x[t], mem)
-            spikes.append(spk)
-        return torch.stack(spikes)
-
-    return run
-
-
-def _snn_synaptic_runner(m: nn.Module) -> Runner:
-    def run(x: Tensor) -> Tensor:
-        syn = torch.zeros_like(x[0])
-        mem = torch.zeros_like(x[0])
-        spikes = []
-        for t in range(x.shape[0]):
-            spk, syn, mem = m(x[t], syn, mem)
-            spikes.append(spk)
-        return torch.stack(spikes)
-
-    return run
-
-
-def _norse_multi_runner(m: nn.Module) -> Runner:
-    def run(x: Tensor) -> Tensor:
-        return m(x)[0]
-
-    return run
-
-
-def _norse_cell_runner(m: nn.Module) -> Runner:
-    def run(x: Tensor) -> Tensor:
-        state = None
-        spikes = []
-        for t in range(x.shape[0]):
-            z, state = m(x[t], state)
-            spikes.append(z)
-        return torch.stack(spikes)
+        return run_library(m, x)
 
     return run
 
@@ -159,26 +115,26 @@ def neuron_configs() -> List[NeuronConfig]:
     except ImportError as e:  # pragma: no cover - the Makefile installs all three
         print(f"bench_nodes: SpikingJelly not importable ({e}); skipping it", file=sys.stderr)
     else:
-        add("spikingjelly", sj.LIFNode, _sj_runner, step_mode="m")
-        add("spikingjelly", sj.LIFNode, _sj_runner, v_reset=None, step_mode="m")
-        add("spikingjelly", sj.LIFNode, _sj_runner, detach_reset=True, step_mode="m")
-        add("spikingjelly", sj.IFNode, _sj_runner, step_mode="m")
-        add("spikingjelly", sj.ParametricLIFNode, _sj_runner, step_mode="m")
+        add("spikingjelly", sj.LIFNode, _library_runner, step_mode="m")
+        add("spikingjelly", sj.LIFNode, _library_runner, v_reset=None, step_mode="m")
+        add("spikingjelly", sj.LIFNode, _library_runner, detach_reset=True, step_mode="m")
+        add("spikingjelly", sj.IFNode, _library_runner, step_mode="m")
+        add("spikingjelly", sj.ParametricLIFNode, _library_runner, step_mode="m")
     try:
         import snntorch as snn
     except ImportError as e:  # pragma: no cover
         print(f"bench_nodes: snnTorch not importable ({e}); skipping it", file=sys.stderr)
     else:
-        add("snntorch", snn.Leaky, _snn_leaky_runner, beta=0.9)
-        add("snntorch", snn.Leaky, _snn_leaky_runner, beta=0.9, reset_mechanism="zero")
-        add("snntorch", snn.Synaptic, _snn_synaptic_runner, alpha=0.8, beta=0.9)
+        add("snntorch", snn.Leaky, _library_runner, beta=0.9)
+        add("snntorch", snn.Leaky, _library_runner, beta=0.9, reset_mechanism="zero")
+        add("snntorch", snn.Synaptic, _library_runner, alpha=0.8, beta=0.9)
     try:
         import norse.torch as norse
     except ImportError as e:  # pragma: no cover
         print(f"bench_nodes: norse not importable ({e}); skipping it", file=sys.stderr)
     else:
-        add("norse", norse.LIF, _norse_multi_runner)
-        add("norse", norse.LIFBoxCell, _norse_cell_runner)
+        add("norse", norse.LIF, _library_runner)
+        add("norse", norse.LIFBoxCell, _library_runner)
     return configs
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "register_neuron",
     "lif_spec",
     "adapter_for",
+    "run_library",
 ]
 
 # framework package name -> revpass adapter module
@@ -134,6 +135,15 @@ def is_neuron(m: nn.Module) -> bool:
         return True
     ad = adapter_for(m)
     return bool(ad is not None and ad.is_neuron(m))
+
+
+def run_library(m: nn.Module, x_seq):
+    """Run a library (or registered) neuron itself over a (T, ...) sequence from its reset
+    state, the way its framework's documentation drives it: the reference the nodes match."""
+    ad = adapter_for(m)
+    if ad is not None and registered(m) is None:
+        return ad.run_library(m, x_seq)
+    return m(x_seq)
 
 
 def spec_from_module(m: nn.Module, where: str = "") -> NeuronSpec:

@@ -100,3 +100,14 @@ def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
 
 def step_mode(m: nn.Module) -> str:
     return "m" if isinstance(m, LIF) else "s"
+
+
+def run_library(m: nn.Module, x_seq: torch.Tensor) -> torch.Tensor:
+    """The neuron itself over a (T, ...) sequence, from its reset state."""
+    if isinstance(m, LIF):
+        return m(x_seq)[0]
+    state, out = None, []
+    for x in x_seq:
+        z, state = m(x, state)
+        out.append(z)
+    return torch.stack(out)

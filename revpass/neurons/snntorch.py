@@ -102,3 +102,17 @@ def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
         origin=f"snntorch.{type(m).__name__}",
         attr_names=attr,
     )
+
+
+def run_library(m: nn.Module, x_seq: torch.Tensor) -> torch.Tensor:
+    """The neuron itself over a (T, ...) sequence, from its reset state (explicit state)."""
+    mem = torch.zeros_like(x_seq[0])
+    syn = torch.zeros_like(x_seq[0])
+    out = []
+    for x in x_seq:
+        if isinstance(m, snn.Synaptic):
+            s, syn, mem = m(x, syn, mem)
+        else:
+            s, mem = m(x, mem)
+        out.append(s)
+    return torch.stack(out)

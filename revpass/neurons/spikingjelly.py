@@ -106,3 +106,11 @@ def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
 
 def step_mode(m: nn.Module) -> str:
     return getattr(m, "step_mode", "s")
+
+
+def run_library(m: nn.Module, x_seq: torch.Tensor) -> torch.Tensor:
+    """The neuron itself over a (T, ...) sequence, from its reset state."""
+    m.reset()
+    if step_mode(m) == "m":
+        return m(x_seq)
+    return torch.stack([m(x) for x in x_seq])
