@@ -93,6 +93,16 @@ def snntorch_init_hidden_conv(beta=0.5):
     )
 
 
+def snntorch_init_hidden_fc(beta=0.95):
+    """snnTorch's fully connected network in the init_hidden=True style."""
+    import snntorch as snn
+
+    return nn.Sequential(
+        nn.Linear(20, 16), snn.Leaky(beta=beta, init_hidden=True),
+        nn.Linear(16, 4), snn.Leaky(beta=beta, init_hidden=True, output=True),
+    )
+
+
 class OverTime(nn.Module):
     """The tutorial's forward_pass loop, as a module: the same input at every step."""
 

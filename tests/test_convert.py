@@ -29,7 +29,9 @@ CASES = [
     ("spiking_vgg11_bn", lambda: models.sj_zoo("spiking_vgg11_bn"), lambda: torch.randn(2, 1, 3, 32, 32), 10, 10, {}),
     ("snntorch_fc", models.SnnTorchFC, lambda: torch.randn(3, 20) * 2, 2, 1, {"lif2": "read by"}),
     ("snntorch_conv", models.SnnTorchConv, lambda: torch.randn(2, 1, 28, 28) * 2, 3, 2, {"lif3": "read by"}),
-    ("snntorch_init_hidden", lambda: models.OverTime(models.snntorch_init_hidden_conv()),
+    ("snntorch_init_hidden_fc", lambda: models.OverTime(models.snntorch_init_hidden_fc()),
+     lambda: torch.randn(3, 20) * 2, 2, 2, {}),
+    ("snntorch_init_hidden_conv", lambda: models.OverTime(models.snntorch_init_hidden_conv()),
      lambda: torch.randn(2, 1, 28, 28) * 2, 3, 3, {}),
     ("norse_sequential", models.norse_sequential, lambda: torch.randn(4, 2, 8) * 4, 2, 2, {}),
     ("norse_cell_loop", models.NorseCellLoop, lambda: torch.randn(4, 2, 8) * 4, 1, 1, {}),
@@ -65,7 +67,13 @@ def test_convert_real_models(name, make, inp, n_sites, n_conv, unchanged):
         assert set(conv.state_dict()) == set(net.state_dict())
         conv.load_state_dict(net.state_dict(), strict=True)
         net.load_state_dict(conv.state_dict(), strict=True)
+        # snnTorch init_hidden neurons are reset before every forward, as the tutorials do
+        # (snntorch.utils.reset); a converted one starts each forward from the reset state
+        per_call_reset = any(getattr(m, "init_hidden", False) for m in net.modules())
+
         def call(m, seed):  # the same dropout masks for every model
+            if per_call_reset and m is net:
+                _reset(m)
             torch.manual_seed(seed)
             return _flat(m(x))
 
