@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn

@@ -176,6 +176,9 @@ def _kept(run: Runner, x: Tensor, module: nn.Module) -> Tuple[Tensor, Dict[str, 
     }
 
 
+CUDA_VARIANTS = ("library", "exact", "reversible_optimized")
+
+
 def _cuda_peak(run: Runner, x: Tensor, g: Tensor, params: Sequence[Tensor]) -> Dict[str, int]:
     """On CUDA: bytes allocated above what existed before the forward (input, parameters, the
     incoming gradient): held at the end of the forward, and the peak over forward and backward
@@ -317,7 +320,7 @@ def bench_one(
 
     g = torch.randn_like(outputs["library"])
     cuda_mem = (
-        {n: _cuda_peak(runs[n], x, g, params) for n in ("library", "exact", "reversible_optimized")}
+        {n: _cuda_peak(runs[n], x, g, params) for n in CUDA_VARIANTS}
         if device.type == "cuda"
         else None
     )
@@ -499,9 +502,9 @@ def render_markdown(
             m, ib = r["cuda_memory"], r["input_bytes"]
             lines.append(
                 f"| {r['id']} | {r['T']} | "
-                + " | ".join(_bytes_cell(m[n]["after_forward"], ib) for n in ("library", "exact", "reversible_optimized"))
+                + " | ".join(_bytes_cell(m[n]["after_forward"], ib) for n in CUDA_VARIANTS)
                 + " | "
-                + " | ".join(_bytes_cell(m[n]["peak_fwd_bwd"], ib) for n in ("library", "exact", "reversible_optimized"))
+                + " | ".join(_bytes_cell(m[n]["peak_fwd_bwd"], ib) for n in CUDA_VARIANTS)
                 + f" | {_ratio(_div(m['library']['after_forward'], m['reversible_optimized']['after_forward']))} |"
             )
         lines += [

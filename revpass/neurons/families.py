@@ -10,15 +10,12 @@ Notation in the VJPs: ``h`` is the membrane before fire and reset, ``s`` the uni
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional
 
 import torch
 
 from revpass.neurons.spec import (
     Family,
-    NeuronSpec,
-    Params,
-    State,
     pin,
     reduce_to,
     register_family,

@@ -90,7 +90,7 @@ class Layout:
 
 
 def _join(parts: List[Optional[Tensor]], dim: int, likes: List[Tensor]) -> Tensor:
-    return torch.cat([p if p is not None else torch.zeros_like(l) for p, l in zip(parts, likes)], dim)
+    return torch.cat([p if p is not None else torch.zeros_like(like) for p, like in zip(parts, likes)], dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +193,8 @@ def reversible_forward(
         R = state_part(L, state0, "r", x0)
         sR, R, recs, _ = run_sequence(spec, L.seq(x, "r"), R, L.params(P, "r"), record=keep)
         L.seq(y, "r").copy_(sR)
-        kept = torch.stack([recs[k] for k in keep]) if T else L.seq(x, "r").new_empty((len(keep),) + L.seq(x, "r").shape)
+        rem = L.seq(x, "r")
+        kept = torch.stack([recs[k] for k in keep]) if T else rem.new_empty((len(keep),) + rem.shape)
     else:
         R = None
         kept = x.new_empty((len(keep),) + L.seq(x, "r").shape)

@@ -9,12 +9,11 @@ final state of one call is the initial state of the next when ``carry_state`` is
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from revpass.errors import UnsupportedNeuronError
 from revpass.neurons import spec_from_module
 from revpass.neurons.spec import NeuronSpec, family_of, run_sequence
 from revpass.nodes import core, ops

@@ -126,14 +126,14 @@ def find_steps(gm: fx.GraphModule) -> List[Step]:
         if not match((sub, "H", ("c", "thr")), shift, b, inner):
             continue
         H, thr = b["H"], b["thr"]
-        for cname, cpat, cbuild in CHARGE:
+        for cname, cpat, _ in CHARGE:
             cb: Dict[str, Any] = {}
             ci: List[fx.Node] = []
             if not match(cpat, H, cb, ci):
                 continue
             found = None
             for cand in _near(s):
-                for rname, rpat, rbuild in RESET:
+                for rname, rpat, _ in RESET:
                     rb: Dict[str, Any] = {"S": s, "H": H}
                     ri: List[fx.Node] = []
                     if match(rpat, cand, rb, ri) and (rname != "soft" or rb["thr"] == thr):
@@ -172,7 +172,9 @@ class PatternSite:
 def _spec_for(first: Step, fn) -> NeuronSpec:
     c = first.consts
     fires_at_zero = bool(fn(torch.zeros(1)).item() == 1)
-    surrogate = Surrogate(f"{fn.revpass_function.__name__} (own derivative)", derivative_from_function(fn), fires_at_zero)
+    surrogate = Surrogate(
+        f"{fn.revpass_function.__name__} (own derivative)", derivative_from_function(fn), fires_at_zero
+    )
     charge = dict(CHARGE_BUILD[first.charge](c))
     reset = dict(RESET_BUILD[first.reset](c))
     r_charge = charge.pop("v_reset_charge", None)

@@ -9,7 +9,7 @@ next call (a membrane that feeds the loss is left alone, with the reason).
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import networkx as nx
 import torch
@@ -84,7 +84,8 @@ def plan_roll(site: Site, g: nx.DiGraph) -> Tuple[bool, str, Dict[str, object]]:
         else:
             prev_items = _getitems(calls[t - 1])
             expected = [prev_items.get(i) for i in range(1, 1 + len(states_in))]
-            flat_in = states_in if not (len(states_in) == 1 and isinstance(states_in[0], (tuple, list))) else list(states_in[0])
+            nested = len(states_in) == 1 and isinstance(states_in[0], (tuple, list))
+            flat_in = list(states_in[0]) if nested else states_in
             if flat_in != expected[: len(flat_in)] and states_in:
                 return False, f"call {t}'s state is not the previous call's state", {}
         if items:

@@ -4,7 +4,7 @@ analytic sequence VJP matches the library's autograd gradients within METHOD.md 
 import pytest
 import torch
 
-from catalogue import CASES, CASE_IDS, close, input_for, worst
+from catalogue import CASES, close, input_for, worst
 from revpass.neurons import family_of, run_sequence, spec_from_module
 
 T = 16
