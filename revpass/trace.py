@@ -227,6 +227,7 @@ def trace(
     has_reset = any(n.op == "call_module" and n.target == _RESET_MARK for n in graph.nodes)
     root = _Root(model, has_reset)
     gm = fx.GraphModule(root, graph, class_name=f"Traced{type(model).__name__}")
+    gm.training = model.training
     if has_reset:
         gm._revpass_reset._owner = weakref.ref(gm)
     return gm
@@ -243,9 +244,7 @@ class _Root(nn.Module):
             self.register_parameter(name, p)
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
-        for k, v in vars(model).items():
-            if not k.startswith("_") and k not in ("training",) and not hasattr(self, k):
-                object.__setattr__(self, k, v)
+        self.train(model.training)
         if with_reset:
             self.add_module(_RESET_MARK, StateReset())
 
