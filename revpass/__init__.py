@@ -23,3 +23,6 @@ __all__ += ["convert"]
 from revpass.verify import verify  # noqa: E402
 
 __all__ += ["verify"]
+from revpass.plan import plan  # noqa: E402
+
+__all__ += ["plan"]

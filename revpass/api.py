@@ -86,6 +86,7 @@ def convert(
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     work = model if inplace else safe_deepcopy(model)
     gm = trace(work, concrete_args=concrete_args, time_steps=_time_steps(example_inputs))
+    before = safe_deepcopy(gm) if example_inputs is not None else None
     shapes = _site_shapes(gm, example_inputs) if example_inputs is not None else {}
     report = ConversionReport(mode=mode, backward=backward)
     g = graph_to_nx(gm.graph)
@@ -137,6 +138,11 @@ def convert(
     if inplace:
         _invalidate_reset_cache(model)
     gm.revpass_report = report
+    if example_inputs is not None:  # node.meta["revpass"]: measured memory, strategy, lifetimes
+        from revpass.passes.annotate import annotate
+
+        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        annotate(gm, inputs, before=before)
     return gm
 
 

@@ -268,6 +268,7 @@ def rewrite_pattern_site(gm: fx.GraphModule, site: PatternSite, node_module) -> 
         stacked = g.call_function(torch.stack, (xs, 0))
     with g.inserting_after(stacked):
         seq = g.call_module(path, (stacked,))
+    seq.meta["revpass_replaces"] = [n.name for st in site.steps for n in [st.spike, *st.inner]]
     with g.inserting_after(seq):
         steps = g.call_function(torch.unbind, (seq, 0))
     prev = steps

@@ -43,6 +43,7 @@ def rewrite_site(gm: fx.GraphModule, site: Site, mode: str, backward: str, plan:
         stacked = g.call_function(torch.stack, ([c.args[0] for c in calls], 0))
     with g.inserting_after(stacked):
         seq = g.call_module(site.path, (stacked,))
+    seq.meta["revpass_replaces"] = [c.name for c in calls]
     with g.inserting_after(seq):
         steps = g.call_function(torch.unbind, (seq, 0))
     prev = steps

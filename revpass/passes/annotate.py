@@ -1,0 +1,126 @@
+"""Memory annotations: what each node of a graph keeps for backward, measured, and for how long.
+
+:func:`measure` runs a GraphModule with a :class:`torch.fx.Interpreter` under
+``saved_tensors_hooks`` and attributes every tensor saved for backward (and still held when the
+forward returns) to the node that saved it, deduplicated by storage over the whole graph: a
+storage kept by several nodes (a reversible node's output, kept again by the conv that reads it)
+counts once, at the first node that keeps it.
+
+:func:`annotate` writes, for every node, ``node.meta["revpass"]`` (and the same dict under
+``node.meta["custom"]["revpass"]``, which torch.export keeps):
+
+    shape, dtype          of the node's output (None for non-tensors)
+    kept_bytes            bytes it keeps for backward, measured on this graph
+    kept_bytes_before     the same on the graph before conversion (the sum over the calls and ops
+                          a rewritten site replaced), when that graph is given
+    strategy, reason      "reversible" | "exact" | "unchanged" for neuron sites, "-" otherwise
+    forward_step          the position of the node in the forward (when its tensors are saved)
+    backward_step         the step of the backward that frees them: autograd runs the nodes'
+                          backwards in reverse order, so it is n_nodes - 1 - forward_step
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import fx
+
+META = "revpass"
+
+
+@dataclass
+class NodeMemory:
+    kept_bytes: int
+    forward_step: int
+    shape: Optional[List[int]]
+    dtype: Optional[str]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.current: Optional[fx.Node] = None
+        self.order: List[fx.Node] = []
+        self.outputs: Dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = n
+        self.order.append(n)
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.outputs[n.name] = (list(out.shape), str(out.dtype).replace("torch.", ""))
+        return out
+
+
+def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, NodeMemory]:
+    """Bytes each node keeps for backward (storage-deduplicated over the graph), by node name."""
+    from revpass.trace import reset_states
+
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    reset_states(gm)
+    rec = _Recorder(gm)
+    excluded = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers()) if t.numel()}
+    excluded |= {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor) and x.numel()}
+    seen = []
+
+    def pack(t: torch.Tensor):
+        if t.numel() and t.device.type != "meta":
+            st = t.untyped_storage()
+            if st.data_ptr() not in excluded:
+                seen.append((weakref.ref(t), st.data_ptr(), st.nbytes(), rec.current))
+        return t
+
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+              for x in inputs]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = rec.run(*leaves)
+    kept: Dict[str, int] = {}
+    owner: Dict[int, str] = {}
+    for ref, ptr, nbytes, node in seen:
+        if ref() is None or node is None or ptr in owner:
+            continue  # freed before the forward returned, or already counted (shared storage)
+        owner[ptr] = node.name
+        kept[node.name] = kept.get(node.name, 0) + nbytes
+    del out
+    reset_states(gm)
+    result = {}
+    for i, n in enumerate(rec.order):
+        shape, dtype = rec.outputs.get(n.name, (None, None))
+        result[n.name] = NodeMemory(kept.get(n.name, 0), i, shape, dtype)
+    return result
+
+
+def annotate(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    before: Optional[fx.GraphModule] = None,
+) -> Dict[str, NodeMemory]:
+    """Write node.meta["revpass"] on every node of ``gm`` (see the module docstring)."""
+    after = measure(gm, example_inputs)
+    prior = measure(before, example_inputs) if before is not None else None
+    report = getattr(gm, "revpass_report", None)
+    rows = {r.path: r for r in report} if report is not None else {}
+    n_steps = len(after)
+    for n in gm.graph.nodes:
+        m = after.get(n.name)
+        info: Dict[str, Any] = {
+            "shape": m.shape if m else None,
+            "dtype": m.dtype if m else None,
+            "kept_bytes": m.kept_bytes if m else 0,
+            "strategy": "-",
+            "reason": "",
+            "forward_step": m.forward_step if m else None,
+            "backward_step": (n_steps - 1 - m.forward_step) if m else None,
+        }
+        if prior is not None:
+            replaced = n.meta.get("revpass_replaces", [n.name])
+            info["kept_bytes_before"] = sum(prior[r].kept_bytes for r in replaced if r in prior)
+        if n.op == "call_module" and n.target in rows:
+            info["strategy"] = rows[n.target].decision
+            info["reason"] = rows[n.target].reason
+        n.meta[META] = info
+        n.meta.setdefault("custom", {})[META] = dict(info)
+    return after

@@ -1,0 +1,57 @@
+"""Memory annotations and revpass.plan: measured, deduplicated over the graph, consistent."""
+
+import math
+
+import torch
+
+import models
+import revpass
+from revpass.memory import saved_bytes
+from revpass.trace import reset_states
+
+
+def _whole_model_kept(model, x):
+    reset_states(model)
+    xx = x.detach().requires_grad_(True)
+    exclude = [xx, *model.parameters(), *model.buffers()]
+    _, rep = saved_bytes(lambda: model(xx), exclude=exclude)
+    reset_states(model)
+    return rep.total
+
+
+def test_annotations_on_every_node_add_up_to_the_whole_graph():
+    net = models.sj_zoo("spiking_resnet18")
+    x = torch.randn(4, 2, 3, 32, 32)
+    conv = revpass.convert(net, x)
+    keys = {"shape", "dtype", "kept_bytes", "kept_bytes_before", "strategy", "reason", "forward_step", "backward_step"}
+    infos = []
+    for n in conv.graph.nodes:
+        info = n.meta["revpass"]
+        assert set(info) == keys
+        assert n.meta["custom"]["revpass"] == info  # survives torch.export
+        infos.append(info)
+    steps = [i["forward_step"] for i in infos if i["forward_step"] is not None]
+    assert all(i["backward_step"] == len(steps) - 1 - i["forward_step"] for i in infos if i["forward_step"] is not None)
+    # measured per node, deduplicated over the graph: the parts sum to the whole
+    assert sum(i["kept_bytes"] for i in infos) == _whole_model_kept(conv, x)
+    assert sum(i["kept_bytes_before"] for i in infos) == _whole_model_kept(net, x)
+    # a reversible LIF site keeps its output and F's bits (1 bit per element of half the channels)
+    sn1 = next(n for n in conv.graph.nodes if n.target == "sn1")
+    info = sn1.meta["revpass"]
+    numel = math.prod(info["shape"])
+    assert info["strategy"] == "reversible" and "multi-step" in info["reason"]
+    T = info["shape"][0]
+    assert info["kept_bytes"] == numel * 4 + T * math.ceil(numel // T // 2 / 8)
+    assert info["kept_bytes_before"] == 3 * numel * 4  # LIFNode, hard reset: 3 floats per element
+
+
+def test_plan_does_not_convert_the_model_and_sorts_by_savings():
+    net = models.SnnTorchConv()
+    x = torch.randn(2, 1, 28, 28) * 2
+    p = revpass.plan(net, x)
+    assert not any(isinstance(m, (revpass.ReversibleNode, revpass.ExactNode)) for m in net.modules())
+    assert p.kept_before == _whole_model_kept(net, x)
+    assert p.kept_after < p.kept_before
+    saved = [r.saved for r in p.rows]
+    assert saved == sorted(saved, reverse=True)
+    assert "memory plan" in str(p) and p.rows[0].node in str(p)
