@@ -26,3 +26,6 @@ __all__ += ["verify"]
 from revpass.plan import plan  # noqa: E402
 
 __all__ += ["plan"]
+from revpass.planner import BudgetError  # noqa: E402
+
+__all__ += ["BudgetError"]

@@ -63,6 +63,8 @@ def convert(
     exclude: Optional[Union[str, Iterable[str]]] = None,
     inplace: bool = False,
     concrete_args: Optional[dict] = None,
+    budget: Optional[Union[int, str]] = None,
+    _modes: Optional[dict] = None,
 ) -> fx.GraphModule:
     """Convert the spiking neurons of ``model`` into revpass nodes.
 
@@ -75,6 +77,11 @@ def convert(
         backward: ``"optimized"``, ``"recompute"`` or ``"autograd"`` (see ReversibleNode).
         include, exclude: module-path patterns (fnmatch) selecting the sites to convert.
         inplace: convert ``model``'s own modules instead of a copy.
+        budget: bytes of activations kept for backward at the end of the forward, or ``"min"``:
+            the planner (revpass/planner.py) chooses for each site between unchanged, exact and
+            reversible to fit it at the least extra compute (needs ``example_inputs``); ``mode``
+            is then ignored. A budget that cannot be met raises ``BudgetError`` with the smallest
+            reachable figure.
 
     Returns:
         A ``torch.fx.GraphModule`` that runs, trains and resets like the original, with
@@ -84,6 +91,13 @@ def convert(
         raise ValueError(f"convert: mode must be one of {MODES}, got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    if budget is not None:
+        from revpass.planner import convert_within
+
+        return convert_within(model, example_inputs, budget, backward=backward, include=include,
+                              exclude=exclude, inplace=inplace, concrete_args=concrete_args)
+    planned = _modes or {}
+    mode_of = (lambda path: mode) if _modes is None else (lambda path: planned.get(path, (None, ""))[0])
     work = model if inplace else safe_deepcopy(model)
     gm = trace(work, concrete_args=concrete_args, time_steps=_time_steps(example_inputs))
     before = safe_deepcopy(gm) if example_inputs is not None else None
@@ -97,8 +111,10 @@ def convert(
             pass
         elif not ok:
             site.reason = why
+        elif mode_of(site.path) is None:
+            site.reason = planned.get(site.path, (None, "left by the planner"))[1]
         elif site.kind == "a":
-            site.decision = mode
+            site.decision = mode_of(site.path)
             site.reason = "multi-step neuron: one node over (T, ...)"
         elif len(site.calls) == 1 and getattr(site.module, "init_hidden", False):
             site.reason = (
@@ -109,7 +125,7 @@ def convert(
         else:
             roll_ok, why, plan = plan_roll(site, g)
             if roll_ok:
-                site.decision = mode
+                site.decision = mode_of(site.path)
                 site.reason = f"{len(site.calls)} single-step calls rolled into one sequence node"
                 if getattr(site.module, "init_hidden", False):
                     site.reason += " (starting each forward from the reset state, as after snntorch.utils.reset)"
@@ -117,7 +133,9 @@ def convert(
             else:
                 site.reason = why
         if site.decision != "unchanged":
-            rewrite_site(gm, site, mode, backward, site.details.get("plan", {}))
+            if site.path in planned:
+                site.reason += f"; planner: {planned[site.path][1]}"
+            rewrite_site(gm, site, site.decision, backward, site.details.get("plan", {}))
             g = graph_to_nx(gm.graph)
             if inplace:  # the user's model gets the same node at the same path
                 _set_module(model, site.path, gm.get_submodule(site.path))
@@ -126,9 +144,10 @@ def convert(
         )
         if site.decision != "unchanged" and site.shape is not None and site.shape and len(site.shape) >= 3:
             C = site.shape[2]
-            if mode == "reversible" and C % 2:
+            if site.decision == "reversible" and C % 2:
                 report.rows[-1].reason += f"; {C} channels: the unpaired one runs through the exact node"
-    _convert_patterns(gm, report, shapes, mode, backward, include, exclude, model if inplace else None)
+    _convert_patterns(gm, report, shapes, mode_of, planned, backward, include, exclude,
+                      model if inplace else None)
     for n in list(gm.graph.nodes):  # fresh states of rolled snnTorch calls, now unused
         if n.op == "call_function" and n.target is torch.zeros and not n.users:
             gm.graph.erase_node(n)
@@ -153,7 +172,7 @@ def _time_steps(example_inputs) -> Optional[int]:
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else None
 
 
-def _convert_patterns(gm, report, shapes, mode, backward, include, exclude, user_model) -> None:
+def _convert_patterns(gm, report, shapes, mode_of, planned, backward, include, exclude, user_model) -> None:
     """Kind c: hand-written neurons traced into primitive ops (revpass/passes/patterns.py)."""
     from revpass.passes.patterns import find_pattern_sites, rewrite_pattern_site
     from revpass.passes.rewrite import NODE_CLASSES
@@ -162,8 +181,11 @@ def _convert_patterns(gm, report, shapes, mode, backward, include, exclude, user
         shape = shapes.get(ps.steps[0].X.name)
         decision, reason, path = "unchanged", ps.reason, ps.path
         ok, why = _selected(ps.path, include, exclude)
+        mode = mode_of(ps.path)
         if ps.spec is not None and not ok:
             reason = why
+        elif ps.spec is not None and mode is None:
+            reason = planned.get(ps.path, (None, "left by the planner"))[1]
         elif ps.spec is not None:
             node = NODE_CLASSES[mode](ps.spec, backward=backward, step_mode="m", carry_state=False, name=ps.path)
             path = rewrite_pattern_site(gm, ps, node)
