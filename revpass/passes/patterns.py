@@ -250,7 +250,7 @@ def find_pattern_sites(gm: fx.GraphModule, g: nx.DiGraph) -> List[PatternSite]:
 
 def rewrite_pattern_site(gm: fx.GraphModule, site: PatternSite, node_module) -> str:
     """Replace the chain's ops by stack -> node -> unbind; returns the node's module path."""
-    from revpass.passes.rewrite import _position, _set_module, topo_sort
+    from revpass.passes.rewrite import _position, _set_module, insert_sequence_node, topo_sort
 
     path = site.path
     try:
@@ -262,21 +262,10 @@ def rewrite_pattern_site(gm: fx.GraphModule, site: PatternSite, node_module) -> 
         path = f"{path}_revpass"
     _set_module(gm, path, node_module)
     g = gm.graph
-    xs = [st.X for st in site.steps]
-    last = max(xs, key=_position(g))
-    with g.inserting_after(last):
-        stacked = g.call_function(torch.stack, (xs, 0))
-    with g.inserting_after(stacked):
-        seq = g.call_module(path, (stacked,))
-    seq.meta["revpass_replaces"] = [n.name for st in site.steps for n in [st.spike, *st.inner]]
-    with g.inserting_after(seq):
-        steps = g.call_function(torch.unbind, (seq, 0))
-    prev = steps
     internal = {st.spike for st in site.steps} | {n for st in site.steps for n in st.inner}
-    for t, st in enumerate(site.steps):
-        with g.inserting_after(prev):
-            item = g.call_function(operator.getitem, (steps, t))
-        prev = item
+    items = insert_sequence_node(g, path, [st.X for st in site.steps],
+                                 [n.name for st in site.steps for n in [st.spike, *st.inner]])
+    for st, item in zip(site.steps, items):
         st.spike.replace_all_uses_with(item, delete_user_cb=lambda u: u not in internal)
     pos = _position(g)
     for n in sorted(internal, key=pos, reverse=True):

@@ -26,31 +26,36 @@ def _set_module(gm: fx.GraphModule, path: str, module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def rewrite_site(gm: fx.GraphModule, site: Site, mode: str, backward: str, plan: Dict) -> None:
-    cls = NODE_CLASSES[mode]
-    if site.kind == "a":
-        node = cls.from_neuron(site.module, name=site.path, backward=backward, step_mode="m")
-        if site.spec.family in ("norse_lif", "norse_lif_box"):
-            node.return_state = True  # norse returns (spikes, state)
-        _set_module(gm, site.path, node)
-        return
-    node = cls.from_neuron(site.module, name=site.path, backward=backward, step_mode="m")
-    _set_module(gm, site.path, node)
-    g = gm.graph
-    calls: List[fx.Node] = site.calls
-    last_input = max((c.args[0] for c in calls), key=_position(g))
-    with g.inserting_after(last_input):
-        stacked = g.call_function(torch.stack, ([c.args[0] for c in calls], 0))
+def insert_sequence_node(g: fx.Graph, path: str, xs: List[fx.Node], replaces: List[str]):
+    """``stack(xs) -> call_module(path) -> unbind``, placed after the last of ``xs``; returns the
+    per-step output nodes. ``replaces`` names the nodes it stands for (memory annotations)."""
+    last = max(xs, key=_position(g))
+    with g.inserting_after(last):
+        stacked = g.call_function(torch.stack, (list(xs), 0))
     with g.inserting_after(stacked):
-        seq = g.call_module(site.path, (stacked,))
-    seq.meta["revpass_replaces"] = [c.name for c in calls]
+        seq = g.call_module(path, (stacked,))
+    seq.meta["revpass_replaces"] = list(replaces)
     with g.inserting_after(seq):
         steps = g.call_function(torch.unbind, (seq, 0))
-    prev = steps
-    for t, spike in enumerate(plan["spikes"]):
+    items, prev = [], steps
+    for t in range(len(xs)):
         with g.inserting_after(prev):
-            item = g.call_function(operator.getitem, (steps, t))
-        prev = item
+            prev = g.call_function(operator.getitem, (steps, t))
+        items.append(prev)
+    return items
+
+
+def rewrite_site(gm: fx.GraphModule, site: Site, mode: str, backward: str, plan: Dict) -> None:
+    node = NODE_CLASSES[mode].from_neuron(site.module, name=site.path, backward=backward, step_mode="m")
+    if site.kind == "a" and site.spec.family in ("norse_lif", "norse_lif_box"):
+        node.return_state = True  # norse returns (spikes, state)
+    _set_module(gm, site.path, node)
+    if site.kind == "a":
+        return
+    g = gm.graph
+    calls: List[fx.Node] = site.calls
+    items = insert_sequence_node(g, site.path, [c.args[0] for c in calls], [c.name for c in calls])
+    for spike, item in zip(plan["spikes"], items):
         if spike is not None:
             spike.replace_all_uses_with(item)
     # the old calls and their tuple items: only they use each other now; users go first

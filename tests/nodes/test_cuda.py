@@ -52,3 +52,19 @@ def test_cuda_bytes_kept():
     node = revpass.ReversibleNode.from_neuron(lif, carry_state=False)
     y, rep = saved_bytes(lambda: node(x), exclude=[x], output_of=lambda y: [y])
     assert rep.total_without_output * 64 == x.numel() * 4
+
+
+def test_cuda_convert_spiking_resnet18():
+    import models
+
+    net = models.sj_zoo("spiking_resnet18").cuda()
+    x = torch.randn(4, 2, 3, 32, 32, device="cuda")
+    exact = revpass.convert(net, x, mode="exact")
+    from revpass.trace import reset_states
+
+    reset_states(net)
+    assert torch.equal(exact(x), net(x))
+    rev = revpass.convert(net, x)
+    assert rev.revpass_report.count("reversible") == 17
+    assert revpass.verify(net, rev, x).passed
+    assert revpass.verify(net, exact, x).passed
