@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 STAMP := $(VENV)/.revpass-installed
 
-.PHONY: venv demo test bench-nodes bench-convert clean
+.PHONY: venv demo test bench-nodes bench-convert bench-memory clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench-nodes: $(STAMP)
 
 bench-convert: $(STAMP)
 	$(VPY) tools/bench_convert.py
+
+bench-memory: $(STAMP)
+	$(PIP) install -q matplotlib
+	$(VPY) tools/bench_memory.py
 
 clean:
 	rm -rf $(VENV) bench_out

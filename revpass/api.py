@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import gc
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -100,8 +101,10 @@ def convert(
     mode_of = (lambda path: mode) if _modes is None else (lambda path: planned.get(path, (None, ""))[0])
     work = model if inplace else safe_deepcopy(model)
     gm = trace(work, concrete_args=concrete_args, time_steps=_time_steps(example_inputs))
+    # one untouched copy of the traced graph: shapes from one run of it, and, later, the memory
+    # it keeps ("before" conversion)
     before = safe_deepcopy(gm) if example_inputs is not None else None
-    shapes = _site_shapes(gm, example_inputs) if example_inputs is not None else {}
+    shapes = _site_shapes(before, example_inputs) if example_inputs is not None else {}
     report = ConversionReport(mode=mode, backward=backward)
     g = graph_to_nx(gm.graph)
     for site in find_sites(gm):
@@ -162,6 +165,8 @@ def convert(
 
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         annotate(gm, inputs, before=before)
+        del before
+        gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
     return gm
 
 
@@ -216,11 +221,12 @@ def _site_shapes(gm: fx.GraphModule, example_inputs) -> dict:
     from torch.fx.passes.shape_prop import ShapeProp
 
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    probe = safe_deepcopy(gm)
+    probe = gm
     reset_states(probe)
     shapes = {}
     with torch.no_grad():
         ShapeProp(probe).propagate(*inputs)
+    reset_states(probe)
     for n in probe.graph.nodes:
         meta = n.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):

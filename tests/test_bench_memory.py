@@ -1,0 +1,23 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_memory_quick(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_memory.py"), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "bench_memory.json").read_text())
+    (row,) = data["results"]
+    v = row["variants"]
+    assert set(v) >= {"original", "exact", "reversible", "planner-min"}
+    # bytes kept: exact < original (one float per element instead of three), reversible < exact
+    assert v["reversible"]["kept_bytes"] < v["exact"]["kept_bytes"] < v["original"]["kept_bytes"]
+    assert v["planner-min"]["kept_bytes"] <= v["reversible"]["kept_bytes"]
+    # a measured peak exists for every variant and the conversions lower it
+    assert all(d["peak_bytes"] > 0 for d in v.values())
+    assert v["reversible"]["peak_bytes"] < v["original"]["peak_bytes"]
+    assert "| spiking_resnet18 | 4 | reversible |" in (tmp_path / "bench_memory.md").read_text()

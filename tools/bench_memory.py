@@ -1,0 +1,259 @@
+"""Model memory side by side: the original, revpass exact, reversible and planner "min", and
+SpikingJelly's memopt (optimize_memory, level 1), on the SpikingJelly zoo's spiking_resnet18 and
+spiking_vgg11_bn and the snnTorch convolutional tutorial network, at several T, in one run.
+
+    .venv/bin/python tools/bench_memory.py [--T 4 8 16 32] [--batch 2] [--repeat 3] [--quick]
+
+For each model, T and variant: bytes kept for backward at the end of the forward
+(revpass.memory.saved_bytes over the whole model), the measured peak of a training step
+(MemTracker on the CPU: its peak minus parameters, gradients, buffers and optimizer state, i.e.
+activations plus temporaries, so that recompute buffers count), and the training-step time.
+Writes bench_out/bench_memory.{json,md} and, with matplotlib, bench_out/bench_memory.png
+(memory against T). Targets (issue #4) are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import revpass  # noqa: E402
+from revpass.memory import saved_bytes  # noqa: E402
+from revpass.trace import reset_states  # noqa: E402
+
+VARIANTS = ("original", "exact", "reversible", "planner-min", "memopt-L1")
+
+
+def _models(T: int, batch: int):
+    import models  # tests/models.py: the zoo and tutorial networks as the tests build them
+
+    return {
+        "spiking_resnet18": (lambda: models.sj_zoo("spiking_resnet18"), torch.randn(T, batch, 3, 32, 32)),
+        "spiking_vgg11_bn": (lambda: models.sj_zoo("spiking_vgg11_bn"), torch.randn(T, batch, 3, 32, 32)),
+        "snntorch_conv": (lambda: models.SnnTorchConv(num_steps=T, batch_size=batch * 4),
+                          torch.randn(batch * 4, 1, 28, 28) * 2),
+    }
+
+
+def _memopt(net: nn.Module, x: torch.Tensor) -> Optional[nn.Module]:
+    """SpikingJelly's memopt at level 1 on its own models (selective checkpointing of blocks)."""
+    try:
+        from spikingjelly.activation_based.memopt.pipeline import optimize_memory
+        from spikingjelly.activation_based.model import spiking_resnet, spiking_vgg
+    except ImportError:
+        return None
+    targets = (spiking_resnet.BasicBlock, spiking_resnet.Bottleneck, nn.Sequential)
+    if not isinstance(net, (spiking_resnet.SpikingResNet, spiking_vgg.SpikingVGG)):
+        return None
+
+    def example(m):
+        reset_states(m)
+        return m(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optimize_memory(net, targets, example, level=1)
+
+
+def _variant(name: str, make, x) -> Optional[nn.Module]:
+    net = make()
+    if name == "original":
+        return net
+    if name == "exact":
+        return revpass.convert(net, x, mode="exact")
+    if name == "reversible":
+        return revpass.convert(net, x)
+    if name == "planner-min":
+        return revpass.convert(net, x, budget="min")
+    return _memopt(net, x)
+
+
+def _loss(out):
+    return sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out]))
+
+
+def _kept(model: nn.Module, x: torch.Tensor) -> int:
+    reset_states(model)
+    _, rep = saved_bytes(lambda: model(x), exclude=[x, *model.parameters(), *model.buffers()])
+    reset_states(model)
+    return rep.total
+
+
+def _peak(model: nn.Module, x: torch.Tensor) -> int:
+    """MemTracker's peak of one training step, less parameters, gradients, buffers, optimizer."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    reset_states(model)
+    model.zero_grad(set_to_none=True)
+    mt = MemTracker()
+    mt.track_external(model)
+    with mt:
+        _loss(model(x)).backward()
+    snap = mt.get_tracker_snapshot("peak")
+    model.zero_grad(set_to_none=True)
+    total = 0
+    for dev in snap.values():
+        parts = {str(k).split(".")[-1]: v for k, v in dev.items()}
+        total += parts["Total"] - sum(parts.get(k, 0) for k in ("PARAM", "GRAD", "BUFFER", "OPT"))
+    return total
+
+
+def _step_time(model: nn.Module, x: torch.Tensor, repeat: int) -> float:
+    times = []
+    for i in range(repeat + 1):
+        reset_states(model)
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        _loss(model(x)).backward()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--T", type=int, nargs="+", default=[4, 8, 16, 32])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--quick", action="store_true", help="T=4, one model, one timed run")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # MODEL:T, one row as JSON
+    a = ap.parse_args(argv)
+    if a.job:
+        mname, T = a.job.split(":")
+        print(json.dumps(_row(mname, int(T), a.batch, a.repeat)))
+        return 0
+    if a.quick:
+        a.T, a.repeat, a.models = [4], 1, a.models or ["spiking_resnet18"]
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.manual_seed(0)
+    results: List[Dict[str, Any]] = []
+    jobs = [(m, T) for T in a.T for m in _models(T, a.batch) if a.models is None or m in a.models]
+    for i, (mname, T) in enumerate(jobs, 1):
+        # each model and T in a process of its own: memory the allocator keeps from one row does
+        # not pile up into the next (spiking_vgg11_bn at T=32 would not fit in 24 GiB otherwise)
+        proc = subprocess.run([sys.executable, __file__, "--job", f"{mname}:{T}", "--batch", str(a.batch),
+                               "--repeat", str(a.repeat)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"[{i}/{len(jobs)}] {mname} T={T}: FAILED (exit {proc.returncode}): "
+                  f"{proc.stderr.strip().splitlines()[-1:] or 'killed'}", file=sys.stderr, flush=True)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(row)
+        o = row["variants"]["original"]
+        print(f"[{i}/{len(jobs)}] {mname} T={T}: peak original {o['peak_bytes'] / 2**20:.2f} MiB, "
+              + ", ".join(f"{v} {o['peak_bytes'] / d['peak_bytes']:.2f}x" for v, d in row["variants"].items()
+                          if v != "original"), file=sys.stderr, flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    targets = _targets(results)
+    meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "batch": a.batch,
+            "repeat": a.repeat}
+    (a.out / "bench_memory.json").write_text(json.dumps({"meta": meta, "results": results,
+                                                         "targets": targets}, indent=2))
+    md = _markdown(results, targets, meta)
+    (a.out / "bench_memory.md").write_text(md)
+    print(md)
+    _plot(results, a.out / "bench_memory.png")
+    return 0 if results else 1
+
+
+def _row(mname: str, T: int, batch: int, repeat: int) -> Dict[str, Any]:
+    torch.manual_seed(0)
+    make, x = _models(T, batch)[mname]
+    row: Dict[str, Any] = {"model": mname, "T": T, "input": list(x.shape), "variants": {}}
+    for v in VARIANTS:
+        model = _variant(v, make, x)
+        if model is None:
+            continue
+        row["variants"][v] = {"kept_bytes": _kept(model, x), "peak_bytes": _peak(model, x),
+                              "step_s": _step_time(model, x, repeat)}
+        del model
+        gc.collect()  # graph modules hold reference cycles; free each variant before the next
+    return row
+
+
+def _targets(results) -> List[Dict[str, Any]]:
+    out = []
+    for r in results:
+        if r["model"] != "spiking_resnet18" or r["T"] != 4:
+            continue
+        v = r["variants"]
+        o = v["original"]
+
+        def ratio(name, v=v, o=o):
+            return o["peak_bytes"] / v[name]["peak_bytes"] if name in v else float("nan")
+
+        out.append({"target": "reversible >= 2.5x lower measured peak", "value": ratio("reversible"),
+                    "pass": ratio("reversible") >= 2.5})
+        out.append({"target": "planner 'min' >= 8x lower measured peak", "value": ratio("planner-min"),
+                    "pass": ratio("planner-min") >= 8})
+        t = v["planner-min"]["step_s"] / o["step_s"]
+        out.append({"target": "planner 'min' step time <= 1.25x the original's", "value": t, "pass": t <= 1.25})
+        if "memopt-L1" in v:
+            out.append({"target": "reversible at least as good as memopt level 1", "value": ratio("reversible")
+                        / ratio("memopt-L1"), "pass": ratio("reversible") >= ratio("memopt-L1")})
+    return out
+
+
+def _markdown(results, targets, meta) -> str:
+    lines = ["# revpass model memory", "",
+             f"CPU, torch {meta['torch']}, batch {meta['batch']}, median of {meta['repeat']} training steps; "
+             f"{meta['date']}. Peak: MemTracker's peak minus parameters, gradients, buffers and optimizer "
+             "state. Ratios: original / variant.", "",
+             "| model | T | variant | kept for backward | measured peak | step time | peak ratio | time ratio |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        o = r["variants"]["original"]
+        for v, d in r["variants"].items():
+            lines.append(f"| {r['model']} | {r['T']} | {v} | {d['kept_bytes'] / 2**20:.2f} MiB | "
+                         f"{d['peak_bytes'] / 2**20:.2f} MiB | {d['step_s'] * 1e3:.0f} ms | "
+                         f"{o['peak_bytes'] / d['peak_bytes']:.2f}x | {d['step_s'] / o['step_s']:.2f}x |")
+    lines += ["", "## Targets (spiking_resnet18, T=4; reported, not asserted)", ""]
+    lines += [f"- {'PASS' if t['pass'] else 'MISS'} {t['target']}: {t['value']:.2f}" for t in targets]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench_memory: matplotlib not installed, no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    models = sorted({r["model"] for r in results})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = sorted((r for r in results if r["model"] == m), key=lambda r: r["T"])
+        for v in VARIANTS:
+            pts = [(r["T"], r["variants"][v]["peak_bytes"] / 2**20) for r in rows if v in r["variants"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=v)
+        ax.set_title(m)
+        ax.set_xlabel("T (time steps)")
+        ax.set_ylabel("measured peak, MiB (activations + temporaries)")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"bench_memory: wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
