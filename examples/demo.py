@@ -35,7 +35,8 @@ def main(argv=None):
     net = build()
     img = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
     x = img.unsqueeze(0).repeat(args.T, 1, 1, 1, 1)  # direct encoding: the image at every step
-    print(f"revpass {revpass.__version__}: SpikingJelly spiking_resnet18 (LIFNode, multi-step), input {tuple(x.shape)}\n")
+    print(f"revpass {revpass.__version__}: SpikingJelly spiking_resnet18 (LIFNode, multi-step), "
+          f"input {tuple(x.shape)}\n")
 
     exact = revpass.convert(net, x, mode="exact")
     reversible = revpass.convert(net, x, mode="reversible")
