@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
+import torch
 from torch import nn
 
 
@@ -26,12 +28,15 @@ class PlanRow:
 @dataclass
 class MemoryPlan:
     """Activation bytes kept for backward at the end of the forward, before and after conversion
-    (measured: revpass.passes.annotate), and a per-node table sorted by savings."""
+    (measured: revpass.passes.annotate), the estimated peak of a training step before and after
+    (:func:`estimate_peak`), and a per-node table sorted by savings."""
 
     mode: str
     kept_before: int
     kept_after: int
     rows: List[PlanRow] = field(default_factory=list)
+    peak_before: Optional[int] = None
+    peak_after: Optional[int] = None
 
     @property
     def ratio(self) -> float:
@@ -43,7 +48,9 @@ class MemoryPlan:
 
         lines = [
             f"revpass memory plan (mode={self.mode!r}): activations kept for backward at the end of the "
-            f"forward {mib(self.kept_before)} -> {mib(self.kept_after)} ({self.ratio:.2f}x less)",
+            f"forward {mib(self.kept_before)} -> {mib(self.kept_after)} ({self.ratio:.2f}x less)"
+            + (f"; estimated peak of a training step (activations and temporaries) {mib(self.peak_before)}"
+               f" -> {mib(self.peak_after)}" if self.peak_before is not None else ""),
             f"{'node':<24} {'module':<20} {'strategy':<11} {'before':>12} {'after':>12} {'saved':>12}  "
             "fwd step  freed at bwd step",
         ]
@@ -65,7 +72,75 @@ def plan(model: nn.Module, example_inputs: Sequence[Any], *, mode: str = "revers
     if kwargs.get("inplace"):
         raise ValueError("plan never converts in place; call revpass.convert(..., inplace=True) for that")
     conv = convert(model, example_inputs, mode=mode, **kwargs)
-    return plan_of(conv, mode)
+    result = plan_of(conv, mode)
+    same = convert(model, example_inputs, exclude="*")  # traced and annotated, nothing converted
+    result.peak_before, result.peak_after = estimate_peak(same), estimate_peak(conv)
+    return result
+
+
+def _bytes(info) -> int:
+    shape = info.get("shape") if info else None
+    if not shape:
+        return 0
+    itemsize = torch.empty((), dtype=getattr(torch, info["dtype"])).element_size()
+    return math.prod(shape) * itemsize
+
+
+def estimate_peak(gm) -> int:
+    """Estimated peak of one training step's memory beyond parameters, gradients, buffers and
+    optimizer state (activations plus temporaries), from an annotated GraphModule, without running
+    a backward. The model of a training step:
+
+    * at the end of the forward, every node's kept bytes are held, and each stateful neuron keeps
+      its final state (one step of its output);
+    * the backward visits the nodes in reverse; at a node it holds the gradients of its output
+      and inputs, and the gradients of values with several readers accumulate until their
+      producer is reached; after it, the node's kept bytes are freed and its module's parameter
+      gradients exist;
+    * the peak is where parameters' gradients plus held activations and temporaries are largest
+      (deep layers hold most parameters, early ones most activations); the figure is the
+      activations and temporaries there, which is what MemTracker's peak less parameters,
+      gradients, buffers and optimizer state measures.
+    """
+    from revpass.neurons import is_neuron
+    from revpass.nodes.modules import _Node
+
+    nodes = sorted((n for n in gm.graph.nodes if n.meta.get("revpass", {}).get("forward_step") is not None),
+                   key=lambda n: n.meta["revpass"]["forward_step"])
+    kept = {n: n.meta["revpass"]["kept_bytes"] for n in nodes}
+    held = sum(kept.values())
+    stateful = set()
+    for n in nodes:
+        if n.op == "call_module" and n.target not in stateful:
+            m = gm.get_submodule(n.target)
+            carries = m.carry_state if isinstance(m, _Node) else is_neuron(m)
+            shape = n.meta["revpass"]["shape"]
+            if carries and shape:
+                stateful.add(n.target)
+                held += _bytes(n.meta["revpass"]) // shape[0]  # one step of its output
+    grads = 0
+    best_total, best = held, held
+    seen = set()
+    pending = {}  # gradients of multi-reader values, accumulating until their producer runs
+    for n in reversed(nodes):
+        info = n.meta["revpass"]
+        pending.pop(n, None)
+        inputs = [a for a in n.all_input_nodes if a.meta.get("revpass", {}).get("shape")]
+        temp = 0
+        if kept[n] or n.op == "call_module":
+            temp = _bytes(info) + sum(_bytes(a.meta["revpass"]) for a in inputs)
+        temp += sum(pending.values())
+        for a in inputs:
+            if len(a.users) > 1:
+                pending[a] = _bytes(a.meta["revpass"])
+        if n.op == "call_module" and n.target not in seen:
+            seen.add(n.target)
+            grads += sum(p.numel() * p.element_size() for p in gm.get_submodule(n.target).parameters()
+                         if p.requires_grad)
+        if grads + held + temp > best_total:
+            best_total, best = grads + held + temp, held + temp
+        held -= kept[n]
+    return best
 
 
 def plan_of(converted, mode: str) -> MemoryPlan:

@@ -55,3 +55,38 @@ def test_plan_does_not_convert_the_model_and_sorts_by_savings():
     saved = [r.saved for r in p.rows]
     assert saved == sorted(saved, reverse=True)
     assert "memory plan" in str(p) and p.rows[0].node in str(p)
+
+
+def _measured_peak(model, x):
+    """MemTracker's peak of a training step, less parameters, gradients, buffers, optimizer."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    reset_states(model)
+    model.zero_grad(set_to_none=True)
+    mt = MemTracker()
+    mt.track_external(model)
+    with mt:
+        out = model(x)
+        loss = sum(o.sum() for o in (out if isinstance(out, (tuple, list)) else [out]))
+        loss.backward()
+    (dev,) = mt.get_tracker_snapshot("peak").values()
+    parts = {str(k).split(".")[-1]: v for k, v in dev.items()}
+    model.zero_grad(set_to_none=True)
+    return parts["Total"] - sum(parts[k] for k in ("PARAM", "GRAD", "BUFFER", "OPT"))
+
+
+def test_peak_estimate_agrees_with_memtracker_within_10_percent():
+    from revpass.plan import estimate_peak
+
+    cases = [
+        (lambda: models.sj_zoo("spiking_resnet18"), torch.randn(4, 2, 3, 32, 32)),
+        (lambda: models.SnnTorchConv(num_steps=4, batch_size=8), torch.randn(8, 1, 28, 28) * 2),
+    ]
+    for make, x in cases:
+        net = make()
+        for kwargs in ({"exclude": "*"}, {"mode": "exact"}, {"mode": "reversible"}):
+            gm = revpass.convert(net, x, **kwargs)
+            est, meas = estimate_peak(gm), _measured_peak(gm, x)
+            assert abs(est - meas) <= 0.10 * meas, (type(net).__name__, kwargs, est, meas)
+    p = revpass.plan(net, x)
+    assert p.peak_before is not None and p.peak_after < p.peak_before
