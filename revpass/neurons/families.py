@@ -71,7 +71,6 @@ class SpikingJellyFamily(Family):
     """
 
     name = "spikingjelly"
-    state_names = ("v",)
     public_state = ("v",)
 
     def prepare(self, spec, P):
@@ -381,7 +380,6 @@ class NorseLIFFamily(Family):
     """
 
     name = "norse_lif"
-    state_names = ("v", "i")
     public_state = ("v", "i")
 
     def init_state(self, spec, x0, P):
@@ -431,7 +429,6 @@ class NorseLIFBoxFamily(Family):
     """norse lif_box_feed_forward_step: state v only; reset to a value or by subtraction."""
 
     name = "norse_lif_box"
-    state_names = ("v",)
     public_state = ("v",)
 
     def init_state(self, spec, x0, P):

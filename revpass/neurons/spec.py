@@ -59,8 +59,6 @@ class Family:
     """The equations of one neuron family. Stateless: everything comes from the spec."""
 
     name: str = "family"
-    #: names of the state tensors carried from step to step
-    state_names: Tuple[str, ...] = ("v",)
     #: names of the state tensors that are the framework's visible state (others are derived)
     public_state: Tuple[str, ...] = ("v",)
 

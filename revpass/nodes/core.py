@@ -97,9 +97,6 @@ def _join(parts: List[Optional[Tensor]], dim: int, likes: List[Tensor]) -> Tenso
 # bit packing: 8 spikes per byte
 # ---------------------------------------------------------------------------------------------
 
-_SHIFTS = None
-
-
 def pack_bits(b: Tensor) -> Tensor:
     """(T, ...) bool -> (T, ceil(n/8)) uint8, n = elements per step."""
     T = b.shape[0]

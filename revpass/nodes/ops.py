@@ -149,7 +149,7 @@ def _rev_setup(ctx, inputs, output):
     ctx.save_for_backward(y, bits, kept, *state0, *params)
 
 
-def _rev_backward(ctx, gy, g_bits, g_kept, g_stateT):
+def _rev_backward(ctx, gy, _g_bits, _g_kept, g_stateT):
     y, bits, kept, *rest = ctx.saved_tensors
     state0 = list(rest[: ctx.n_state])
     params = list(rest[ctx.n_state :])
@@ -267,7 +267,7 @@ def _exact_setup(ctx, inputs, output):
     ctx.save_for_backward(kept, *state0, *params)
 
 
-def _exact_backward(ctx, gs, g_kept, g_stateT):
+def _exact_backward(ctx, gs, _g_kept, g_stateT):
     kept, *rest = ctx.saved_tensors
     state0 = list(rest[: ctx.n_state])
     params = list(rest[ctx.n_state :])
