@@ -101,10 +101,11 @@ def convert(
     mode_of = (lambda path: mode) if _modes is None else (lambda path: planned.get(path, (None, ""))[0])
     work = model if inplace else safe_deepcopy(model)
     gm = trace(work, concrete_args=concrete_args, time_steps=_time_steps(example_inputs))
-    # one untouched copy of the traced graph: shapes from one run of it, and, later, the memory
-    # it keeps ("before" conversion)
+    # an untouched copy of the traced graph, for the memory it keeps ("before" conversion), and
+    # another, run once, for the shapes (a run leaves state behind: a frameworks' neuron may
+    # keep its last state's shape, so that the next run saves other tensors)
     before = safe_deepcopy(gm) if example_inputs is not None else None
-    shapes = _site_shapes(before, example_inputs) if example_inputs is not None else {}
+    shapes = _site_shapes(safe_deepcopy(gm), example_inputs) if example_inputs is not None else {}
     report = ConversionReport(mode=mode, backward=backward)
     g = graph_to_nx(gm.graph)
     for site in find_sites(gm):

@@ -90,3 +90,17 @@ def test_peak_estimate_agrees_with_memtracker_within_10_percent():
             assert abs(est - meas) <= 0.10 * meas, (type(net).__name__, kwargs, est, meas)
     p = revpass.plan(net, x)
     assert p.peak_before is not None and p.peak_after < p.peak_before
+
+
+def test_annotations_survive_torch_export():
+    net = models.sj_zoo("spiking_resnet18")
+    x = torch.randn(4, 2, 3, 32, 32)
+    conv = revpass.convert(net, x, mode="exact")
+    reset_states(conv)
+    ep = torch.export.export(conv, (x,))
+    nodes = [n for n in ep.graph.nodes if "revpass.exact" in str(n.target)]
+    assert len(nodes) == 17
+    for n in nodes:
+        info = n.meta["custom"]["revpass"]
+        assert info["strategy"] == "exact"
+        assert info["kept_bytes"] == math.prod(info["shape"]) * 4  # H: one float per element and step
