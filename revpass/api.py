@@ -163,9 +163,11 @@ def convert(
     gm.revpass_report = report
     if example_inputs is not None:  # node.meta["revpass"]: measured memory, strategy, lifetimes
         from revpass.passes.annotate import annotate
+        from revpass.plan import estimate_peak
 
         inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         annotate(gm, inputs, before=before)
+        gm.revpass_peak_before = estimate_peak(before)  # the unconverted graph, for revpass.plan
         del before
         gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
     return gm

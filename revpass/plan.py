@@ -73,8 +73,7 @@ def plan(model: nn.Module, example_inputs: Sequence[Any], *, mode: str = "revers
         raise ValueError("plan never converts in place; call revpass.convert(..., inplace=True) for that")
     conv = convert(model, example_inputs, mode=mode, **kwargs)
     result = plan_of(conv, mode)
-    same = convert(model, example_inputs, exclude="*")  # traced and annotated, nothing converted
-    result.peak_before, result.peak_after = estimate_peak(same), estimate_peak(conv)
+    result.peak_before, result.peak_after = conv.revpass_peak_before, estimate_peak(conv)
     return result
 
 
@@ -82,8 +81,7 @@ def _bytes(info) -> int:
     shape = info.get("shape") if info else None
     if not shape:
         return 0
-    itemsize = torch.empty((), dtype=getattr(torch, info["dtype"])).element_size()
-    return math.prod(shape) * itemsize
+    return math.prod(shape) * getattr(torch, info["dtype"]).itemsize
 
 
 def estimate_peak(gm) -> int:

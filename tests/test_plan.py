@@ -89,7 +89,8 @@ def test_peak_estimate_agrees_with_memtracker_within_10_percent():
             est, meas = estimate_peak(gm), _measured_peak(gm, x)
             assert abs(est - meas) <= 0.10 * meas, (type(net).__name__, kwargs, est, meas)
     p = revpass.plan(net, x)
-    assert p.peak_before is not None and p.peak_after < p.peak_before
+    assert p.peak_before == estimate_peak(revpass.convert(net, x, exclude="*"))  # the unconverted graph
+    assert p.peak_after < p.peak_before
 
 
 def test_annotations_survive_torch_export():

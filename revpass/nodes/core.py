@@ -308,6 +308,7 @@ def reversible_backward(
         state0 = init_state(spec, y, P)
     grads: Dict[str, Dict[str, Tensor]] = {}
     gs_parts: Dict[str, Optional[State]] = {}
+    gx = torch.empty_like(gy)  # each part writes its own channels
     if L.c:
         if mode == "optimized":
             # G first: its spikes feed Y2, so dL/dS^G = dL/dY2 is known for every step; G's records
@@ -317,7 +318,6 @@ def reversible_backward(
             gY1_G, gB0, grads["g"] = fam.vjp(
                 spec, recs, gY2, _split_gstate(L, g_state, "g", x0), PG, need_params
             )
-            gx = torch.empty_like(gy)
             gX1 = torch.add(gY1, gY1_G, out=L.seq(gx, "g"))
             del recs, gY1_G
             PF, recs, _, _ = _rebuild_f(spec, L, y, packed, X2, state0, P, record=True)
@@ -328,7 +328,6 @@ def reversible_backward(
             torch.add(gY2, gX2_F, out=L.seq(gx, "f"))
             gs_parts = {"g": gB0, "f": gA0}
         elif mode == "recompute":
-            gx = torch.empty_like(gy)
             gs_parts, grads = _recompute_backward(
                 spec, L, gy, g_state, y, packed, state0, P, need_params, x0, gx
             )
@@ -336,12 +335,7 @@ def reversible_backward(
             raise ValueError(f"unknown backward mode {mode!r}")
     if L.n_rem != 0:
         gX3, gR0, grads["r"] = _rem_backward(spec, L, gy, kept, state0, P, need_params, g_state, x0)
-        if L.C == 0:
-            gx = gX3
-        else:
-            if not L.c:
-                gx = torch.empty_like(gy)
-            L.seq(gx, "r").copy_(gX3)
+        L.seq(gx, "r").copy_(gX3)
         gs_parts["r"] = gR0
     g_state0 = None
     if given_state:

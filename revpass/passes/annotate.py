@@ -98,14 +98,21 @@ def annotate(
     example_inputs: Sequence[Any],
     before: Optional[fx.GraphModule] = None,
 ) -> Dict[str, NodeMemory]:
-    """Write node.meta["revpass"] on every node of ``gm`` (see the module docstring)."""
+    """Write node.meta["revpass"] on every node of ``gm`` (see the module docstring), and, when
+    the graph ``before`` conversion is given, on every node of it too (its own measurements)."""
     after = measure(gm, example_inputs)
     prior = measure(before, example_inputs) if before is not None else None
     report = getattr(gm, "revpass_report", None)
-    rows = {r.path: r for r in report} if report is not None else {}
-    n_steps = len(after)
+    _write(gm, after, prior, {r.path: r for r in report} if report is not None else {})
+    if before is not None:
+        _write(before, prior, prior, {})
+    return after
+
+
+def _write(gm: fx.GraphModule, mem: Dict[str, NodeMemory], prior: Optional[Dict[str, NodeMemory]], rows) -> None:
+    n_steps = len(mem)
     for n in gm.graph.nodes:
-        m = after.get(n.name)
+        m = mem.get(n.name)
         info: Dict[str, Any] = {
             "shape": m.shape if m else None,
             "dtype": m.dtype if m else None,
@@ -123,4 +130,3 @@ def annotate(
             info["reason"] = rows[n.target].reason
         n.meta[META] = info
         n.meta.setdefault("custom", {})[META] = dict(info)
-    return after
