@@ -124,6 +124,20 @@ def worst(a: torch.Tensor, b: torch.Tensor, dtype=torch.float32) -> float:
     return float(((a - b).abs() / (atol + rtol * b.abs())).max()) if a.numel() else 0.0
 
 
+def reduction_close(a: torch.Tensor, b: torch.Tensor, truth, dtype=torch.float32) -> bool:
+    """A parameter's gradient is a sum over every element and step, and in float32 the
+    reference's own summation error can exceed section 7's tolerance where the terms cancel
+    (docs/method.md, 'Accuracy of reconstruction'). It passes when it is within the tolerance
+    of the reference b, or, failing that, no farther from the float64 value than b is (or within
+    the tolerance of it). ``truth`` is a callable giving the float64 gradient, called only then."""
+    if close(a, b, dtype):
+        return True
+    t = truth().to(torch.float64)
+    err, ref_err = (a.double() - t).abs(), (b.double() - t).abs()
+    atol, rtol = (1e-6, 1e-5) if dtype == torch.float32 else (1e-12, 1e-10)
+    return bool(((err <= ref_err) | (err <= atol + rtol * t.abs())).all())
+
+
 def within_reconstruction_bound(a: torch.Tensor, b: torch.Tensor) -> bool:
     """docs/method.md, 'Accuracy of reconstruction': in float32, beyond T = 16, the reversible
     node's gradients carry the reconstruction of X2 = Y2 - S^G (one rounding per G spike,

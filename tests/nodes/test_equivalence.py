@@ -1,12 +1,15 @@
 """Gradient equivalence (METHOD.md section 7) between the three backwards of the reversible node,
 and between the exact node and the library neuron, for every family and configuration."""
 
+import copy
+import functools
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import revpass
-from catalogue import CASES, close, input_for, within_reconstruction_bound, worst
+from catalogue import CASES, close, input_for, reduction_close, within_reconstruction_bound, worst
 
 TS = [1, 2, 16, 256]
 DTYPES = [torch.float32, torch.float64]
@@ -22,15 +25,30 @@ def _grads(node, x_leaf, leaf: bool, g_seed=3):
     return y.detach(), grads
 
 
-def _check_all(ref, got, dtype, what, reconstructed_T=0):
+def _float64_grads(lib, x_leaf, leaf: bool, node_class=revpass.ReversibleNode):
+    """The float64 gradients of the node under plain autograd: the value a float32 parameter
+    gradient is judged against when the float32 reference itself rounds (catalogue.reduction_close)."""
+    lib64 = copy.deepcopy(lib).double()
+    node = node_class.from_neuron(lib64, backward="autograd", step_mode="m", carry_state=False)
+    return _grads(node, x_leaf.detach().double().requires_grad_(True), leaf)[1]
+
+
+def _check_all(ref, got, dtype, what, reconstructed_T=0, truth=None):
     """Forward bit-identical; gradients within METHOD.md section 7, or, for a reversible node in
-    float32 beyond T = 16, within the documented reconstruction bound."""
+    float32 beyond T = 16, within the documented reconstruction bound. Parameter gradients (index
+    1 on) that miss section 7 against the float32 reference pass if they are no farther from the
+    float64 gradients (``truth``, a callable, evaluated only then) than the reference is."""
     (y_ref, g_ref), (y, g) = ref, got
     assert torch.equal(y, y_ref), f"{what}: forward differs"
+    truth = functools.cache(truth) if truth is not None else None
     for i, (a, b) in enumerate(zip(g, g_ref)):
         assert a.shape == b.shape
         if reconstructed_T > 16 and dtype == torch.float32:
             assert within_reconstruction_bound(a, b), f"{what}: gradient {i} outside the documented bound"
+        elif i > 0 and truth is not None:
+            assert reduction_close(a, b, lambda: truth()[i], dtype), (
+                f"{what}: parameter gradient {i} worst {worst(a, b, dtype):.3g} against the reference, "
+                "and farther from float64 than the reference")
         else:
             assert close(a, b, dtype), f"{what}: gradient {i} worst {worst(a, b, dtype):.3g} (> 1 fails)"
 
@@ -44,8 +62,9 @@ def test_reversible_backwards_agree(case, T, dtype):
     for b in ("autograd", "optimized", "recompute"):
         node = revpass.ReversibleNode.from_neuron(lib, backward=b, step_mode="m", carry_state=False)
         res[b] = _grads(node, x, leaf)
-    _check_all(res["autograd"], res["optimized"], dtype, "optimized vs autograd", T)
-    _check_all(res["autograd"], res["recompute"], dtype, "recompute vs autograd", T)
+    truth = functools.partial(_float64_grads, lib, x, leaf)
+    _check_all(res["autograd"], res["optimized"], dtype, "optimized vs autograd", T, truth)
+    _check_all(res["autograd"], res["recompute"], dtype, "recompute vs autograd", T, truth)
     # the nodes share one copy of the neuron's parameters
     assert sum(p.numel() for p in node.parameters()) == sum(p.numel() for p in lib.parameters())
 
@@ -57,7 +76,8 @@ def test_exact_node_is_the_library_neuron(case, T, dtype):
     x = input_for(case, T, dtype=dtype).requires_grad_(True)
     opt = _grads(revpass.ExactNode.from_neuron(lib, carry_state=False, step_mode="m"), x, leaf)
     auto = _grads(revpass.ExactNode.from_neuron(lib, backward="autograd", carry_state=False, step_mode="m"), x, leaf)
-    _check_all(auto, opt, dtype, "exact optimized vs autograd")
+    _check_all(auto, opt, dtype, "exact optimized vs autograd",
+               truth=functools.partial(_float64_grads, lib, x, leaf, revpass.ExactNode))
     if case.framework == "snntorch" and dtype == torch.float64:
         return  # snnTorch itself rounds spikes to float32; compared in float32 below
     xin = x if leaf else x * 1.5 - 0.2
@@ -144,6 +164,8 @@ def test_property_spikingjelly_lif(T, B, C, F, tau, v_threshold, soft, detach, d
     graded=st.floats(0.25, 2.0),
     seed=st.integers(0, 2**16),
 )
+# found by CI: autograd's float32 sum for beta's gradient is 1.5e-6 from float64, the optimized one 2.5e-7
+@example(T=3, C=5, beta=0.71875, threshold=0.578125, reset="subtract", delay=True, graded=1.7890625, seed=65536)
 def test_property_snntorch_leaky(T, C, beta, threshold, reset, delay, graded, seed):
     import snntorch as snn
 
@@ -152,4 +174,4 @@ def test_property_snntorch_leaky(T, C, beta, threshold, reset, delay, graded, se
     x = (torch.randn(T, 2, C, 3, generator=torch.Generator().manual_seed(seed)) + 0.5).requires_grad_(True)
     ref = _grads(revpass.ReversibleNode.from_neuron(lib, backward="autograd"), x, True)
     got = _grads(revpass.ReversibleNode.from_neuron(lib), x, True)
-    _check_all(ref, got, torch.float32, "property")
+    _check_all(ref, got, torch.float32, "property", truth=lambda: _float64_grads(lib, x, True))
