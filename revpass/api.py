@@ -16,7 +16,7 @@ from revpass.passes.roll import graph_to_nx, plan_roll
 from revpass.report import ConversionReport, SiteRow
 from revpass.trace import reset_states, trace
 
-MODES = ("reversible", "exact")
+MODES = ("reversible", "exact", "recompute")
 
 
 def safe_deepcopy(model: nn.Module) -> nn.Module:
@@ -74,7 +74,9 @@ def convert(
             ``inplace``).
         example_inputs: optional inputs; with them the report gives each site's input shape.
         mode: ``"reversible"`` (memory-saving nodes; the network's function changes: train it as
-            converted) or ``"exact"`` (the original function bit for bit, for trained weights).
+            converted), ``"exact"`` (the original function bit for bit, for trained weights) or
+            ``"recompute"`` (exact nodes, and the layers between neurons recomputed in backward
+            from their spike inputs kept as bits; needs ``example_inputs``).
         backward: ``"optimized"``, ``"recompute"`` or ``"autograd"`` (see ReversibleNode).
         include, exclude: module-path patterns (fnmatch) selecting the sites to convert.
         inplace: convert ``model``'s own modules instead of a copy.
@@ -92,6 +94,9 @@ def convert(
         raise ValueError(f"convert: mode must be one of {MODES}, got {mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
+    if mode == "recompute" and example_inputs is None and budget is None:
+        raise ValueError("convert: mode='recompute' needs example_inputs: the segments to recompute are "
+                         "chosen from the spikes and bytes measured on them")
     if budget is not None:
         from revpass.planner import convert_within
 
@@ -157,20 +162,28 @@ def convert(
             gm.graph.erase_node(n)
     gm.graph.lint()
     gm.recompile()
+    gm.revpass_report = report
+    ends = {r.path for r in report.rows if r.decision == "recompute"}
+    if ends:  # exact nodes that end recomputed segments (revpass/passes/segments.py)
+        from revpass.passes.segments import form_segments
+
+        form_segments(gm, _as_tuple(example_inputs), ends)
     _invalidate_reset_cache(gm)
     if inplace:
         _invalidate_reset_cache(model)
-    gm.revpass_report = report
     if example_inputs is not None:  # node.meta["revpass"]: measured memory, strategy, lifetimes
         from revpass.passes.annotate import annotate
         from revpass.plan import estimate_peak
 
-        inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        annotate(gm, inputs, before=before)
+        annotate(gm, _as_tuple(example_inputs), before=before)
         gm.revpass_peak_before = estimate_peak(before)  # the unconverted graph, for revpass.plan
         del before
         gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
     return gm
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
 
 
 def _time_steps(example_inputs) -> Optional[int]:
@@ -223,7 +236,7 @@ def _site_shapes(gm: fx.GraphModule, example_inputs) -> dict:
     """Input shape of every call_module node, by target (the first call's), from one run."""
     from torch.fx.passes.shape_prop import ShapeProp
 
-    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    inputs = _as_tuple(example_inputs)
     probe = gm
     reset_states(probe)
     shapes = {}

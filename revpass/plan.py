@@ -92,9 +92,9 @@ def estimate_peak(gm) -> int:
     * at the end of the forward, every node's kept bytes are held, and each stateful neuron keeps
       its final state (one step of its output);
     * the backward visits the nodes in reverse; at a node it holds the gradients of its output
-      and inputs, and the gradients of values with several readers accumulate until their
-      producer is reached; after it, the node's kept bytes are freed and its module's parameter
-      gradients exist;
+      and inputs (and, for a recomputed segment, its rebuilt layers: ``workspace_bytes``), and
+      the gradients of values with several readers accumulate until their producer is reached;
+      after it, the node's kept bytes are freed and its module's parameter gradients exist;
     * the peak is where parameters' gradients plus held activations and temporaries are largest
       (deep layers hold most parameters, early ones most activations); the figure is the
       activations and temporaries there, which is what MemTracker's peak less parameters,
@@ -127,6 +127,7 @@ def estimate_peak(gm) -> int:
         temp = 0
         if kept[n] or n.op == "call_module":
             temp = _bytes(info) + sum(_bytes(a.meta["revpass"]) for a in inputs)
+        temp += info.get("workspace_bytes", 0)  # a recomputed segment's layers, rebuilt for its backward
         temp += sum(pending.values())
         for a in inputs:
             if len(a.users) > 1:

@@ -1,18 +1,25 @@
-"""The budget planner: for each neuron site, unchanged, exact or reversible, to fit a memory budget
-at the least extra compute.
+"""The budget planner: for each neuron site, unchanged, exact, reversible or recompute, to fit a
+memory budget at the least extra compute.
 
-Costs come from measurement, not from a model of the frameworks: the model is converted twice on
-copies (every site exact, every site reversible) and both graphs are annotated
-(revpass/passes/annotate.py). A site's saving under a strategy is the change of bytes kept for
-backward over the site's node and its direct consumers (the layers that read its spikes: their
-storage is shared with a reversible node's output), so the savings of different sites add up.
+Costs come from measurement, not from a model of the frameworks: the model is converted on copies
+with every site under each strategy, and the graphs are annotated (revpass/passes/annotate.py). A
+site's saving under a strategy is the change of bytes kept for backward over the site's node and
+its direct consumers (the layers that read its spikes: their storage is shared with a reversible
+node's output), or, under "recompute", over the segment that ends at it.
 
-Extra compute: exact nodes cost none (same function, analytic backward), reversible nodes cost a
-reconstruction in backward (about one more forward of the neuron). So the planner converts every
-site where the exact node keeps less than the library neuron, then, if the budget is not met,
-upgrades sites to reversible in order of the bytes each upgrade saves, until it is. ``"min"``
-takes every site's smallest strategy. The budget is the activation bytes kept for backward at the
-end of the forward (``revpass.plan``'s figure).
+Extra compute, least first: exact nodes cost none (same function, analytic backward); reversible
+nodes cost a reconstruction in backward (about one more forward of the neuron); "recompute" costs
+one more forward of the segment (the layers between the previous neurons and this one, and the
+neuron). So for a budget in bytes the planner converts every site where the exact node keeps less
+than the library neuron, then, while the budget is not met, upgrades sites to reversible in order
+of the bytes each upgrade saves, then to recompute. The budget is the activation bytes kept for
+backward at the end of the forward (``revpass.plan``'s figure).
+
+``budget="min"`` is the least memory a training step needs: it starts from every site at the
+strategy that keeps least, then, since a recomputed segment's layers are rebuilt in its backward
+and the largest of them can set the peak, tries the sites with the largest such workspace as
+reversible instead, keeping each change that lowers the estimated peak (revpass.plan.estimate_peak,
+within 10% of a measured one).
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ import torch
 from torch import fx, nn
 
 from revpass.errors import RevpassError
+
+STRATEGIES = ("exact", "reversible", "recompute")  # in order of extra compute
+MIN_TRIES = 4  # sites "min" tries as reversible instead of recompute
 
 
 class BudgetError(RevpassError, ValueError):
@@ -39,65 +49,82 @@ def _consumers(n: fx.Node) -> Iterable[fx.Node]:
             yield u
 
 
+def _saving(n: fx.Node) -> int:
+    m = n.meta.get("revpass")
+    return m.get("kept_bytes_before", 0) - m["kept_bytes"] if m else 0
+
+
 def site_savings(converted: fx.GraphModule) -> Dict[str, int]:
-    """Bytes kept before minus after, per converted site, over its node and its consumers."""
+    """Bytes kept before minus after, per converted site: over its node and its consumers, or
+    over the recomputed segment that ends at it."""
+    from revpass.nodes.segment import RecomputeSegment
+
     out: Dict[str, int] = {}
     rows = {r.path: r for r in converted.revpass_report if r.decision != "unchanged"}
     for n in converted.graph.nodes:
-        if n.op != "call_module" or n.target not in rows:
+        if n.op != "call_module":
             continue
-        hood = {n, *_consumers(n)}
-        out[n.target] = sum(m.meta["revpass"].get("kept_bytes_before", 0) - m.meta["revpass"]["kept_bytes"]
-                            for m in hood if "revpass" in m.meta)
+        m = converted.get_submodule(n.target)
+        if isinstance(m, RecomputeSegment):
+            for site in m.sites:
+                out[site] = _saving(n)
+        elif n.target in rows:
+            out[n.target] = sum(_saving(u) for u in {n, *_consumers(n)})
     return out
 
 
 def choose(
     total_before: int,
-    exact: Dict[str, int],
-    reversible: Dict[str, int],
+    savings: Dict[str, Dict[str, int]],
     budget: Union[int, str],
 ) -> Tuple[Dict[str, Tuple[Optional[str], str]], int]:
-    """Strategies {path: (mode or None, reason)} and the predicted bytes kept."""
-    paths = sorted(set(exact) | set(reversible))
-    best = {p: max(exact.get(p, 0), reversible.get(p, 0), 0) for p in paths}
+    """Strategies {path: (strategy or None, reason)} for ``savings`` {strategy: {path: bytes}},
+    and the predicted bytes kept. ``"min"``: every site at the strategy that saves most."""
+    paths = sorted(set().union(*savings.values()))
+
+    def gain(s, p):
+        return savings.get(s, {}).get(p, 0)
+
+    best = {p: max([0] + [gain(s, p) for s in STRATEGIES]) for p in paths}
     floor = total_before - sum(best.values())
     choice: Dict[str, Tuple[Optional[str], str]] = {}
     if budget == "min":
         for p in paths:
             if best[p] <= 0:
                 choice[p] = (None, "no strategy keeps less than the library neuron")
-            elif reversible.get(p, 0) >= exact.get(p, 0):
-                choice[p] = ("reversible", f"'min': reversible keeps the least ({reversible[p]} bytes saved)")
             else:
-                choice[p] = ("exact", f"'min': exact keeps the least ({exact[p]} bytes saved)")
+                s = max(STRATEGIES, key=lambda s: (gain(s, p), -STRATEGIES.index(s)))
+                choice[p] = (s, f"'min': {s} keeps the least ({gain(s, p)} bytes saved)")
         return choice, floor
     if not isinstance(budget, int) or budget < 0:
         raise ValueError(f"budget must be a number of bytes or 'min', got {budget!r}")
     if budget < floor:
         raise BudgetError(
             f"a budget of {budget} bytes cannot be met: the smallest reachable figure is {floor} bytes "
-            f"({floor / 2**20:.2f} MiB) kept for backward, with every site at its smallest strategy "
-            f"(budget='min'); before conversion the model keeps {total_before} bytes"
+            f"({floor / 2**20:.2f} MiB) kept for backward, with every site at the strategy that keeps "
+            f"least; before conversion the model keeps {total_before} bytes"
         )
     kept = total_before
     for p in paths:  # exact first: no extra compute, the original function
-        if exact.get(p, 0) > 0 and kept > budget:
-            choice[p] = ("exact", f"exact saves {exact[p]} bytes at no extra compute")
-            kept -= exact[p]
+        if gain("exact", p) > 0 and kept > budget:
+            choice[p] = ("exact", f"exact saves {gain('exact', p)} bytes at no extra compute")
+            kept -= gain("exact", p)
         else:
             choice[p] = (None, "the budget is met without converting it" if kept <= budget
                          else "no strategy keeps less than the library neuron")
-    upgrades = sorted(paths, key=lambda p: reversible.get(p, 0) - exact.get(p, 0) * (choice[p][0] == "exact"),
-                      reverse=True)
-    for p in upgrades:
-        if kept <= budget:
-            break
-        gain = reversible.get(p, 0) - (exact.get(p, 0) if choice[p][0] == "exact" else 0)
-        if gain > 0:
-            choice[p] = ("reversible", f"reversible saves {reversible[p]} bytes, needed for the budget "
-                                       "(costs a reconstruction in backward)")
-            kept -= gain
+    costs = {"reversible": "costs a reconstruction of the neuron in backward",
+             "recompute": "costs one more forward of the segment ending at it"}
+    for s in ("reversible", "recompute"):
+        def more(p, s=s):
+            return gain(s, p) - (gain(choice[p][0], p) if choice[p][0] else 0)
+
+        for p in sorted(paths, key=more, reverse=True):
+            if kept <= budget:
+                break
+            delta = more(p)
+            if delta > 0:
+                choice[p] = (s, f"{s} saves {gain(s, p)} bytes, needed for the budget ({costs[s]})")
+                kept -= delta
     return choice, kept
 
 
@@ -109,23 +136,48 @@ def convert_within(
 ) -> fx.GraphModule:
     """revpass.convert(..., budget=): plan, convert, and check the measured figure."""
     from revpass.api import convert
-    from revpass.plan import plan_of
+    from revpass.plan import estimate_peak, plan_of
 
     if example_inputs is None:
         raise ValueError("convert(..., budget=...) needs example_inputs: the planner measures the model")
     inplace = kwargs.pop("inplace", False)
-    rev = convert(model, example_inputs, mode="reversible", **kwargs)
-    ex = convert(model, example_inputs, mode="exact", **kwargs)
-    total_before = plan_of(rev, "reversible").kept_before
-    choice, predicted = choose(total_before, site_savings(ex), site_savings(rev), budget)
-    gm = convert(model, example_inputs, inplace=inplace, _modes=choice, **kwargs)
+    probes = {s: convert(model, example_inputs, mode=s, **kwargs) for s in STRATEGIES}
+    total_before = plan_of(probes["exact"], "exact").kept_before
+    choice, predicted = choose(total_before, {s: site_savings(g) for s, g in probes.items()}, budget)
+    workspace = _workspaces(probes["recompute"])
+    del probes
+    gm = convert(model, example_inputs, _modes=choice, inplace=inplace and budget != "min", **kwargs)
+    if budget == "min":
+        peak = estimate_peak(gm)
+        tries = sorted((p for p, (s, _) in choice.items() if s == "recompute"), key=lambda p: -workspace.get(p, 0))
+        for p in tries[:MIN_TRIES]:
+            trial = dict(choice)
+            trial[p] = ("reversible", "'min': reversible instead of recompute lowers the estimated peak "
+                                      f"(the segment's backward would rebuild {workspace[p]} bytes)")
+            cand = convert(model, example_inputs, _modes=trial, **kwargs)
+            if estimate_peak(cand) < peak:
+                choice, gm, peak = trial, cand, estimate_peak(cand)
+        if inplace:
+            gm = convert(model, example_inputs, inplace=True, _modes=choice, **kwargs)
     gm.revpass_report.mode = f"budget={budget!r}"
     measured = plan_of(gm, "planned").kept_after
     gm.revpass_budget = {"budget": budget, "predicted_bytes": predicted, "measured_bytes": measured,
-                         "bytes_before": total_before}
+                         "bytes_before": total_before, "estimated_peak": estimate_peak(gm)}
     if isinstance(budget, int) and measured > budget:
         raise BudgetError(
             f"the planned conversion keeps {measured} bytes, over the budget of {budget} (predicted "
             f"{predicted}); the smallest reachable figure is given by budget='min'"
         )
     return gm
+
+
+def _workspaces(gm: fx.GraphModule) -> Dict[str, int]:
+    """Per site, the bytes its recomputed segment rebuilds in backward."""
+    from revpass.nodes.segment import RecomputeSegment
+
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), RecomputeSegment):
+            for site in gm.get_submodule(n.target).sites:
+                out[site] = n.meta["revpass"].get("workspace_bytes", 0)
+    return out

@@ -55,7 +55,8 @@ class ConversionReport:
 
         out = [
             f"revpass: {len(self.rows)} neuron sites, {self.count('reversible')} reversible, "
-            f"{self.count('exact')} exact, {self.count('unchanged')} unchanged "
+            f"{self.count('exact')} exact, {self.count('recompute')} recomputed (exact, in a recomputed "
+            f"segment), {self.count('unchanged')} unchanged "
             f"(mode={self.mode!r}, backward={self.backward!r}); kind a = multi-step module, "
             "b = single-step calls rolled over time, c = hand-written neuron recognised from its ops",
             line(head),

@@ -15,14 +15,21 @@ def resnet():
     return net, x, rev, ex
 
 
-def test_min_takes_every_sites_smallest_strategy(resnet):
+def test_min_has_the_lowest_estimated_peak(resnet):
+    from revpass.plan import estimate_peak
+
     net, x, rev, ex = resnet
     conv = revpass.convert(net, x, budget="min")
-    b = conv.revpass_budget
-    assert b["measured_bytes"] == b["predicted_bytes"]  # the per-site savings add up
-    assert b["measured_bytes"] <= min(rev.kept_after, ex.kept_after)
+    b, rep = conv.revpass_budget, conv.revpass_report
+    rec = revpass.plan(net, x, mode="recompute")
+    assert b["estimated_peak"] == estimate_peak(conv)
+    assert b["estimated_peak"] <= min(rev.peak_after, ex.peak_after, rec.peak_after)
     assert b["bytes_before"] == rev.kept_before
-    assert conv.revpass_report.count("unchanged") == 0
+    assert rep.count("unchanged") == 0 and rep.count("recompute") > 0
+    # the largest segment's rebuild set the peak: "min" made that site reversible instead
+    assert rep.by_path("sn1").decision == "reversible" and "lowers the estimated peak" in rep.by_path("sn1").reason
+    assert b["estimated_peak"] < rec.peak_after
+    assert revpass.verify(net, conv, x).passed
 
 
 def test_a_budget_between_uses_exact_first_then_reversible(resnet):
@@ -41,10 +48,15 @@ def test_a_budget_between_uses_exact_first_then_reversible(resnet):
 
 
 def test_an_unreachable_budget_names_the_smallest_figure(resnet):
+    import re
+
     net, x, rev, ex = resnet
-    floor = revpass.convert(net, x, budget="min").revpass_budget["measured_bytes"]
-    with pytest.raises(revpass.BudgetError, match=f"smallest reachable figure is {floor} bytes"):
+    with pytest.raises(revpass.BudgetError, match="smallest reachable figure is") as err:
         revpass.convert(net, x, budget=1000)
+    floor = int(re.search(r"figure is (\d+) bytes", str(err.value)).group(1))
+    at_floor = revpass.convert(net, x, budget=floor)  # and that figure is reached
+    assert at_floor.revpass_budget["measured_bytes"] <= floor < rev.kept_after
+    assert at_floor.revpass_report.count("recompute") > 0
     with pytest.raises(ValueError, match="needs example_inputs"):
         revpass.convert(net, budget="min")
 

@@ -34,7 +34,7 @@ import revpass  # noqa: E402
 from revpass.memory import saved_bytes  # noqa: E402
 from revpass.trace import reset_states  # noqa: E402
 
-VARIANTS = ("original", "exact", "reversible", "planner-min", "memopt-L1")
+VARIANTS = ("original", "exact", "reversible", "recompute", "planner-min", "memopt-L1")
 
 
 def _models(T: int, batch: int):
@@ -76,6 +76,8 @@ def _variant(name: str, make, x) -> Optional[nn.Module]:
         return revpass.convert(net, x, mode="exact")
     if name == "reversible":
         return revpass.convert(net, x)
+    if name == "recompute":
+        return revpass.convert(net, x, mode="recompute")
     if name == "planner-min":
         return revpass.convert(net, x, budget="min")
     return _memopt(net, x)

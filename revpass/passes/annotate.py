@@ -17,6 +17,8 @@ counts once, at the first node that keeps it.
     forward_step          the position of the node in the forward (when its tensors are saved)
     backward_step         the step of the backward that frees them: autograd runs the nodes'
                           backwards in reverse order, so it is n_nodes - 1 - forward_step
+    workspace_bytes       recomputed segments only: what the segment's layers keep while its
+                          backward recomputes them (measured before it was formed)
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class NodeMemory:
     forward_step: int
     shape: Optional[List[int]]
     dtype: Optional[str]
+    binary: bool = False  # every element of the output is 0 or 1 (spikes)
+    own_bytes: int = 0  # what the node keeps, counting storages other nodes also keep
 
 
 class _Recorder(fx.Interpreter):
@@ -45,6 +49,7 @@ class _Recorder(fx.Interpreter):
         self.current: Optional[fx.Node] = None
         self.order: List[fx.Node] = []
         self.outputs: Dict[str, Any] = {}
+        self.binary: Dict[str, bool] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
@@ -52,6 +57,9 @@ class _Recorder(fx.Interpreter):
         out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             self.outputs[n.name] = (list(out.shape), str(out.dtype).replace("torch.", ""))
+            with torch.no_grad():
+                self.binary[n.name] = bool(out.is_floating_point() and out.numel()
+                                           and ((out == 0) | (out == 1)).all())
         return out
 
 
@@ -75,13 +83,25 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
 
     leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
               for x in inputs]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # a measuring run must leave no trace: buffers (batch norm's running statistics) are put back
+    # and the random number generator is not advanced
+    buffers = [(b, b.clone()) for b in gm.buffers()]
+    cuda = sorted({t.device.index or 0 for t in (*gm.parameters(), *leaves)
+                   if isinstance(t, torch.Tensor) and t.is_cuda})
+    with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = rec.run(*leaves)
+    with torch.no_grad():
+        for b, v in buffers:
+            b.copy_(v)
     kept: Dict[str, int] = {}
     owner: Dict[int, str] = {}
+    own: Dict[str, Dict[int, int]] = {}
     for ref, ptr, nbytes, node in seen:
-        if ref() is None or node is None or ptr in owner:
-            continue  # freed before the forward returned, or already counted (shared storage)
+        if ref() is None or node is None:
+            continue  # freed before the forward returned
+        own.setdefault(node.name, {})[ptr] = nbytes
+        if ptr in owner:
+            continue  # already counted (shared storage)
         owner[ptr] = node.name
         kept[node.name] = kept.get(node.name, 0) + nbytes
     del out
@@ -89,7 +109,8 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
     result = {}
     for i, n in enumerate(rec.order):
         shape, dtype = rec.outputs.get(n.name, (None, None))
-        result[n.name] = NodeMemory(kept.get(n.name, 0), i, shape, dtype)
+        result[n.name] = NodeMemory(kept.get(n.name, 0), i, shape, dtype, rec.binary.get(n.name, False),
+                                    sum(own.get(n.name, {}).values()))
     return result
 
 
@@ -128,5 +149,8 @@ def _write(gm: fx.GraphModule, mem: Dict[str, NodeMemory], prior: Optional[Dict[
         if n.op == "call_module" and n.target in rows:
             info["strategy"] = rows[n.target].decision
             info["reason"] = rows[n.target].reason
+        if "revpass_strategy" in n.meta:  # a recomputed segment (revpass/passes/segments.py)
+            info["strategy"], info["reason"] = n.meta["revpass_strategy"]
+            info["workspace_bytes"] = n.meta["revpass_workspace"]
         n.meta[META] = info
         n.meta.setdefault("custom", {})[META] = dict(info)

@@ -18,7 +18,9 @@ from torch import fx
 from revpass.nodes.modules import ExactNode, ReversibleNode
 from revpass.passes.detect import Site
 
-NODE_CLASSES = {"reversible": ReversibleNode, "exact": ExactNode}
+# the node each strategy puts at a neuron site ("recompute": an exact node that ends a recomputed
+# segment, formed after every site is rewritten: revpass/passes/segments.py)
+NODE_CLASSES = {"reversible": ReversibleNode, "exact": ExactNode, "recompute": ExactNode}
 
 
 def _set_module(gm: fx.GraphModule, path: str, module) -> None:

@@ -1,0 +1,149 @@
+"""A recomputed segment: layers between spiking neurons, run without keeping their activations.
+
+:class:`RecomputeSegment` runs a piece of a converted graph (for example conv -> batch norm ->
+exact neuron node) under ``no_grad`` in the forward and keeps only its inputs: an input whose
+values are all 0 or 1 (spikes, and what pooling or indexing makes of them) is kept as packed
+bits, 1 bit per element instead of 32; any other input is kept as it is. The backward rebuilds
+the segment's activations by running it again under autograd and differentiates that: gradient
+checkpointing with spike compression, as SpikingJelly's memopt does, with the segments found from
+the graph (revpass/passes/segments.py) rather than by module type.
+
+The recomputation sees what the forward saw:
+
+* revpass nodes inside start from the state they started from in the forward, and after it get
+  back whatever state they hold when the backward runs (a ``reset_net`` in between is kept);
+* buffers of the segment's modules (batch norm's running statistics) are restored after the
+  recomputation, which would otherwise update them twice;
+* the random number generator is replayed (dropout draws the same mask).
+
+The segment's modules stay where they were in the model (state_dict keys do not change): the
+segment holds its graph outside the module tree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves
+
+from revpass.nodes.core import pack_bits, unpack_bits
+
+Tensor = torch.Tensor
+
+
+def _is_binary(t: Tensor) -> bool:
+    return t.is_floating_point() and t.numel() > 0 and bool(((t == 0) | (t == 1)).all())
+
+
+class RecomputeSegment(nn.Module):
+    """Runs ``body`` (a GraphModule over modules of the converted model) as one recomputed node."""
+
+    kind = "recompute"
+
+    def __init__(self, body: fx.GraphModule, name: str = "", sites: Tuple[str, ...] = ()):
+        super().__init__()
+        object.__setattr__(self, "_body", body)  # not a child: its modules belong to the model
+        self.name = name
+        self.sites = tuple(sites)
+
+    @property
+    def body(self) -> fx.GraphModule:
+        return self._body
+
+    def _stateful(self) -> List[nn.Module]:
+        from revpass.nodes.modules import _Node
+
+        return [m for m in self._body.modules() if isinstance(m, _Node)]
+
+    def forward(self, *inputs):
+        if not torch.is_grad_enabled():
+            return self._body(*inputs)
+        params = [p for p in self._body.parameters() if p.requires_grad]
+        return _Recompute.apply(self, len(inputs), *inputs, *params)
+
+    def extra_repr(self) -> str:
+        names = [n.target for n in self._body.graph.nodes if n.op == "call_module"]
+        return f"recomputes {' -> '.join(map(str, names))}"
+
+
+def _rng_state(inputs) -> Tuple[Tensor, Optional[Tuple[int, Tensor]]]:
+    dev = next((x.device for x in inputs if isinstance(x, Tensor) and x.device.type == "cuda"), None)
+    cuda = (dev, torch.cuda.get_rng_state(dev)) if dev is not None else None
+    return torch.get_rng_state(), cuda
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, seg: RecomputeSegment, n_in: int, *args):
+        inputs = args[:n_in]
+        ctx.seg, ctx.n_in = seg, n_in
+        ctx.states = {m: m.state for m in seg._stateful()}
+        ctx.rng = _rng_state(inputs)
+        with torch.no_grad():  # on detached inputs: a view of an input would still require grad
+            out = seg._body(*(x.detach() if isinstance(x, Tensor) else x for x in inputs))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{seg.name}: a recomputed segment must return one tensor, got {type(out).__name__}")
+        saved, layout = [], []
+        for x in inputs:
+            if not isinstance(x, Tensor):
+                if any(isinstance(t, Tensor) for t in tree_leaves(x)):
+                    raise TypeError(f"{seg.name}: input {type(x).__name__} holds tensors; a recomputed "
+                                    "segment takes tensors (gradients could not reach these)")
+                layout.append(("value", x))
+            elif _is_binary(x):
+                saved.append(pack_bits(x.detach().reshape(1, -1).bool()))
+                layout.append(("bits", (tuple(x.shape), x.dtype)))
+            else:
+                saved.append(x)
+                layout.append(("tensor", None))
+        ctx.layout = layout
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        seg, n_in = ctx.seg, ctx.n_in
+        saved = iter(ctx.saved_tensors)
+        inputs: List[Any] = []
+        for how, info in ctx.layout:
+            if how == "value":
+                inputs.append(info)
+            elif how == "bits":
+                shape, dtype = info
+                inputs.append(unpack_bits(next(saved), (1, *shape)).reshape(shape).to(dtype))
+            else:
+                inputs.append(next(saved).detach())
+        wants = [i for i in range(n_in) if ctx.needs_input_grad[2 + i] and isinstance(inputs[i], Tensor)]
+        for i in wants:
+            inputs[i].requires_grad_(True)
+        params = [p for p in seg._body.parameters() if p.requires_grad]
+        p_wants = [j for j in range(len(params)) if ctx.needs_input_grad[2 + n_in + j]]
+        now = {m: m.state for m in ctx.states}
+        buffers = [(b, b.clone()) for b in seg._body.buffers()]
+        cpu_rng, cuda_rng = ctx.rng
+        devices = [cuda_rng[0]] if cuda_rng is not None else []
+        targets = [inputs[i] for i in wants] + [params[j] for j in p_wants]
+        try:
+            for m, s in ctx.states.items():
+                m.state = s
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(cpu_rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state(cuda_rng[1], cuda_rng[0])
+                out = seg._body(*inputs)
+            grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True) if targets else ()
+        finally:  # the buffers after the grad: batch norm's backward reads its running statistics
+            for m, s in now.items():
+                m.state = s
+            with torch.no_grad():
+                for b, v in buffers:
+                    b.copy_(v)
+        result: List[Optional[Tensor]] = [None] * (n_in + len(params))
+        for k, i in enumerate(wants):
+            result[i] = grads[k]
+        for k, j in enumerate(p_wants):
+            result[n_in + j] = grads[len(wants) + k]
+        return (None, None, *result)
+

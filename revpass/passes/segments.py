@@ -1,0 +1,197 @@
+"""Recomputed segments: which layers to recompute in backward, found from the graph.
+
+A neuron site with strategy ``"recompute"`` becomes an exact node at the end of a segment: the
+node and the layers that feed it, back to the previous neurons' spikes, the graph's inputs, or a
+value something outside the segment also reads. Inside a segment nothing is kept for backward;
+the segment keeps its inputs, spikes as packed bits (:class:`revpass.nodes.segment.RecomputeSegment`).
+
+How a segment is grown from its neuron node E: take E's producers, and theirs, stopping at
+placeholders, parameters, neurons (revpass nodes or library neurons), state resets and other
+segments; then drop, until none is left, any node that something outside the segment reads (its
+value must exist outside, so it becomes an input). What remains is a connected piece of the
+graph with one output, E's, and no side entrances.
+
+A layer left outside every segment that keeps bytes for backward and reads only spikes (a max
+pool between two neurons, a linear layer after the last neuron) gets a segment of its own when
+that keeps less than it did: its kept input becomes bits. What it kept is counted with storages
+it shares with other nodes (the steps of an unbound sequence share one), since only when every
+reader of a storage lets go of it is it freed.
+
+Which values are spikes is measured on the example inputs (every element 0 or 1); the segment
+checks again at run time and keeps anything else as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import fx
+
+from revpass.nodes.segment import RecomputeSegment
+
+_BOUNDARY_OPS = ("placeholder", "get_attr", "output")
+PREFIX = "revpass_segment_"
+
+
+def _opaque(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Nodes a segment never takes in: inputs, neurons, state resets, other segments."""
+    if n.op in _BOUNDARY_OPS:
+        return True
+    if n.op != "call_module":
+        return False
+    from revpass.neurons import is_neuron
+    from revpass.nodes.modules import _Node
+    from revpass.trace import StateReset
+
+    m = gm.get_submodule(n.target)
+    return isinstance(m, (_Node, StateReset, RecomputeSegment)) or is_neuron(m)
+
+
+def grow(gm: fx.GraphModule, end: fx.Node, taken: Set[fx.Node], tensors: Set[str]) -> Optional[List[fx.Node]]:
+    """The segment ending at ``end`` (see the module docstring), in graph order, or None when
+    ``end`` itself reads a value that is not a tensor (a tuple of states). ``tensors``: the names
+    of the nodes whose value is a tensor; a segment's inputs must be tensors (or hold none), so
+    that gradients reach them."""
+    if any(a.name not in tensors for a in end.all_input_nodes):
+        return None
+    members = {end}
+    stack = list(end.all_input_nodes)
+    while stack:
+        u = stack.pop()
+        if u in members or u in taken or _opaque(gm, u):
+            continue
+        members.add(u)
+        stack.extend(u.all_input_nodes)
+    changed = True
+    while changed:
+        changed = False
+        for u in list(members):
+            if u is not end and (any(v not in members for v in u.users)
+                                 or any(a not in members and a.name not in tensors for a in u.all_input_nodes)):
+                members.discard(u)
+                changed = True
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(members, key=order.__getitem__)
+
+
+def _inputs(members: Sequence[fx.Node]) -> List[fx.Node]:
+    inside, out = set(members), []
+    for n in members:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in out:
+                out.append(a)
+    return out
+
+
+def _packed(numel: int) -> int:
+    return (numel + 7) // 8
+
+
+def form_segments(
+    gm: fx.GraphModule,
+    example_inputs: Sequence,
+    ends: Set[str],
+    *,
+    singles: bool = True,
+) -> List[Tuple[str, List[str]]]:
+    """Replace the segments ending at the call_module nodes whose target is in ``ends`` (exact
+    nodes) by :class:`RecomputeSegment` calls; with ``singles``, also wrap the layers that read
+    only spikes and keep more than their inputs as bits. Returns [(segment name, sites)]."""
+    from revpass.passes.annotate import measure
+
+    mem = measure(gm, example_inputs)
+    binary = {name: m.binary for name, m in mem.items()}
+    tensors = {name for name, m in mem.items() if m.shape is not None}
+    taken: Set[fx.Node] = set()
+    groups: List[Tuple[List[fx.Node], List[str]]] = []
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target in ends and mem.get(n.name) and mem[n.name].shape is not None:
+            members = grow(gm, n, taken, tensors)
+            if members is None:
+                report = getattr(gm, "revpass_report", None)
+                if report is not None:
+                    report.by_path(n.target).reason += "; not recomputed: it reads a value that is not a tensor"
+                continue
+            taken.update(members)
+            groups.append((members, [n.target]))
+    if singles:
+        for n in list(gm.graph.nodes):
+            m = mem.get(n.name)
+            if n in taken or _opaque(gm, n) or m is None or not m.own_bytes or m.shape is None:
+                continue
+            ins = n.all_input_nodes
+            if not ins or not all(a.name in tensors and binary.get(a.name) for a in ins):
+                continue
+            packed = sum(_packed(_numel(mem[a.name].shape)) for a in ins)
+            if packed < m.own_bytes:
+                taken.add(n)
+                groups.append(([n], []))
+    out = []
+    report = getattr(gm, "revpass_report", None)
+    for k, (members, sites) in enumerate(groups):
+        name = _replace(gm, members, sites, k, mem)
+        out.append((name, sites))
+        for site in sites if report is not None else ():
+            row = report.by_path(site)
+            row.reason += f"; exact node ending {name}, recomputed in backward"
+    gm.graph.lint()
+    gm.recompile()
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: int, mem) -> str:
+    g = gm.graph
+    end = members[-1]
+    ins = _inputs(members)
+    sub = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for a in ins:
+        env[a] = sub.placeholder(a.name)
+    for n in members:
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(env[end])
+    body = fx.GraphModule(gm, sub, class_name="RevpassSegmentBody")
+    name = f"{PREFIX}{k}"
+    while hasattr(gm, name):
+        name += "_"
+    seg = RecomputeSegment(body, name=name, sites=tuple(sites))
+    setattr(gm, name, seg)
+    with g.inserting_before(end):
+        call = g.call_module(name, tuple(ins))
+    replaces: List[str] = []
+    for n in members:
+        replaces += n.meta.get("revpass_replaces", [n.name])
+    call.meta["revpass_replaces"] = replaces
+    # while its backward runs, the segment holds what its layers keep under autograd, its rebuilt
+    # output, and the gradients of two of its values at a time (the one consumed, the one produced)
+    largest = max((_numel(mem[n.name].shape) * getattr(torch, mem[n.name].dtype).itemsize
+                   for n in members if n.name in mem and mem[n.name].shape is not None), default=0)
+    call.meta["revpass_workspace"] = sum(mem[n.name].kept_bytes for n in members if n.name in mem) + 3 * largest
+    modules = [str(n.target) for n in members if n.op == "call_module"]
+    what = " -> ".join(modules) if modules else ", ".join(str(getattr(n.target, "__name__", n.target))
+                                                          for n in members)
+    call.meta["revpass_strategy"] = (
+        "recompute",
+        f"recomputed in backward ({what}); keeps its inputs, spikes as bits"
+        + (f"; ends at {', '.join(sites)} (exact node)" if sites else ""),
+    )
+    end.replace_all_uses_with(call)
+    for n in reversed(members):
+        g.erase_node(n)
+    return name
+
+
+def segment_of(gm: fx.GraphModule, site: str) -> Optional[str]:
+    """The name of the segment that holds neuron site ``site``, if any."""
+    for name, m in gm.named_children():
+        if isinstance(m, RecomputeSegment) and site in m.sites:
+            return name
+    return None

@@ -1,0 +1,132 @@
+"""Recomputed segments (mode="recompute"): exact nodes whose feeding layers are rebuilt in
+backward from spike inputs kept as bits."""
+
+import pytest
+import torch
+from torch import nn
+
+import models
+import revpass
+from revpass.nodes.segment import RecomputeSegment
+from revpass.trace import reset_states
+from catalogue import close, worst
+
+
+def _segments(gm):
+    return {n: m for n, m in gm.named_children() if isinstance(m, RecomputeSegment)}
+
+
+def _grads(model, x, seed=1):
+    reset_states(model)
+    xx = x.detach().requires_grad_(True)
+    y = model(xx)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    names = [n for n, p in model.named_parameters()]
+    g = torch.autograd.grad((y * w).sum(), [xx, *model.parameters()])
+    reset_states(model)
+    return y.detach(), dict(zip(["x", *names], g))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return models.sj_zoo("spiking_resnet18"), torch.randn(4, 2, 3, 32, 32)
+
+
+def test_resnet_recompute_is_the_original_function_and_keeps_its_spikes_as_bits(resnet):
+    net, x = resnet
+    keys = set(net.state_dict())
+    gm = revpass.convert(net, x, mode="recompute")
+    assert set(gm.state_dict()) == keys  # the segments own no parameters: same keys, one copy
+    assert gm.revpass_report.count("recompute") == 17
+    segs = _segments(gm)
+    assert sorted(s for m in segs.values() for s in m.sites) == sorted(r.path for r in gm.revpass_report)
+    # every segment after the first reads spikes only: kept as 1 bit per element
+    from revpass.plan import plan_of
+
+    plan = plan_of(gm, "recompute")
+    assert plan.kept_before / plan.kept_after > 50
+    assert gm.get_submodule("revpass_segment_0").sites == ("sn1",)
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target in segs and n.target != "revpass_segment_0":
+            bits = sum((torch.Size(a.meta["revpass"]["shape"]).numel() + 7) // 8 for a in n.all_input_nodes)
+            assert n.meta["revpass"]["kept_bytes"] == bits, n.name
+            assert n.meta["revpass"]["strategy"] == "recompute" and n.meta["revpass"]["workspace_bytes"] > 0
+    y0, g0 = _grads(net, x)
+    y1, g1 = _grads(gm, x)
+    assert torch.equal(y0, y1)
+    assert set(g0) == set(g1)
+    for k in g0:  # same function, same ops: float32 sums in another order at most
+        assert close(g1[k], g0[k]) or worst(g1[k], g0[k]) < 10, (k, worst(g1[k], g0[k]))
+    assert revpass.verify(net, gm, x).passed
+
+
+def test_running_statistics_are_updated_once_and_state_survives_a_reset(resnet):
+    from spikingjelly.activation_based import functional
+
+    net, x = resnet
+    orig = revpass.convert(net, x, exclude="*")  # the traced original, same modules
+    gm = revpass.convert(net, x, mode="recompute")
+    for m in (orig, gm):
+        reset_states(m)
+        y = m(x)
+        functional.reset_net(m)  # a reset between forward and backward (as training loops do)
+        y.sum().backward()
+    for (name, a), (_, b) in zip(orig.named_buffers(), gm.named_buffers()):
+        assert torch.equal(a, b), name  # running_mean/var, num_batches_tracked: one update each
+    assert all(m.state is None for m in gm.modules() if isinstance(m, revpass.ExactNode))
+
+
+class DropNet(nn.Module):
+    """conv -> dropout -> LIF, twice: a segment with randomness inside."""
+
+    def __init__(self):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        self.c1 = layer.Conv2d(2, 6, 3, padding=1, step_mode="m")
+        self.d1 = layer.Dropout(0.3, step_mode="m")
+        self.n1 = neuron.LIFNode(step_mode="m")
+        self.c2 = layer.Conv2d(6, 4, 3, padding=1, step_mode="m")
+        self.n2 = neuron.LIFNode(step_mode="m")
+
+    def forward(self, x):
+        return self.n2(self.c2(self.n1(self.d1(self.c1(x)))))
+
+
+def test_dropout_in_a_segment_draws_the_same_mask_in_the_rebuild():
+    torch.manual_seed(0)
+    net = DropNet()
+    x = torch.randn(5, 3, 2, 6, 6) * 2 + 1
+    gm = revpass.convert(net, x, mode="recompute")
+    assert any("d1" in str(n.target) for m in _segments(gm).values() for n in m.body.graph.nodes)
+    torch.manual_seed(7)
+    y0, g0 = _grads(net, x)
+    torch.manual_seed(7)
+    y1, g1 = _grads(gm, x)
+    assert torch.equal(y0, y1)
+    for k in g0:
+        assert close(g1[k], g0[k]), (k, worst(g1[k], g0[k]))
+
+
+def test_rolled_snntorch_sites_and_a_non_spike_input():
+    net = models.SnnTorchConv(num_steps=4, batch_size=4)
+    x = torch.randn(4, 1, 28, 28) * 2
+    gm = revpass.convert(net, x, mode="recompute")
+    rep = gm.revpass_report
+    assert rep.by_path("lif1").decision == "recompute" and rep.by_path("lif3").decision == "unchanged"
+    assert "revpass_segment_" in rep.by_path("lif1").reason
+    first = gm.get_submodule("revpass_segment_0")
+    assert [p for p in first.body.graph.nodes if p.op == "placeholder"][0].name == "x"  # the image: kept as is
+    assert revpass.verify(net, gm, x).passed
+
+
+def test_recompute_needs_example_inputs_and_forward_without_grad_works(resnet):
+    net, x = resnet
+    with pytest.raises(ValueError, match="recompute.*needs example_inputs"):
+        revpass.convert(net, mode="recompute")
+    gm = revpass.convert(net, x, mode="recompute")
+    reset_states(gm), reset_states(net)
+    with torch.no_grad():
+        assert torch.equal(gm(x), net(x))
+    reset_states(net)
