@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 STAMP := $(VENV)/.revpass-installed
 
-.PHONY: venv demo test bench-nodes bench-convert bench-memory clean
+.PHONY: venv demo test bench-nodes bench-convert bench-memory train-digits clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps spikingjelly==2.0.0 norse==1.1.0
 	$(PIP) install -q snntorch==1.0.0 numpy scipy tqdm loguru packaging h5py nir nirtorch
-	$(PIP) install -q networkx onnx pytest hypothesis
+	$(PIP) install -q networkx onnx onnxruntime onnxscript scikit-learn pytest hypothesis
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -39,6 +39,10 @@ bench-convert: $(STAMP)
 bench-memory: $(STAMP)
 	$(PIP) install -q matplotlib
 	$(VPY) tools/bench_memory.py
+
+train-digits: $(STAMP)
+	mkdir -p bench_out
+	for enc in direct rate; do $(VPY) examples/train_digits.py --encoding $$enc; done 2>/dev/null | tee bench_out/train_digits.txt
 
 clean:
 	rm -rf $(VENV) bench_out

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import fnmatch
 import gc
+import operator
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
 
 from revpass.passes.detect import find_sites
-from revpass.passes.rewrite import _set_module, rewrite_site
+from revpass.passes.rewrite import _set_module, fold_restack, rewrite_site
 from revpass.passes.roll import graph_to_nx, plan_roll
 from revpass.report import ConversionReport, SiteRow
 from revpass.trace import reset_states, trace
@@ -23,6 +24,12 @@ def safe_deepcopy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also works after a forward: state tensors that are part of an
     autograd graph (SpikingJelly's v, snnTorch's mem) are copied detached. The model is not
     touched."""
+    return copy.deepcopy(model, detached_memo(model))
+
+
+def detached_memo(model: nn.Module) -> dict:
+    """A deepcopy memo that maps every non-leaf tensor held in ``model``'s modules (attributes,
+    buffers, SpikingJelly's memories, nested in tuples, lists and dicts) to a detached copy."""
     memo = {}
     for m in model.modules():
         pools = [vars(m), m._buffers]
@@ -40,7 +47,7 @@ def safe_deepcopy(model: nn.Module) -> nn.Module:
                     stack.extend(v)
                 elif isinstance(v, dict):
                     stack.extend(v.values())
-    return copy.deepcopy(model, memo)
+    return memo
 
 
 def _selected(path: str, include, exclude) -> Tuple[bool, str]:
@@ -105,7 +112,9 @@ def convert(
     planned = _modes or {}
     mode_of = (lambda path: mode) if _modes is None else (lambda path: planned.get(path, (None, ""))[0])
     work = model if inplace else safe_deepcopy(model)
-    gm = trace(work, concrete_args=concrete_args, time_steps=_time_steps(example_inputs))
+    shapes_in = ([tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in _as_tuple(example_inputs)]
+                 if example_inputs is not None else None)
+    gm = trace(work, concrete_args=concrete_args, time_steps=_time_steps(example_inputs), input_shapes=shapes_in)
     # an untouched copy of the traced graph, for the memory it keeps ("before" conversion), and
     # another, run once, for the shapes (a run leaves state behind: a frameworks' neuron may
     # keep its last state's shape, so that the next run saves other tensors)
@@ -121,7 +130,11 @@ def convert(
         elif not ok:
             site.reason = why
         elif mode_of(site.path) is None:
-            site.reason = planned.get(site.path, (None, "left by the planner"))[1]
+            if site.path in planned:
+                site.reason = planned[site.path][1]
+            else:  # the planner never considered it: say why it could not be converted
+                rollable, why, _ = plan_roll(site, g) if site.kind == "b" else (True, "", None)
+                site.reason = "left by the planner" if rollable else why
         elif site.kind == "a":
             site.decision = mode_of(site.path)
             site.reason = "multi-step neuron: one node over (T, ...)"
@@ -141,6 +154,12 @@ def convert(
                 site.details["plan"] = plan
             else:
                 site.reason = why
+        if site.decision == "reversible":
+            writer = next((w for w in map(written_in_place, site.calls) if w is not None), None)
+            if writer is not None:  # the reversible node keeps its output for backward; exact keeps none
+                site.decision = "exact"
+                site.reason += (f"; exact, not reversible: its output is modified in place by '{writer.name}' "
+                                "(a reversible node keeps its output for backward)")
         if site.decision != "unchanged":
             if site.path in planned:
                 site.reason += f"; planner: {planned[site.path][1]}"
@@ -157,6 +176,7 @@ def convert(
                 report.rows[-1].reason += f"; {C} channels: the unpaired one runs through the exact node"
     _convert_patterns(gm, report, shapes, mode_of, planned, backward, include, exclude,
                       model if inplace else None)
+    fold_restack(gm.graph)  # stack(unbind(y)) is y: no copy beside the node's output
     for n in list(gm.graph.nodes):  # fresh states of rolled snnTorch calls, now unused
         if n.op == "call_function" and n.target is torch.zeros and not n.users:
             gm.graph.erase_node(n)
@@ -180,6 +200,36 @@ def convert(
         del before
         gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
     return gm
+
+
+_VIEWS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "permute", "transpose", "expand", "narrow",
+          "unbind", "chunk", "split", "select", "view_as", "contiguous", "t"}
+_INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.iand,
+                operator.ior, operator.setitem}
+
+
+def written_in_place(n: fx.Node) -> Optional[fx.Node]:
+    """The first node that modifies ``n``'s value (or a view of it) in place, if any: a
+    ``tensor.op_()`` method, ``x += ...``, ``x[i] = ...``, ``F.relu(x, inplace=True)`` or a module
+    with ``inplace=True``."""
+    seen, stack = set(), list(n.users)
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+        if u.op == "call_method" and name.endswith("_") and not name.startswith("_"):
+            return u
+        if u.op == "call_function" and (u.target in _INPLACE_OPS or u.kwargs.get("inplace") is True):
+            return u
+        if u.op == "call_module" and getattr(u.graph.owning_module.get_submodule(u.target), "inplace", False):
+            return u
+        if (u.op == "call_function" and u.target in (operator.getitem, torch.unbind, torch.flatten,
+                                                      torch.reshape, torch.squeeze, torch.unsqueeze)) \
+                or (u.op == "call_method" and name in _VIEWS):
+            stack.extend(u.users)
+    return None
 
 
 def _as_tuple(example_inputs) -> tuple:

@@ -86,3 +86,73 @@ def saved_bytes(
                 if p in rep.storages:
                     rep.shared_with_output += rep.storages[p]
     return out, rep
+
+
+# ----------------------------------------------------------------------------------------------
+# whole training steps (tools/bench_memory.py and `revpass bench`)
+# ----------------------------------------------------------------------------------------------
+
+
+def _loss(out) -> Tensor:
+    """The sum of every tensor in ``out`` (nested tuples, lists, dicts)."""
+    if isinstance(out, Tensor):
+        return out.float().sum()
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return sum((_loss(o) for o in items), torch.zeros(()))
+
+
+def kept_bytes(model: torch.nn.Module, *inputs) -> int:
+    """Bytes ``model`` keeps for backward at the end of its forward (storage-deduplicated; its
+    parameters, buffers and the inputs excluded), from the reset state."""
+    from revpass.trace import reset_states
+
+    reset_states(model)
+    _, rep = saved_bytes(lambda: model(*inputs), exclude=[*inputs, *model.parameters(), *model.buffers()])
+    reset_states(model)
+    return rep.total
+
+
+def step_peak(model: torch.nn.Module, *inputs) -> int:
+    """The peak of one training step (forward, sum of the outputs, backward) measured by
+    torch's MemTracker, less parameters, gradients, buffers and optimizer state: activations and
+    temporaries, recompute buffers and the revpass nodes' backward workspaces included
+    (:func:`revpass.nodes.ops.visible_internals`)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from revpass.nodes.ops import visible_internals
+    from revpass.trace import reset_states
+
+    reset_states(model)
+    model.zero_grad(set_to_none=True)
+    mt = MemTracker()
+    mt.track_external(model)
+    with visible_internals(), mt:  # the nodes' backward workspaces count too
+        _loss(model(*inputs)).backward()
+    snap = mt.get_tracker_snapshot("peak")
+    model.zero_grad(set_to_none=True)
+    reset_states(model)
+    total = 0
+    for dev in snap.values():
+        parts = {str(k).split(".")[-1]: v for k, v in dev.items()}
+        total += parts["Total"] - sum(parts.get(k, 0) for k in ("PARAM", "GRAD", "BUFFER", "OPT"))
+    return total
+
+
+def step_time(model: torch.nn.Module, *inputs, repeat: int = 3) -> float:
+    """Median seconds of a training step over ``repeat`` runs, after one warm-up run."""
+    import statistics
+    import time
+
+    from revpass.trace import reset_states
+
+    times = []
+    for i in range(repeat + 1):
+        reset_states(model)
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        _loss(model(*inputs)).backward()
+        if i:
+            times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    reset_states(model)
+    return statistics.median(times)

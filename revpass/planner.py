@@ -19,7 +19,8 @@ backward at the end of the forward (``revpass.plan``'s figure).
 strategy that keeps least, then, since a recomputed segment's layers are rebuilt in its backward
 and the largest of them can set the peak, tries the sites with the largest such workspace as
 reversible instead, keeping each change that lowers the estimated peak (revpass.plan.estimate_peak,
-within 10% of a measured one).
+within 10% of a measured one); one strategy at every site wins where its estimated peak is lower
+still.
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def convert_within(
     total_before = plan_of(probes["exact"], "exact").kept_before
     choice, predicted = choose(total_before, {s: site_savings(g) for s, g in probes.items()}, budget)
     workspace = _workspaces(probes["recompute"])
+    uniform = {s: estimate_peak(g) for s, g in probes.items()}
+    uniform[None] = probes["exact"].revpass_peak_before  # leaving every site as it is
     del probes
     gm = convert(model, example_inputs, _modes=choice, inplace=inplace and budget != "min", **kwargs)
     if budget == "min":
@@ -157,6 +160,14 @@ def convert_within(
             cand = convert(model, example_inputs, _modes=trial, **kwargs)
             if estimate_peak(cand) < peak:
                 choice, gm, peak = trial, cand, estimate_peak(cand)
+        s = min(uniform, key=uniform.get)
+        if uniform[s] < peak:  # one strategy everywhere does better (keeping more, rebuilding less)
+            choice = {p: (s if c is not None else None,
+                          f"'min': {s} at every site has the lowest estimated peak" if s is not None and c is not None
+                          else "'min': no conversion lowers the estimated peak (the nodes' sequence-sized "
+                               "gradients outweigh what they save)" if c is not None else why)
+                      for p, (c, why) in choice.items()}
+            gm = convert(model, example_inputs, _modes=choice, **kwargs)
         if inplace:
             gm = convert(model, example_inputs, inplace=True, _modes=choice, **kwargs)
     gm.revpass_report.mode = f"budget={budget!r}"

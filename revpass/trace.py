@@ -61,9 +61,20 @@ class RevpassTracer(fx.Tracer):
     loop over a sequence tensor (``for x in x_seq``) unrolls over that many steps.
     """
 
-    def __init__(self, time_steps: Optional[int] = None, **kwargs):
+    def __init__(self, time_steps: Optional[int] = None, input_shapes: Optional[List[Any]] = None, **kwargs):
         super().__init__(**kwargs)
         self.time_steps = time_steps
+        self.input_shapes = list(input_shapes) if input_shapes is not None else None
+        self._placeholders = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        """With ``input_shapes``, the forward's tensor arguments answer ``.shape``, ``.size()``,
+        ``.dim()`` and ``.ndim`` with the example's values (so that ``range(x.shape[0])`` traces)."""
+        if node.op == "placeholder" and self.input_shapes is not None:
+            i, self._placeholders = self._placeholders, self._placeholders + 1
+            if i < len(self.input_shapes) and self.input_shapes[i] is not None:
+                return _ShapedProxy(node, self, torch.Size(self.input_shapes[i]))
+        return super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return _framework_leaf(m) or super().is_leaf_module(m, module_qualified_name)
@@ -72,6 +83,23 @@ class RevpassTracer(fx.Tracer):
         if self.time_steps is not None:
             return iter([obj[i] for i in range(self.time_steps)])
         return super().iter(obj)
+
+
+class _ShapedProxy(fx.Proxy):
+    """A placeholder whose shape is the example input's (see RevpassTracer.proxy)."""
+
+    def __init__(self, node: fx.Node, tracer, shape: torch.Size):
+        super().__init__(node, tracer)
+        self._rp_shape = shape
+
+    def __getattr__(self, k):
+        if k in ("shape", "ndim"):
+            return self._rp_shape if k == "shape" else len(self._rp_shape)
+        if k == "size":
+            return lambda dim=None: self._rp_shape if dim is None else self._rp_shape[dim]
+        if k == "dim":
+            return lambda: len(self._rp_shape)
+        return super().__getattr__(k)
 
 
 _APPLY_WRAPPERS: Dict[type, Callable] = {}
@@ -202,19 +230,31 @@ def trace(
     concrete_args: Optional[Dict[str, Any]] = None,
     tracer: Optional[RevpassTracer] = None,
     time_steps: Optional[int] = None,
+    input_shapes: Optional[List[Any]] = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that behaves like it over repeated calls.
 
     norse's ``SequentialState`` takes a ``state`` argument: it is bound to None automatically.
     autograd.Functions called in traced code stay single nodes (their backward is kept).
-    ``time_steps`` unrolls loops over sequence tensors (``for x in x_seq``).
+    ``time_steps`` unrolls loops over sequence tensors (``for x in x_seq``). ``input_shapes``
+    (the example inputs' shapes, None for non-tensors): when the forward uses an input's shape as
+    a number (``for t in range(x.shape[0])``), the model is traced again with those shapes fixed.
     """
-    tracer = tracer or RevpassTracer(time_steps=time_steps)
     concrete_args = dict(concrete_args or {})
     _default_concrete_args(model, concrete_args)
     try:
-        with _patched_frameworks(tracer):
-            graph = tracer.trace(model, concrete_args=concrete_args or None)
+        try:
+            t = tracer or RevpassTracer(time_steps=time_steps)
+            with _patched_frameworks(t):
+                graph = t.trace(model, concrete_args=concrete_args or None)
+        except TypeError as exc:
+            # a shape read in forward used as a number (range(x.shape[0]), torch.zeros(x.shape[1], n)):
+            # trace again with the example inputs' shapes, which the graph then assumes
+            if tracer is not None or input_shapes is None or "Proxy" not in str(exc):
+                raise
+            t = RevpassTracer(time_steps=time_steps, input_shapes=input_shapes)
+            with _patched_frameworks(t):
+                graph = t.trace(model, concrete_args=concrete_args or None)
     except Exception as exc:  # noqa: BLE001 - re-raised with a location and a remedy
         raise TraceError(
             f"could not trace {type(model).__name__}: {type(exc).__name__}: {exc}\n"
@@ -224,13 +264,30 @@ def trace(
             "revpass.register_neuron); if it depends on a forward argument, fix that argument with "
             "concrete_args={'name': value}."
         ) from exc
+    for n in list(graph.nodes):
+        # concrete_args=None become `_assert_is_none(arg)` calls; the graph's own code would then
+        # name that wrapped function, and a GraphModule unpickled with it leaves an entry in fx's
+        # table of wrapped functions that breaks every later trace in the process
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "_assert_is_none" and not n.users:
+            graph.erase_node(n)
     has_reset = any(n.op == "call_module" and n.target == _RESET_MARK for n in graph.nodes)
     root = _Root(model, has_reset)
     gm = fx.GraphModule(root, graph, class_name=f"Traced{type(model).__name__}")
+    type(gm).__deepcopy__ = _deepcopy_after_forward  # this GraphModule's own class
     gm.training = model.training
     if has_reset:
         gm._revpass_reset._owner = weakref.ref(gm)
     return gm
+
+
+def _deepcopy_after_forward(self, memo):
+    """Deepcopy of a traced model that works after a forward: the frameworks' neurons left in
+    it hold state that is part of an autograd graph; it is copied detached."""
+    from revpass.api import detached_memo
+
+    for k, v in detached_memo(self).items():
+        memo.setdefault(k, v)
+    return fx.GraphModule.__deepcopy__(self, memo)
 
 
 class _Root(nn.Module):

@@ -74,6 +74,7 @@ def with_backward(model: nn.Module, backward: str) -> nn.Module:
     for m in twin.modules():
         if isinstance(m, _Node):
             m.backward_mode = backward
+            m._register_op()
     return twin
 
 

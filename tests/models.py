@@ -3,6 +3,9 @@ SequentialState model, and a hand-written LIF network; sized small for CPU tests
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -20,30 +23,11 @@ def sj_zoo(name: str):
     return net
 
 
-# snnTorch tutorial 5: a fully connected network, explicit membrane
-class SnnTorchFC(nn.Module):
-    def __init__(self, num_inputs=20, num_hidden=16, num_outputs=4, beta=0.95, num_steps=6):
-        super().__init__()
-        import snntorch as snn
+# snnTorch tutorial 5: a fully connected network, explicit membrane (examples/snntorch_tutorial.py)
+def SnnTorchFC(num_inputs=20, num_hidden=16, num_outputs=4, beta=0.95, num_steps=6):
+    from snntorch_tutorial import Net
 
-        self.num_steps = num_steps
-        self.fc1 = nn.Linear(num_inputs, num_hidden)
-        self.lif1 = snn.Leaky(beta=beta)
-        self.fc2 = nn.Linear(num_hidden, num_outputs)
-        self.lif2 = snn.Leaky(beta=beta)
-
-    def forward(self, x):
-        mem1 = self.lif1.init_leaky()
-        mem2 = self.lif2.init_leaky()
-        spk2_rec, mem2_rec = [], []
-        for step in range(self.num_steps):
-            cur1 = self.fc1(x)
-            spk1, mem1 = self.lif1(cur1, mem1)
-            cur2 = self.fc2(spk1)
-            spk2, mem2 = self.lif2(cur2, mem2)
-            spk2_rec.append(spk2)
-            mem2_rec.append(mem2)
-        return torch.stack(spk2_rec, dim=0), torch.stack(mem2_rec, dim=0)
+    return Net(num_inputs, num_hidden, num_outputs, beta, num_steps)
 
 
 # snnTorch tutorial 6: a convolutional network, explicit membrane
@@ -146,35 +130,11 @@ class NorseCellLoop(nn.Module):
         return torch.stack(outs)
 
 
-class HandLIF(nn.Module):
-    """A user's own multi-step LIF neuron (SpikingJelly-style hard reset, sigmoid surrogate)."""
-
-    def __init__(self, tau=2.0, v_threshold=1.0):
-        super().__init__()
-        self.tau, self.v_threshold = tau, v_threshold
-
-    def forward(self, x_seq):
-        v = torch.zeros_like(x_seq[0])
-        out = []
-        for x in x_seq:
-            h = v + (x - v) / self.tau
-            s = _SigmoidSpike.apply(h - self.v_threshold)
-            v = s * 0.0 + (1.0 - s) * h
-            out.append(s)
-        return torch.stack(out)
-
-
-class _SigmoidSpike(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return (x >= 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        s = torch.sigmoid(4.0 * x)
-        return g * (1 - s) * s * 4.0
+# a user's own multi-step LIF (SpikingJelly-style hard reset, sigmoid surrogate) and its spike
+# function: examples/custom_neuron.py (which registers it only when run); the examples folder is
+# importable also where this file is loaded by path (the revpass command's tests)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from custom_neuron import MyLIF as HandLIF, Spike as _SigmoidSpike  # noqa: E402
 
 
 class HandNet(nn.Module):

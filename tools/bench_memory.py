@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import revpass  # noqa: E402
-from revpass.memory import saved_bytes  # noqa: E402
+from revpass.memory import kept_bytes, step_peak, step_time  # noqa: E402
 from revpass.trace import reset_states  # noqa: E402
 
 VARIANTS = ("original", "exact", "reversible", "recompute", "planner-min", "memopt-L1")
@@ -81,48 +80,6 @@ def _variant(name: str, make, x) -> Optional[nn.Module]:
     if name == "planner-min":
         return revpass.convert(net, x, budget="min")
     return _memopt(net, x)
-
-
-def _loss(out):
-    return sum(o.float().sum() for o in (out if isinstance(out, (tuple, list)) else [out]))
-
-
-def _kept(model: nn.Module, x: torch.Tensor) -> int:
-    reset_states(model)
-    _, rep = saved_bytes(lambda: model(x), exclude=[x, *model.parameters(), *model.buffers()])
-    reset_states(model)
-    return rep.total
-
-
-def _peak(model: nn.Module, x: torch.Tensor) -> int:
-    """MemTracker's peak of one training step, less parameters, gradients, buffers, optimizer."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    reset_states(model)
-    model.zero_grad(set_to_none=True)
-    mt = MemTracker()
-    mt.track_external(model)
-    with mt:
-        _loss(model(x)).backward()
-    snap = mt.get_tracker_snapshot("peak")
-    model.zero_grad(set_to_none=True)
-    total = 0
-    for dev in snap.values():
-        parts = {str(k).split(".")[-1]: v for k, v in dev.items()}
-        total += parts["Total"] - sum(parts.get(k, 0) for k in ("PARAM", "GRAD", "BUFFER", "OPT"))
-    return total
-
-
-def _step_time(model: nn.Module, x: torch.Tensor, repeat: int) -> float:
-    times = []
-    for i in range(repeat + 1):
-        reset_states(model)
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        _loss(model(x)).backward()
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -181,8 +138,8 @@ def _row(mname: str, T: int, batch: int, repeat: int) -> Dict[str, Any]:
         model = _variant(v, make, x)
         if model is None:
             continue
-        row["variants"][v] = {"kept_bytes": _kept(model, x), "peak_bytes": _peak(model, x),
-                              "step_s": _step_time(model, x, repeat)}
+        row["variants"][v] = {"kept_bytes": kept_bytes(model, x), "peak_bytes": step_peak(model, x),
+                              "step_s": step_time(model, x, repeat=repeat)}
         del model
         gc.collect()  # graph modules hold reference cycles; free each variant before the next
     return row

@@ -6,6 +6,7 @@ that framework is looked at: ``import revpass`` imports none of the SNN framewor
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from typing import Callable, Dict, Optional, Type
@@ -15,7 +16,7 @@ from torch import nn
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons import families as _families  # noqa: F401  (registers the families)
 from revpass.neurons.spec import FAMILIES, Family, NeuronSpec, family_of, run_sequence
-from revpass.neurons.surrogate import Surrogate, derivative_from_function
+from revpass.neurons.surrogate import Surrogate, derivative_from_function, sigmoid_deriv
 
 __all__ = [
     "NeuronSpec",
@@ -95,16 +96,8 @@ def lif_spec(
     ``surrogate`` is a :class:`Surrogate` or any elementwise spike function with a gradient
     (default: sigmoid surrogate with alpha = 4).
     """
-    import torch
-
     if surrogate is None:
-        a = 4.0
-
-        def deriv(x):
-            s = torch.sigmoid(a * x)
-            return (1 - s) * s * a
-
-        surrogate = Surrogate("Sigmoid(alpha=4)", deriv, fires_at_threshold)
+        surrogate = Surrogate("Sigmoid(alpha=4)", functools.partial(sigmoid_deriv, 4.0), fires_at_threshold)
     elif not isinstance(surrogate, Surrogate):
         surrogate = Surrogate(
             getattr(surrogate, "__name__", type(surrogate).__name__),

@@ -5,6 +5,8 @@ Imported only when a model contains a norse module.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ from revpass.neurons.surrogate import (
     Surrogate,
     check_derivative,
     derivative_from_function,
+    superspike_deriv,
     superspike_deriv_,
 )
 
@@ -35,21 +38,21 @@ def is_neuron(m: nn.Module) -> bool:
 is_leaf = is_neuron
 
 
+def _threshold(method: str, alpha: float, x):
+    return threshold(x, method, alpha)
+
+
 def surrogate_of(p, where: str) -> Surrogate:
     method = p.method
-    if method == "super":
-
-        def deriv(x):  # norse SuperSpike.backward with a unit gradient (alpha unused in 1.1.0)
-            return 1.0 / (torch.abs(x) + 1.0).pow(2)
-
-        return Surrogate("SuperSpike", deriv, False, superspike_deriv_)
+    if method == "super":  # norse SuperSpike.backward with a unit gradient (alpha unused in 1.1.0)
+        return Surrogate("SuperSpike", superspike_deriv, False, superspike_deriv_)
     if method in ("heaviside", "adjoint"):
         raise UnsupportedNeuronError(
             f"{where}: p.method={method!r} has no surrogate gradient revpass can use. "
             "Use method='super' (or 'tanh', 'triangle', 'circ', 'heavi_erfc'), or exclude it."
         )
     alpha = float(p.alpha)
-    deriv = derivative_from_function(lambda x: threshold(x, method, alpha))
+    deriv = derivative_from_function(functools.partial(_threshold, method, alpha))
     check_derivative(deriv, where, f"p.method={method!r}")
     return Surrogate(f"{method}(alpha={alpha:g}) (own derivative)", deriv, False)
 

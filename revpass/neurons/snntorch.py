@@ -5,7 +5,8 @@ Imported only when a model contains an snnTorch module.
 
 from __future__ import annotations
 
-import math
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from revpass.errors import UnsupportedNeuronError
 from revpass.neurons.spec import NeuronSpec
 from revpass.neurons.surrogate import (
     Surrogate,
+    atan_deriv,
     atan_deriv_,
     check_derivative,
     derivative_from_function,
@@ -59,16 +61,43 @@ def surrogate_of(m: nn.Module, where: str) -> Surrogate:
     qual = getattr(fn, "__qualname__", "")
     if getattr(fn, "__module__", "") == snn_surrogate.__name__ and qual == "atan.<locals>.inner":
         alpha = float(_closure_value(fn, "alpha"))
-        half = alpha / 2
-        k = math.pi / 2 * alpha
-
-        def deriv(x):  # snntorch.surrogate.ATan.backward with a unit gradient
-            return half / (1 + (k * x).pow(2))
-
-        return Surrogate(f"atan(alpha={alpha:g})", deriv, False, atan_deriv_(alpha))
-    deriv = derivative_from_function(fn)
+        # snntorch.surrogate.ATan.backward with a unit gradient
+        return Surrogate(f"atan(alpha={alpha:g})", functools.partial(atan_deriv, alpha), False, atan_deriv_(alpha))
+    deriv = derivative_from_function(_picklable(fn))
     check_derivative(deriv, where, f"spike_grad={qual or fn!r}")
     return Surrogate(f"{qual.split('.')[0] or 'spike_grad'} (own derivative)", deriv, False)
+
+
+class _Rebuilt:
+    """An snnTorch surrogate closure (``fast_sigmoid(slope=25)`` returns ``inner``), held as its
+    factory's name and arguments so that it pickles; rebuilt on first use after loading."""
+
+    def __init__(self, factory: str, kwargs: dict, fn=None):
+        self.factory, self.kwargs, self._fn = factory, kwargs, fn
+
+    def __call__(self, x):
+        if self._fn is None:
+            self._fn = getattr(snn_surrogate, self.factory)(**self.kwargs)
+        return self._fn(x)
+
+    def __getstate__(self):
+        return {"factory": self.factory, "kwargs": self.kwargs, "_fn": None}
+
+
+def _picklable(fn):
+    """``fn``, or, for a closure made by one of snnTorch's surrogate factories whose captured
+    values are its arguments, a :class:`_Rebuilt` of it."""
+    qual = getattr(fn, "__qualname__", "")
+    factory = qual.split(".")[0]
+    if (getattr(fn, "__module__", "") != snn_surrogate.__name__ or not qual.endswith("<locals>.inner")
+            or not callable(getattr(snn_surrogate, factory, None)) or fn.__closure__ is None):
+        return fn
+    params = inspect.signature(getattr(snn_surrogate, factory)).parameters
+    names = fn.__code__.co_freevars
+    kwargs = {n: c.cell_contents for n, c in zip(names, fn.__closure__) if n in params}
+    if set(kwargs) != set(names):
+        return fn
+    return _Rebuilt(factory, kwargs, fn)
 
 
 def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:

@@ -5,6 +5,8 @@ Imported only when a model contains a SpikingJelly module.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -38,6 +40,11 @@ def is_leaf(m: nn.Module) -> bool:
     return isinstance(m, (sj_base.MemoryModule, sj_base.StepModule))
 
 
+def _sj_gradient(alpha: float, sid: int, x):
+    """SpikingJelly's own surrogate gradient formula (its fused-kernel reference)."""
+    return _surrogate_gradient(x, alpha, sid)
+
+
 def surrogate_of(fn: nn.Module, where: str) -> Surrogate:
     name = type(fn).__name__
     if getattr(fn, "spiking", True) is False:
@@ -57,7 +64,7 @@ def surrogate_of(fn: nn.Module, where: str) -> Surrogate:
         inplace = {"Sigmoid": sigmoid_deriv_, "ATan": atan_deriv_}.get(name)
         return Surrogate(
             f"{name}(alpha={a:g})",
-            lambda x: _surrogate_gradient(x, a, sid),
+            functools.partial(_sj_gradient, a, sid),
             True,
             inplace(a) if inplace is not None else None,
         )

@@ -12,6 +12,8 @@ formula); any other elementwise surrogate is differentiated through its own back
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable, Optional
 
 import torch
@@ -74,19 +76,20 @@ def derivative_from_function(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor
     """Derivative of an elementwise spike function, taken through its own backward.
 
     The function is called once on the whole argument with a gradient of ones; this is exact for
-    any surrogate whose backward multiplies the incoming gradient elementwise.
+    any surrogate whose backward multiplies the incoming gradient elementwise. The result pickles
+    when ``fn`` does.
     """
+    return functools.partial(_derivative_through, fn)
 
-    def deriv(x: Tensor) -> Tensor:
-        with torch.enable_grad():
-            xx = x.detach().requires_grad_(True)
-            y = fn(xx)
-            (g,) = torch.autograd.grad(y, xx, torch.ones_like(y), allow_unused=True)
-        if g is None:
-            raise RuntimeError("the spike function has no gradient with respect to its input")
-        return g.to(x.dtype)
 
-    return deriv
+def _derivative_through(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    with torch.enable_grad():
+        xx = x.detach().requires_grad_(True)
+        y = fn(xx)
+        (g,) = torch.autograd.grad(y, xx, torch.ones_like(y), allow_unused=True)
+    if g is None:
+        raise RuntimeError("the spike function has no gradient with respect to its input")
+    return g.to(x.dtype)
 
 
 def check_derivative(
@@ -112,27 +115,44 @@ def check_derivative(
         )
 
 
+# The surrogates' derivatives are module-level functions bound with functools.partial, so that a
+# spec, and a converted model with it, pickles (torch.save) and copies.
+
+
+def sigmoid_deriv(alpha: float, x: Tensor) -> Tensor:
+    """alpha * s * (1 - s), s = sigmoid(alpha x) (SpikingJelly Sigmoid; revpass's default)."""
+    s = torch.sigmoid(alpha * x)
+    return (1 - s) * s * alpha
+
+
+def _sigmoid_deriv_inplace(alpha: float, x: Tensor) -> Tensor:
+    t = x.mul_(alpha).sigmoid_()
+    return t.mul_(torch.rsub(t, 1.0)).mul_(alpha)
+
+
 def sigmoid_deriv_(alpha: float) -> Callable[[Tensor], Tensor]:
     """In place: alpha * s * (1 - s), s = sigmoid(alpha x) (SpikingJelly Sigmoid)."""
+    return functools.partial(_sigmoid_deriv_inplace, alpha)
 
-    def f(x: Tensor) -> Tensor:
-        t = x.mul_(alpha).sigmoid_()
-        return t.mul_(torch.rsub(t, 1.0)).mul_(alpha)
 
-    return f
+def _atan_deriv_inplace(alpha: float, x: Tensor) -> Tensor:
+    x.mul_(math.pi / 2 * alpha)
+    return x.mul_(x).add_(1.0).reciprocal_().mul_(alpha / 2)
 
 
 def atan_deriv_(alpha: float) -> Callable[[Tensor], Tensor]:
     """In place: (alpha / 2) / (1 + (pi / 2 alpha x)^2) (SpikingJelly ATan, snnTorch atan)."""
-    import math
+    return functools.partial(_atan_deriv_inplace, alpha)
 
-    k = math.pi / 2 * alpha
 
-    def f(x: Tensor) -> Tensor:
-        x.mul_(k)
-        return x.mul_(x).add_(1.0).reciprocal_().mul_(alpha / 2)
+def atan_deriv(alpha: float, x: Tensor) -> Tensor:
+    """(alpha / 2) / (1 + (pi / 2 alpha x)^2), as snnTorch's atan backward computes it."""
+    return (alpha / 2) / (1 + (math.pi / 2 * alpha * x).pow(2))
 
-    return f
+
+def superspike_deriv(x: Tensor) -> Tensor:
+    """1 / (|x| + 1)^2 (norse SuperSpike.backward with a unit gradient)."""
+    return 1.0 / (torch.abs(x) + 1.0).pow(2)
 
 
 def superspike_deriv_(x: Tensor) -> Tensor:

@@ -59,9 +59,26 @@ class _Node(nn.Module):
                 self.register_buffer(attr, t, persistent=attr in spec.attr_names.values())
             self._param_attr[key] = attr
         self.state: Optional[Tuple[Tensor, ...]] = None
-        self._cfg_id = ops.register_config(
-            ops.OpConfig(spec, tuple(self._param_attr), "optimized" if backward == "autograd" else backward)
-        )
+        self.plain = False  # standard tensor ops, nothing carried (revpass.export_onnx sets it)
+        self._register_op()
+
+    # -- copying and pickling --------------------------------------------------------------------
+    def __getstate__(self):
+        """The carried state is copied detached (after a forward it is part of an autograd graph,
+        which deepcopy and pickle cannot take); the op's configuration is registered again on
+        load (its id is per process)."""
+        d = dict(self.__dict__)
+        if d.get("state") is not None:
+            d["state"] = tuple(t.detach() for t in d["state"])
+        return d
+
+    def __setstate__(self, d):
+        super().__setstate__(d)
+        self._register_op()
+
+    def _register_op(self) -> None:
+        backward = "optimized" if self.backward_mode == "autograd" else self.backward_mode
+        self._cfg_id = ops.register_config(ops.OpConfig(self.spec, tuple(self._param_attr), backward))
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -117,7 +134,8 @@ class _Node(nn.Module):
         if not x.is_floating_point():
             raise TypeError(
                 f"{self.name}: input dtype {x.dtype} is not floating point; spiking nodes run on "
-                "float32/float64 (cast the input, e.g. x.float())."
+                "float32/float64 (float16/bfloat16 inputs are computed in float32; cast the input, "
+                "e.g. x.float())."
             )
         single = self.step_mode == "s"
         xs = x.unsqueeze(0) if single else x
@@ -126,6 +144,9 @@ class _Node(nn.Module):
                 f"{self.name}: expected input (T, B, ...) in step_mode='m' or (B, ...) in "
                 f"step_mode='s', got shape {tuple(x.shape)}"
             )
+        half = xs.dtype in (torch.float16, torch.bfloat16)
+        if half:  # the membrane accumulates in float32; the output returns in the input's dtype
+            xs = xs.float()
         explicit = state is not None
         if state is None and self.carry_state and self.state is not None:
             state = self.state
@@ -133,15 +154,25 @@ class _Node(nn.Module):
                 state = None  # shape or dtype changed: start again, as SpikingJelly does
         x0 = xs[0] if xs.shape[0] else xs.new_empty(xs.shape[1:])
         state0 = None if state is None else self._complete(state, x0)
-        y, stateT = self._run(xs, state0)
-        if self.carry_state:
+        if self.plain:
+            with torch.no_grad():
+                y, stateT = self._run_plain(xs, state0)
+        else:
+            y, stateT = self._run(xs, state0)
+        if self.carry_state and not self.plain:
             self.state = stateT
         y = y[0] if single else y
+        if half:
+            y = y.to(x.dtype)
         if self.return_state or explicit:
             return y, self.public_state(stateT)
         return y
 
     def _run(self, x, state0):
+        raise NotImplementedError
+
+    def _run_plain(self, x, state0):
+        """The forward in standard tensor ops (no custom op, no autograd): what an exporter traces."""
         raise NotImplementedError
 
     def _op_args(self, state0):
@@ -174,6 +205,10 @@ class ReversibleNode(_Node):
         y, _, _, stateT = ops.reversible_op(x, s0, params, self._cfg_id, need)
         return y, tuple(stateT)
 
+    def _run_plain(self, x, state0):
+        y, _, _, stateT = core.reversible_forward(self.spec, x, state0, self.params())
+        return y, stateT
+
     def report(self, channels: Optional[int] = None) -> Dict[str, object]:
         """How the node lays out ``channels`` channels (paired reversibly, unpaired exact)."""
         out: Dict[str, object] = {"kind": self.kind, "neuron": self.spec.describe(), "backward": self.backward_mode}
@@ -205,6 +240,10 @@ class ExactNode(_Node):
         s0, params, need = self._op_args(state0)
         s, _, stateT = ops.exact_op(x, s0, params, self._cfg_id, need)
         return s, tuple(stateT)
+
+    def _run_plain(self, x, state0):
+        s, stateT, _, _ = run_sequence(self.spec, x, state0, self.params())
+        return s, stateT
 
 
 def _step_mode(neuron: nn.Module) -> str:

@@ -47,6 +47,7 @@ class RecomputeSegment(nn.Module):
         object.__setattr__(self, "_body", body)  # not a child: its modules belong to the model
         self.name = name
         self.sites = tuple(sites)
+        self.plain = False  # run the layers as they are, nothing saved (revpass.export_onnx sets it)
 
     @property
     def body(self) -> fx.GraphModule:
@@ -58,7 +59,7 @@ class RecomputeSegment(nn.Module):
         return [m for m in self._body.modules() if isinstance(m, _Node)]
 
     def forward(self, *inputs):
-        if not torch.is_grad_enabled():
+        if self.plain or not torch.is_grad_enabled():
             return self._body(*inputs)
         params = [p for p in self._body.parameters() if p.requires_grad]
         return _Recompute.apply(self, len(inputs), *inputs, *params)

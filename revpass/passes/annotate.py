@@ -17,8 +17,10 @@ counts once, at the first node that keeps it.
     forward_step          the position of the node in the forward (when its tensors are saved)
     backward_step         the step of the backward that frees them: autograd runs the nodes'
                           backwards in reverse order, so it is n_nodes - 1 - forward_step
-    workspace_bytes       recomputed segments only: what the segment's layers keep while its
-                          backward recomputes them (measured before it was formed)
+    workspace_bytes       revpass nodes: what their backward allocates besides the input gradient
+                          (measured on the node alone); recomputed segments: what the segment's
+                          layers keep while its backward recomputes them, plus the largest
+                          node workspace inside (measured before it was formed)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class NodeMemory:
     dtype: Optional[str]
     binary: bool = False  # every element of the output is 0 or 1 (spikes)
     own_bytes: int = 0  # what the node keeps, counting storages other nodes also keep
+    workspace_bytes: int = 0  # revpass nodes: what their backward allocates besides the input gradient
 
 
 class _Recorder(fx.Interpreter):
@@ -58,7 +61,7 @@ class _Recorder(fx.Interpreter):
         if isinstance(out, torch.Tensor):
             self.outputs[n.name] = (list(out.shape), str(out.dtype).replace("torch.", ""))
             with torch.no_grad():
-                self.binary[n.name] = bool(out.is_floating_point() and out.numel()
+                self.binary[n.name] = bool(out.is_floating_point() and out.numel() and out.device.type != "meta"
                                            and ((out == 0) | (out == 1)).all())
         return out
 
@@ -111,7 +114,50 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
         shape, dtype = rec.outputs.get(n.name, (None, None))
         result[n.name] = NodeMemory(kept.get(n.name, 0), i, shape, dtype, rec.binary.get(n.name, False),
                                     sum(own.get(n.name, {}).values()))
+    from revpass.nodes.modules import _Node
+
+    sized: Dict[str, int] = {}
+    for n in rec.order:  # the revpass nodes' backward workspace, measured once per module and shape
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _Node) and n.args:
+            src = rec.outputs.get(getattr(n.args[0], "name", None))
+            if src is not None:
+                key = f"{n.target}{src}"
+                if key not in sized:
+                    sized[key] = node_workspace(gm.get_submodule(n.target), src[0], getattr(torch, src[1]))
+                result[n.name].workspace_bytes = sized[key]
     return result
+
+
+def node_workspace(node, shape, dtype, device="cpu") -> int:
+    """What ``node``'s backward allocates besides its input gradient, on a random input of
+    ``shape``: MemTracker's peak over the backward alone, with the kernels' internals visible
+    (revpass.nodes.ops.visible_internals), less the input gradient and parameter gradients. The
+    node's carried state is left as it was; 0 on the meta device."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from revpass.nodes.ops import visible_internals
+
+    if device == "meta" or str(device) == "meta" or not shape:
+        return 0
+    device = next((p.device for p in node.parameters()), torch.device(device))
+    if device.type == "meta":
+        return 0
+    saved_state, node.state = node.state, None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            x = (torch.randn(shape, dtype=dtype, device=device) + 0.5).requires_grad_(True)
+            y = node(x)
+            y = y[0] if isinstance(y, tuple) else y
+            g = torch.randn_like(y)
+        params = [p for p in node.parameters() if p.requires_grad]
+        mt = MemTracker()
+        with visible_internals(), mt:
+            grads = torch.autograd.grad(y, [x, *params], g, allow_unused=True)
+        snap = mt.get_tracker_snapshot("peak")
+        total = sum(v for d in snap.values() for k, v in d.items() if str(k).split(".")[-1] == "Total")
+        return max(0, total - sum(t.numel() * t.element_size() for t in grads if t is not None))
+    finally:
+        node.state = saved_state
 
 
 def annotate(
@@ -152,5 +198,7 @@ def _write(gm: fx.GraphModule, mem: Dict[str, NodeMemory], prior: Optional[Dict[
         if "revpass_strategy" in n.meta:  # a recomputed segment (revpass/passes/segments.py)
             info["strategy"], info["reason"] = n.meta["revpass_strategy"]
             info["workspace_bytes"] = n.meta["revpass_workspace"]
+        elif m is not None and m.workspace_bytes:
+            info["workspace_bytes"] = m.workspace_bytes
         n.meta[META] = info
         n.meta.setdefault("custom", {})[META] = dict(info)

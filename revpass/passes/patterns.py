@@ -111,8 +111,10 @@ class Step:
 def _is_zero_state(v) -> bool:
     if _const(v) == 0.0:
         return True
-    return (isinstance(v, fx.Node) and v.op == "call_function"
-            and v.target in (torch.zeros_like, torch.zeros) and not v.kwargs)
+    if not isinstance(v, fx.Node) or v.kwargs:
+        return False
+    return ((v.op == "call_function" and v.target in (torch.zeros_like, torch.zeros))
+            or (v.op == "call_method" and v.target in ("new_zeros", "zero_")))
 
 
 def find_steps(gm: fx.GraphModule) -> List[Step]:

@@ -92,3 +92,29 @@ def topo_sort(g: fx.Graph) -> None:
     for n in others:
         cur.append(n)
         cur = n
+
+
+def fold_restack(g: fx.Graph) -> int:
+    """``torch.stack([unbind(y, 0)[0], ..., unbind(y, 0)[T-1]], 0)`` is ``y``: a sequence node's
+    outputs re-stacked by the model (``out.append(spike)``, then ``torch.stack(out)``) would be a
+    copy that its consumer keeps beside the node's own output. Returns how many were folded."""
+    folded = 0
+    for n in list(g.nodes):
+        if not (n.op == "call_function" and n.target is torch.stack and n.args):
+            continue
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        items = n.args[0]
+        if dim != 0 or n.kwargs.keys() - {"dim"} or not isinstance(items, (list, tuple)) or not items:
+            continue
+        src = items[0].args[0] if isinstance(items[0], fx.Node) and items[0].target is operator.getitem else None
+        if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is torch.unbind
+                and (src.args[1:] or (0,))[0] == 0 and not src.kwargs):
+            continue
+        n_steps = sum(1 for u in src.users if u.target is operator.getitem)
+        if len(items) != n_steps or any(not (isinstance(it, fx.Node) and it.target is operator.getitem
+                                             and it.args == (src, t)) for t, it in enumerate(items)):
+            continue
+        n.replace_all_uses_with(src.args[0])
+        g.erase_node(n)
+        folded += 1
+    return folded

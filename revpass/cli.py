@@ -1,0 +1,345 @@
+"""The ``revpass`` command: inspect, convert, verify, export and bench a model from the shell.
+
+    revpass inspect spikingjelly.activation_based.model.spiking_resnet:spiking_resnet18 \\
+        --kwargs '{"spiking_neuron": "spikingjelly.activation_based.neuron:LIFNode"}' \\
+        --input-shape 4,2,3,32,32 --step-mode m
+
+MODEL is ``package.module:factory`` or ``path/to/file.py:factory``; ``--kwargs`` is JSON whose
+string values of the form ``pkg.mod:Name`` are resolved to that object. The model runs on a random
+input of ``--input-shape`` (seeded). Errors print one line on stderr and exit non-zero; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+EXIT_FAIL, EXIT_USAGE = 1, 2
+_OBJECT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# loading the model
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve(ref: str) -> Any:
+    """``pkg.mod:Name`` or ``path/file.py:Name`` (dotted attributes allowed after the colon)."""
+    if ":" not in ref:
+        raise CliError(f"{ref!r} is not of the form package.module:factory or path/to/file.py:factory")
+    where, _, attr = ref.rpartition(":")
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise CliError(f"no such file: {where}")
+        name = "revpass_user_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(where))[0])
+        spec = importlib.util.spec_from_file_location(name, where)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        sys.path.insert(0, os.path.dirname(os.path.abspath(where)))
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise CliError(f"importing {where} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise CliError(f"cannot import {where!r}: {exc}") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CliError(f"{where} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_kwargs(value: Any) -> Any:
+    """JSON kwargs with ``pkg.mod:Name`` strings resolved, at any depth."""
+    if isinstance(value, str) and _OBJECT.match(value):
+        return resolve(value)
+    if isinstance(value, list):
+        return [resolve_kwargs(v) for v in value]
+    if isinstance(value, dict):
+        return {k: resolve_kwargs(v) for k, v in value.items()}
+    return value
+
+
+def build(args) -> torch.nn.Module:
+    factory = resolve(args.model)
+    try:
+        kwargs = resolve_kwargs(json.loads(args.kwargs)) if args.kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--kwargs is not valid JSON: {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise CliError("--kwargs must be a JSON object")
+    torch.manual_seed(args.seed)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise CliError(f"{args.model}({', '.join(kwargs)}) raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"{args.model} returned {type(model).__name__}, not a torch.nn.Module")
+    if args.step_mode:
+        try:
+            from spikingjelly.activation_based import functional
+        except ImportError as exc:
+            raise CliError("--step-mode sets SpikingJelly's step mode, but spikingjelly is not installed") from exc
+        functional.set_step_mode(model, args.step_mode)
+    return model
+
+
+def example_input(args) -> torch.Tensor:
+    if not args.input_shape:
+        raise CliError("--input-shape is required (for example --input-shape 4,2,3,32,32)")
+    try:
+        shape = [int(s) for s in args.input_shape.replace("x", ",").split(",") if s.strip()]
+    except ValueError as exc:
+        raise CliError(f"--input-shape {args.input_shape!r}: expected integers separated by commas") from exc
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randn(shape, generator=g) * args.input_scale + args.input_offset
+
+
+def _run_checked(model, x):
+    """One forward, so that a shape that does not fit fails here with the model's own words."""
+    from revpass.trace import reset_states
+
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        raise CliError(f"the model does not run on an input of shape {tuple(x.shape)}: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    finally:
+        reset_states(model)
+
+
+def converted(args, model, x):
+    import revpass
+
+    kw: Dict[str, Any] = {}
+    if args.budget is not None:
+        kw["budget"] = args.budget if args.budget == "min" else int(args.budget)
+    else:
+        kw["mode"] = args.mode
+    if args.exclude:
+        kw["exclude"] = args.exclude
+    return revpass.convert(model, x, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args) -> int:
+    from revpass.plan import estimate_peak, plan_of
+
+    model, x = _prepared(args)
+    gm = converted(args, model, x)
+    plan = plan_of(gm, gm.revpass_report.mode)
+    plan.peak_before, plan.peak_after = gm.revpass_peak_before, estimate_peak(gm)
+    if args.json:
+        rep = gm.revpass_report
+        out = {
+            "model": args.model, "input_shape": list(x.shape), "mode": rep.mode,
+            "sites": [{"path": r.path, "framework": r.framework, "kind": r.kind, "calls": r.calls,
+                       "shape": list(r.shape) if r.shape else None, "decision": r.decision, "reason": r.reason}
+                      for r in rep],
+            "plan": {"kept_bytes_before": plan.kept_before, "kept_bytes_after": plan.kept_after,
+                     "estimated_peak_before": plan.peak_before, "estimated_peak_after": plan.peak_after,
+                     "rows": [{"node": r.node, "module": r.target, "strategy": r.strategy,
+                               "kept_bytes_before": r.kept_before, "kept_bytes_after": r.kept_after,
+                               "forward_step": r.forward_step, "backward_step": r.backward_step}
+                              for r in plan.rows]},
+        }
+        print(json.dumps(out, indent=1))
+    else:
+        print(gm.revpass_report)
+        print()
+        print(plan)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    model, x = _prepared(args)
+    gm = converted(args, model, x)
+    recipe = {"model": args.model, "kwargs": args.kwargs, "step_mode": args.step_mode, "seed": args.seed,
+              "input_shape": list(x.shape), "input_scale": args.input_scale, "input_offset": args.input_offset,
+              "mode": args.mode, "budget": args.budget, "exclude": args.exclude}
+    save(gm, recipe, args.output)
+    print(gm.revpass_report)
+    print(f"\nrevpass: wrote {args.output} (load it with revpass.cli.load({args.output!r}))")
+    return 0
+
+
+def save(gm, recipe: Dict[str, Any], path: str) -> None:
+    """The converted model as a file that loads back: how to rebuild it (the factory, its
+    arguments, the conversion options) and its state_dict, whose keys are the original model's."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    torch.save({"format": "revpass-converted-1", "recipe": recipe, "state_dict": gm.state_dict(),
+                "report": str(gm.revpass_report)}, path)
+
+
+def load(path: str):
+    """A model saved by ``revpass convert``: rebuilt from its factory, converted the same way, with
+    the saved weights (strict)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != "revpass-converted-1":
+        raise CliError(f"{path} is not a model saved by `revpass convert`")
+    args = argparse.Namespace(**blob["recipe"])
+    args.input_shape = ",".join(map(str, args.input_shape))
+    model, x = build(args), example_input(args)
+    gm = converted(args, model, x)
+    gm.load_state_dict(blob["state_dict"], strict=True)
+    return gm
+
+
+def cmd_verify(args) -> int:
+    import revpass
+
+    model, x = _prepared(args)
+    gm = converted(args, model, x)
+    rep = revpass.verify(model, gm, x, rtol=args.rtol, atol=args.atol)
+    print(rep)
+    return 0 if rep.passed else EXIT_FAIL
+
+
+def cmd_export(args) -> int:
+    from revpass.export import export_onnx, write_graph
+
+    if not args.onnx and not args.graph:
+        raise CliError("export: give --onnx FILE and/or --graph FILE (.json, .graphml or .dot)")
+    model, x = _prepared(args)
+    gm = converted(args, model, x)
+    for g in args.graph or []:
+        print(f"revpass: wrote {write_graph(gm, g)}")
+    if args.onnx:
+        print(export_onnx(model if args.original else gm, x, args.onnx))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from revpass.memory import kept_bytes, step_peak, step_time
+    from revpass.progress import Progress
+
+    model, x = _prepared(args)
+    variants = [("original", lambda: model), (args.mode if args.budget is None else f"budget={args.budget}",
+                                              lambda: converted(args, model, x))]
+    steps = [(name, what) for name, _ in variants for what in ("convert", "kept", "peak", "time")]
+    bar = Progress(len(steps), enabled=not args.no_progress)
+    rows = []
+    for name, make in variants:
+        bar.step(f"{name}: convert")
+        m = make()
+        bar.step(f"{name}: bytes kept")
+        kept = kept_bytes(m, x)
+        bar.step(f"{name}: peak")
+        peak = step_peak(m, x)
+        bar.step(f"{name}: time x{args.repeat}")
+        t = step_time(m, x, repeat=args.repeat)
+        rows.append({"variant": name, "kept_bytes": kept, "peak_bytes": peak, "step_s": t})
+    bar.done()
+    o = rows[0]
+    if args.json:
+        print(json.dumps({"model": args.model, "input_shape": list(x.shape), "rows": rows}, indent=1))
+        return 0
+    print(f"revpass bench {args.model} on {tuple(x.shape)} (CPU: MemTracker peak less parameters, gradients, "
+          f"buffers; median of {args.repeat} training steps)")
+    print(f"{'variant':<16} {'kept for backward':>18} {'peak':>12} {'step time':>10} {'peak ratio':>11} "
+          f"{'time ratio':>11}")
+    for r in rows:
+        print(f"{r['variant']:<16} {r['kept_bytes'] / 2**20:>14.2f} MiB {r['peak_bytes'] / 2**20:>8.2f} MiB "
+              f"{r['step_s'] * 1e3:>7.0f} ms {o['peak_bytes'] / r['peak_bytes']:>10.2f}x "
+              f"{r['step_s'] / o['step_s']:>10.2f}x")
+    return 0
+
+
+def _prepared(args):
+    model = build(args)
+    x = example_input(args)
+    _run_checked(model, x)
+    return model, x
+
+
+# ----------------------------------------------------------------------------------------------
+# argument parsing
+# ----------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", help="package.module:factory or path/to/file.py:factory")
+    common.add_argument("--kwargs", default=None, help="factory arguments as JSON; 'pkg.mod:Name' strings "
+                                                       "are resolved to objects")
+    common.add_argument("--input-shape", default=None, help="example input shape, e.g. 4,2,3,32,32")
+    common.add_argument("--input-scale", type=float, default=1.0, help="the input is randn * scale + offset")
+    common.add_argument("--input-offset", type=float, default=0.0)
+    common.add_argument("--step-mode", choices=("s", "m"), default=None, help="SpikingJelly step mode to set")
+    common.add_argument("--mode", default="reversible", choices=("reversible", "exact", "recompute"),
+                        help="conversion mode (default reversible)")
+    common.add_argument("--budget", default=None, help="bytes kept for backward, or 'min': the planner chooses")
+    common.add_argument("--exclude", nargs="*", default=None, help="module-path patterns left unchanged")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = argparse.ArgumentParser(prog="revpass", description="revpass: reversible spiking nodes for existing SNNs")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("inspect", parents=[common], help="neuron sites, decisions and the memory plan")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser("convert", parents=[common], help="convert and save a model that loads back")
+    s.add_argument("-o", "--output", required=True, help="file to write (.pt)")
+    s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("verify", parents=[common], help="gradient equivalence; exit code 1 when it fails")
+    s.add_argument("--rtol", type=float, default=1e-5)
+    s.add_argument("--atol", type=float, default=1e-6)
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("export", parents=[common], help="ONNX (checked by onnxruntime) and graph files")
+    s.add_argument("--onnx", default=None, help="ONNX file to write")
+    s.add_argument("--graph", action="append", default=None, help="graph file (.json, .graphml, .dot); repeatable")
+    s.add_argument("--original", action="store_true", help="export the original model to ONNX (through its "
+                                                            "exact conversion: the same function)")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("bench", parents=[common], help="memory and time, original vs converted")
+    s.add_argument("--repeat", type=int, default=3)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except Exception as exc:  # one line, no traceback, unless --debug
+        if args.debug:
+            raise
+        from revpass.errors import RevpassError
+
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
+        # revpass's own errors say where and what to do on their later lines: keep them, joined
+        msg = " -- ".join(lines) if isinstance(exc, (CliError, RevpassError)) else lines[0]
+        name = "" if isinstance(exc, CliError) else f"{type(exc).__name__}: "
+        print(f"revpass {args.command}: error: {name}{msg}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, CliError) else EXIT_FAIL
+
+
+def _entry() -> None:
+    raise SystemExit(main())
+
+
+__all__: List[str] = ["main", "load", "resolve", "resolve_kwargs"]
