@@ -26,6 +26,7 @@ def _sane(summary, sites, converted, unchanged=0):
         assert s["verified"], mode
         assert 0 < s["kept_after"] <= s["kept_before"], (mode, s)
         assert s["peak_after"] > 0 and s["peak_before"] > 0, (mode, s)
+        assert s["measured_peak_after"] > 0 and s["measured_peak_before"] > 0, (mode, s)
 
 
 def test_quickstart():
