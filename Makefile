@@ -41,8 +41,7 @@ bench-memory: $(STAMP)
 	$(VPY) tools/bench_memory.py
 
 train-digits: $(STAMP)
-	mkdir -p bench_out
-	for enc in direct rate; do $(VPY) examples/train_digits.py --encoding $$enc; done 2>/dev/null | tee bench_out/train_digits.txt
+	$(VPY) tools/accuracy_digits.py
 
 clean:
 	rm -rf $(VENV) bench_out

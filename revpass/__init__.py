@@ -29,3 +29,6 @@ __all__ += ["plan"]
 from revpass.planner import BudgetError  # noqa: E402
 
 __all__ += ["BudgetError"]
+from revpass.export import export_onnx, write_graph  # noqa: E402
+
+__all__ += ["export_onnx", "write_graph"]

@@ -69,3 +69,17 @@ def test_train_digits(encoding):
     assert out["reversible"]["accuracy"] >= out["original"]["accuracy"] - 0.03
     assert out["exact"]["kept_bytes"] < out["original"]["kept_bytes"]
     assert out["reversible"]["kept_bytes"] < out["exact"]["kept_bytes"]
+
+
+def test_accuracy_tool_writes_the_readme_table(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "accuracy_digits.py"), "--epochs", "1", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "train_digits.json").read_text())
+    assert set(data) == {"direct", "rate"}
+    md = (tmp_path / "train_digits.md").read_text()
+    for enc, res in data.items():
+        assert f"| {enc} | {100 * res['original']['accuracy']:.2f}% |" in md
+    # the same function with SpikingJelly's own gradients trains identically
+    assert all(r["exact-autograd"]["accuracy"] == r["original"]["accuracy"] for r in data.values())
