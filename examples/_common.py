@@ -13,12 +13,13 @@ def summarize(net, x, modes=("reversible", "exact"), show: bool = True) -> Dict[
     """Convert ``net`` in each mode, verify, plan, measure a training step's peak (MemTracker,
     revpass.memory.step_peak); print it all unless ``show`` is False."""
     from revpass.memory import step_peak
+    from revpass.plan import plan_of
 
     out: Dict[str, Any] = {}
     measured_before = step_peak(net, x)
     for mode in modes:
         gm = revpass.convert(net, x, mode=mode)
-        rep, ver, plan = gm.revpass_report, revpass.verify(net, gm, x), revpass.plan(net, x, mode=mode)
+        rep, ver, plan = gm.revpass_report, revpass.verify(net, gm, x), plan_of(gm, mode)
         measured = step_peak(gm, x)
         if show:
             print(rep, "\n")

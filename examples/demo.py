@@ -42,7 +42,9 @@ def main(argv=None):
     reversible = revpass.convert(net, x, mode="reversible")
     print(reversible.revpass_report, "\n")
 
-    plan = revpass.plan(net, x)
+    from revpass.plan import plan_of
+
+    plan = plan_of(reversible, "reversible")
     print(str(plan).split("\n")[0])
     print("\n".join(str(plan).split("\n")[1:9]), "\n  ...\n")
 
@@ -54,7 +56,7 @@ def main(argv=None):
 
         reset_states(net)
         same = torch.equal(exact(x), net(x))
-    ex_plan = revpass.plan(net, x, mode="exact")
+    ex_plan = plan_of(exact, "exact")
     print(f"exact mode: output identical to the original: {same}; keeps {ex_plan.kept_after / 2**20:.2f} MiB "
           f"for backward instead of {ex_plan.kept_before / 2**20:.2f} MiB ({ex_plan.ratio:.2f}x less)")
     print(f"reversible mode: keeps {plan.kept_after / 2**20:.2f} MiB instead of {plan.kept_before / 2**20:.2f} MiB "

@@ -145,12 +145,11 @@ def converted(args, model, x):
 
 
 def cmd_inspect(args) -> int:
-    from revpass.plan import estimate_peak, plan_of
+    from revpass.plan import plan_of
 
     model, x = _prepared(args)
     gm = converted(args, model, x)
     plan = plan_of(gm, gm.revpass_report.mode)
-    plan.peak_before, plan.peak_after = gm.revpass_peak_before, estimate_peak(gm)
     if args.json:
         rep = gm.revpass_report
         out = {

@@ -200,7 +200,7 @@ def _module_of(scopes: List[str], known) -> Optional[str]:
 
 
 def _annotate_onnx(proto, gm: fx.GraphModule) -> int:
-    from revpass.plan import estimate_peak, plan_of
+    from revpass.plan import plan_of
 
     meta: Dict[str, Dict[str, Any]] = {}
     for n in gm.graph.nodes:
@@ -228,7 +228,7 @@ def _annotate_onnx(proto, gm: fx.GraphModule) -> int:
     if any("revpass" in n.meta for n in gm.graph.nodes):
         plan = plan_of(gm, gm.revpass_report.mode)
         for k, v in (("revpass.kept_bytes_before", plan.kept_before), ("revpass.kept_bytes_after", plan.kept_after),
-                     ("revpass.estimated_peak_after", estimate_peak(gm)), ("revpass.mode", gm.revpass_report.mode)):
+                     ("revpass.estimated_peak_after", plan.peak_after), ("revpass.mode", gm.revpass_report.mode)):
             p = proto.metadata_props.add()
             p.key, p.value = k, str(v)
     return count

@@ -95,10 +95,9 @@ def saved_bytes(
 
 def _loss(out) -> Tensor:
     """The sum of every tensor in ``out`` (nested tuples, lists, dicts)."""
-    if isinstance(out, Tensor):
-        return out.float().sum()
-    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
-    return sum((_loss(o) for o in items), torch.zeros(()))
+    from revpass.verify import _flatten
+
+    return sum((t.float().sum() for t in _flatten(out)), torch.zeros(()))
 
 
 def kept_bytes(model: torch.nn.Module, *inputs) -> int:
@@ -131,10 +130,16 @@ def step_peak(model: torch.nn.Module, *inputs) -> int:
     snap = mt.get_tracker_snapshot("peak")
     model.zero_grad(set_to_none=True)
     reset_states(model)
+    return tracker_bytes(snap, less=("PARAM", "GRAD", "BUFFER", "OPT"))
+
+
+def tracker_bytes(snapshot, less=()) -> int:
+    """Bytes in a MemTracker snapshot, over every device: its Total, less the named categories
+    (PARAM, GRAD, BUFFER, OPT, ACT, TEMP)."""
     total = 0
-    for dev in snap.values():
+    for dev in snapshot.values():
         parts = {str(k).split(".")[-1]: v for k, v in dev.items()}
-        total += parts["Total"] - sum(parts.get(k, 0) for k in ("PARAM", "GRAD", "BUFFER", "OPT"))
+        total += parts["Total"] - sum(parts.get(k, 0) for k in less)
     return total
 
 

@@ -71,10 +71,7 @@ def plan(model: nn.Module, example_inputs: Sequence[Any], *, mode: str = "revers
 
     if kwargs.get("inplace"):
         raise ValueError("plan never converts in place; call revpass.convert(..., inplace=True) for that")
-    conv = convert(model, example_inputs, mode=mode, **kwargs)
-    result = plan_of(conv, mode)
-    result.peak_before, result.peak_after = conv.revpass_peak_before, estimate_peak(conv)
-    return result
+    return plan_of(convert(model, example_inputs, mode=mode, **kwargs), mode)
 
 
 def _bytes(info) -> int:
@@ -143,17 +140,21 @@ def estimate_peak(gm) -> int:
 
 
 def plan_of(converted, mode: str) -> MemoryPlan:
-    """The plan of an already converted (and annotated) GraphModule."""
+    """The plan of an already converted (and annotated) GraphModule, with the estimated peaks
+    before (``converted.revpass_peak_before``) and after."""
     rows = []
     before = after = 0
+    annotated = False
     for n in converted.graph.nodes:
         m = n.meta.get("revpass")
         if m is None:
             continue
+        annotated = True
         kb, ka = m.get("kept_bytes_before", 0), m["kept_bytes"]
         before, after = before + kb, after + ka
         if kb or ka:
             rows.append(PlanRow(n.name, str(n.target) if n.op == "call_module" else n.op, m["strategy"],
                                 kb, ka, m["forward_step"], m["backward_step"]))
     rows.sort(key=lambda r: r.saved, reverse=True)
-    return MemoryPlan(mode, before, after, rows)
+    return MemoryPlan(mode, before, after, rows, getattr(converted, "revpass_peak_before", None),
+                      estimate_peak(converted) if annotated else None)

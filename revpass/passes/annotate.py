@@ -135,6 +135,7 @@ def node_workspace(node, shape, dtype, device="cpu") -> int:
     node's carried state is left as it was; 0 on the meta device."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    from revpass.memory import tracker_bytes
     from revpass.nodes.ops import visible_internals
 
     if device == "meta" or str(device) == "meta" or not shape:
@@ -153,8 +154,7 @@ def node_workspace(node, shape, dtype, device="cpu") -> int:
         mt = MemTracker()
         with visible_internals(), mt:
             grads = torch.autograd.grad(y, [x, *params], g, allow_unused=True)
-        snap = mt.get_tracker_snapshot("peak")
-        total = sum(v for d in snap.values() for k, v in d.items() if str(k).split(".")[-1] == "Total")
+        total = tracker_bytes(mt.get_tracker_snapshot("peak"))
         return max(0, total - sum(t.numel() * t.element_size() for t in grads if t is not None))
     finally:
         node.state = saved_state

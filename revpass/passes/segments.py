@@ -23,6 +23,7 @@ checks again at run time and keeps anything else as it is.
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -123,7 +124,7 @@ def form_segments(
             ins = n.all_input_nodes
             if not ins or not all(a.name in tensors and binary.get(a.name) for a in ins):
                 continue
-            packed = sum(_packed(_numel(mem[a.name].shape)) for a in ins)
+            packed = sum(_packed(math.prod(mem[a.name].shape)) for a in ins)
             if packed < m.own_bytes:
                 taken.add(n)
                 groups.append(([n], []))
@@ -138,13 +139,6 @@ def form_segments(
     gm.graph.lint()
     gm.recompile()
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: int, mem) -> str:
@@ -172,7 +166,7 @@ def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: in
     call.meta["revpass_replaces"] = replaces
     # while its backward runs, the segment holds what its layers keep under autograd, its rebuilt
     # output, and the gradients of two of its values at a time (the one consumed, the one produced)
-    largest = max((_numel(mem[n.name].shape) * getattr(torch, mem[n.name].dtype).itemsize
+    largest = max((math.prod(mem[n.name].shape) * getattr(torch, mem[n.name].dtype).itemsize
                    for n in members if n.name in mem and mem[n.name].shape is not None), default=0)
     nodes_ws = max((mem[n.name].workspace_bytes for n in members if n.name in mem), default=0)
     call.meta["revpass_workspace"] = (sum(mem[n.name].kept_bytes for n in members if n.name in mem)
@@ -190,10 +184,3 @@ def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: in
         g.erase_node(n)
     return name
 
-
-def segment_of(gm: fx.GraphModule, site: str) -> Optional[str]:
-    """The name of the segment that holds neuron site ``site``, if any."""
-    for name, m in gm.named_children():
-        if isinstance(m, RecomputeSegment) and site in m.sites:
-            return name
-    return None
