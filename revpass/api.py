@@ -87,10 +87,11 @@ def convert(
         backward: ``"optimized"``, ``"recompute"`` or ``"autograd"`` (see ReversibleNode).
         include, exclude: module-path patterns (fnmatch) selecting the sites to convert.
         inplace: convert ``model``'s own modules instead of a copy.
-        budget: bytes of activations kept for backward at the end of the forward, or ``"min"``:
-            the planner (revpass/planner.py) chooses for each site between unchanged, exact and
-            reversible to fit it at the least extra compute (needs ``example_inputs``); ``mode``
-            is then ignored. A budget that cannot be met raises ``BudgetError`` with the smallest
+        budget: bytes of activations kept for backward at the end of the forward: the planner
+            (revpass/planner.py) chooses for each site between unchanged, exact, reversible and
+            recompute to fit it at the least extra compute; or ``"min"``: the choice with the
+            lowest estimated peak of a training step. Needs ``example_inputs``; ``mode`` is then
+            ignored. A budget that cannot be met raises ``BudgetError`` with the smallest
             reachable figure.
 
     Returns:

@@ -40,6 +40,7 @@ import torch
 from torch import fx, nn
 
 from revpass.errors import RevpassError
+from revpass.nodes.core import is_binary
 from revpass.nodes.modules import _Node
 from revpass.trace import reset_states
 from revpass.verify import _flatten
@@ -85,10 +86,6 @@ class OnnxReport:
 
 def _inputs(example_inputs) -> Tuple[Any, ...]:
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def _is_spikes(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.numel() > 0 and bool(((t == 0) | (t == 1)).all())
 
 
 def _plain(gm: nn.Module, on: bool) -> None:
@@ -266,7 +263,7 @@ def _compare(proto, inputs, ref, sites, rtol, atol) -> List[ValueCheck]:
 def _check(name, a: torch.Tensor, r: torch.Tensor, rtol, atol) -> ValueCheck:
     a = a.to(r.dtype)
     err = float((a - r).abs().max()) if r.numel() else 0.0
-    if _is_spikes(r):
+    if is_binary(r):
         return ValueCheck(name, err, True, torch.equal(a, r))
     scale = max(1.0, float(r.abs().max())) if r.numel() else 1.0
     return ValueCheck(name, err, False, err <= atol + rtol * scale)

@@ -158,15 +158,15 @@ def convert_within(
             trial[p] = ("reversible", "'min': reversible instead of recompute lowers the estimated peak "
                                       f"(the segment's backward would rebuild {workspace[p]} bytes)")
             cand = convert(model, example_inputs, _modes=trial, **kwargs)
-            if estimate_peak(cand) < peak:
-                choice, gm, peak = trial, cand, estimate_peak(cand)
+            cand_peak = estimate_peak(cand)
+            if cand_peak < peak:
+                choice, gm, peak = trial, cand, cand_peak
         s = min(uniform, key=uniform.get)
         if uniform[s] < peak:  # one strategy everywhere does better (keeping more, rebuilding less)
-            choice = {p: (s if c is not None else None,
-                          f"'min': {s} at every site has the lowest estimated peak" if s is not None and c is not None
-                          else "'min': no conversion lowers the estimated peak (the nodes' sequence-sized "
-                               "gradients outweigh what they save)" if c is not None else why)
-                      for p, (c, why) in choice.items()}
+            why_all = (f"'min': {s} at every site has the lowest estimated peak" if s is not None else
+                       "'min': no conversion lowers the estimated peak (the nodes' sequence-sized gradients "
+                       "outweigh what they save)")
+            choice = {p: (s, why_all) if c is not None else (None, why) for p, (c, why) in choice.items()}
             gm = convert(model, example_inputs, _modes=choice, **kwargs)
         if inplace:
             gm = convert(model, example_inputs, inplace=True, _modes=choice, **kwargs)

@@ -97,6 +97,12 @@ def _join(parts: List[Optional[Tensor]], dim: int, likes: List[Tensor]) -> Tenso
 # bit packing: 8 spikes per byte
 # ---------------------------------------------------------------------------------------------
 
+def is_binary(t: Tensor) -> bool:
+    """Every element is 0 or 1 (spikes): a floating-point tensor with data (not on meta)."""
+    return (t.is_floating_point() and t.numel() > 0 and t.device.type != "meta"
+            and bool(((t == 0) | (t == 1)).all()))
+
+
 def pack_bits(b: Tensor) -> Tensor:
     """(T, ...) bool -> (T, ceil(n/8)) uint8, n = elements per step."""
     T = b.shape[0]

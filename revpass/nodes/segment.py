@@ -28,13 +28,9 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from revpass.nodes.core import pack_bits, unpack_bits
+from revpass.nodes.core import is_binary, pack_bits, unpack_bits
 
 Tensor = torch.Tensor
-
-
-def _is_binary(t: Tensor) -> bool:
-    return t.is_floating_point() and t.numel() > 0 and bool(((t == 0) | (t == 1)).all())
 
 
 class RecomputeSegment(nn.Module):
@@ -93,7 +89,7 @@ class _Recompute(torch.autograd.Function):
                     raise TypeError(f"{seg.name}: input {type(x).__name__} holds tensors; a recomputed "
                                     "segment takes tensors (gradients could not reach these)")
                 layout.append(("value", x))
-            elif _is_binary(x):
+            elif is_binary(x):
                 saved.append(pack_bits(x.detach().reshape(1, -1).bool()))
                 layout.append(("bits", (tuple(x.shape), x.dtype)))
             else:

@@ -32,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import fx
 
+from revpass.nodes.core import is_binary
+
 META = "revpass"
 
 
@@ -61,8 +63,7 @@ class _Recorder(fx.Interpreter):
         if isinstance(out, torch.Tensor):
             self.outputs[n.name] = (list(out.shape), str(out.dtype).replace("torch.", ""))
             with torch.no_grad():
-                self.binary[n.name] = bool(out.is_floating_point() and out.numel() and out.device.type != "meta"
-                                           and ((out == 0) | (out == 1)).all())
+                self.binary[n.name] = is_binary(out)
         return out
 
 
