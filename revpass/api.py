@@ -184,6 +184,15 @@ def convert(
     gm.graph.lint()
     gm.recompile()
     gm.revpass_report = report
+    if not inplace:  # the user's model calls its batch norms itself: no folding into nodes it shares
+        from revpass.passes.fold import fold_batch_norms
+
+        fold_batch_norms(gm)
+        paths = {r.path for r in report.rows}
+        for n in gm.graph.nodes:
+            if "revpass_folded" in n.meta and n.target in paths:
+                report.by_path(n.target).reason += (f"; folds batch norm '{n.meta['revpass_folded']}' (its "
+                                                    "input is not kept: revpass/nodes/batchnorm.py)")
     ends = {r.path for r in report.rows if r.decision == "recompute"}
     if ends:  # exact nodes that end recomputed segments (revpass/passes/segments.py)
         from revpass.passes.segments import form_segments

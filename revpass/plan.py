@@ -99,6 +99,7 @@ def estimate_peak(gm) -> int:
     """
     from revpass.neurons import is_neuron
     from revpass.nodes.modules import _Node
+    from revpass.nodes.segment import RecomputeSegment
 
     nodes = sorted((n for n in gm.graph.nodes if n.meta.get("revpass", {}).get("forward_step") is not None),
                    key=lambda n: n.meta["revpass"]["forward_step"])
@@ -108,7 +109,10 @@ def estimate_peak(gm) -> int:
     for n in nodes:
         if n.op == "call_module" and n.target not in stateful:
             m = gm.get_submodule(n.target)
-            carries = m.carry_state if isinstance(m, _Node) else is_neuron(m)
+            if isinstance(m, RecomputeSegment):  # the node at its end carries its state
+                carries = any(isinstance(x, _Node) and x.carry_state for x in m.body.modules())
+            else:
+                carries = m.carry_state if isinstance(m, _Node) else is_neuron(m)
             shape = n.meta["revpass"]["shape"]
             if carries and shape:
                 stateful.add(n.target)
@@ -131,12 +135,26 @@ def estimate_peak(gm) -> int:
                 pending[a] = _bytes(a.meta["revpass"])
         if n.op == "call_module" and n.target not in seen:
             seen.add(n.target)
-            grads += sum(p.numel() * p.element_size() for p in gm.get_submodule(n.target).parameters()
-                         if p.requires_grad)
+            grads += sum(p.numel() * p.element_size() for p in _trained(gm.get_submodule(n.target)))
         if grads + held + temp > best_total:
             best_total, best = grads + held + temp, held + temp
         held -= kept[n]
     return best
+
+
+def _trained(m: nn.Module):
+    """The parameters whose gradients a module's backward makes: a recomputed segment's layers
+    (held outside the module tree) and a batch norm folded into a node included."""
+    from revpass.nodes.segment import RecomputeSegment
+
+    owners = [m.body if isinstance(m, RecomputeSegment) else m]
+    owners += [x.folded_bn for x in owners[0].modules() if getattr(x, "folded_bn", None) is not None]
+    seen = set()
+    for o in owners:
+        for p in o.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                yield p
 
 
 def plan_of(converted, mode: str) -> MemoryPlan:

@@ -30,8 +30,8 @@ def test_annotations_on_every_node_add_up_to_the_whole_graph():
         info = n.meta["revpass"]
         is_node = n.op == "call_module" and isinstance(conv.get_submodule(n.target), revpass.ReversibleNode)
         assert set(info) == keys | ({"workspace_bytes"} if is_node else set())
-        if is_node:  # measured on the node alone: several times its input
-            assert info["workspace_bytes"] > 2 * math.prod(info["shape"]) * 4
+        if is_node:  # measured on the node alone
+            assert info["workspace_bytes"] > 0
         assert n.meta["custom"]["revpass"] == info  # survives torch.export
         infos.append(info)
     steps = [i["forward_step"] for i in infos if i["forward_step"] is not None]
@@ -45,8 +45,14 @@ def test_annotations_on_every_node_add_up_to_the_whole_graph():
     numel = math.prod(info["shape"])
     assert info["strategy"] == "reversible" and "multi-step" in info["reason"]
     T = info["shape"][0]
-    assert info["kept_bytes"] == numel * 4 + T * math.ceil(numel // T // 2 / 8)
-    assert info["kept_bytes_before"] == 3 * numel * 4  # LIFNode, hard reset: 3 floats per element
+    C = info["shape"][2]
+    # its output, F's bits and, for the batch norm folded into it (bn1), a mean and 1/std per channel
+    assert info["kept_bytes"] == numel * 4 + T * math.ceil(numel // T // 2 / 8) + 2 * C * 4
+    assert "folds batch norm 'bn1'" in info["reason"]
+    # LIFNode, hard reset: 3 floats per element; bn1: its input, 1 float per element, and its
+    # batch's mean and 1/std
+    assert info["kept_bytes_before"] == (3 + 1) * numel * 4 + 2 * C * 4
+    assert 0 < info["workspace_bytes"] < numel * 4  # the backward in 8 slices: under its input's size
 
 
 def test_plan_does_not_convert_the_model_and_sorts_by_savings():
@@ -62,9 +68,9 @@ def test_plan_does_not_convert_the_model_and_sorts_by_savings():
 
 
 def test_peak_estimate_against_memtracker():
-    """Unconverted graphs: within 10% of MemTracker. Conversions: the nodes' backward workspaces,
-    measured on each node alone, make the estimate high by up to 25% on these models (a shortfall
-    of issue #4, docs/memory.md); it must never be low by more than 10%."""
+    """Issue #4: the estimated peak of a training step is within 10% of MemTracker's measured one
+    on spiking_resnet18 and the snnTorch convolutional tutorial network, unconverted and under
+    every strategy (the nodes' and segments' backward workspaces measured on each alone)."""
     from revpass.plan import estimate_peak
 
     cases = [
@@ -73,11 +79,11 @@ def test_peak_estimate_against_memtracker():
     ]
     for make, x in cases:
         net = make()
-        for kwargs in ({"exclude": "*"}, {"mode": "exact"}, {"mode": "reversible"}, {"mode": "recompute"}):
+        for kwargs in ({"exclude": "*"}, {"mode": "exact"}, {"mode": "reversible"}, {"mode": "recompute"},
+                       {"budget": "min"}):
             gm = revpass.convert(net, x, **kwargs)
             est, meas = estimate_peak(gm), step_peak(gm, x)
-            high = 0.10 if "exclude" in kwargs else 0.30
-            assert -0.10 * meas <= est - meas <= high * meas, (type(net).__name__, kwargs, est, meas)
+            assert abs(est - meas) <= 0.10 * meas, (type(net).__name__, kwargs, est, meas)
     p = revpass.plan(net, x)
     assert p.peak_before == estimate_peak(revpass.convert(net, x, exclude="*"))  # the unconverted graph
     assert p.peak_after < p.peak_before * 1.5

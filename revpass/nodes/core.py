@@ -10,7 +10,7 @@ Per channel the parameters are those of the original neuron: G sits on channels 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -266,16 +266,16 @@ def _rebuild_g(spec, L: Layout, y: Tensor, state0: State, P: Params, record: boo
     return PG, recsG, X2
 
 
-def _rebuild_f(spec, L: Layout, y: Tensor, packed: Tensor, X2: Tensor, state0: State, P: Params, record: bool):
-    """F, rebuilt forward in time from X2 with its stored spike decisions pinned."""
+def _rebuild_f(spec, L: Layout, y: Tensor, bits: Tensor, X2: Tensor, state0: State, P: Params, record: bool):
+    """F, rebuilt forward in time from X2 with its stored spike decisions (``bits``, unpacked)
+    pinned."""
     fam = family_of(spec)
     x0 = y[0] if y.shape[0] else y.new_empty(y.shape[1:])
     PF = fam.prepare(spec, L.params(P, "f"))
-    bits = unpack_bits(packed, _bits_shape(L, fam.n_bits(spec), y))
     sF, _, recsF, _ = run_sequence(
         spec, X2, state_part(L, state0, "f", x0), PF, bits=bits, record=record, prepared=True
     )
-    return PF, recsF, sF, bits
+    return PF, recsF, sF
 
 
 def _split_gstate(L: Layout, g_state: Optional[State], part: str, x0: Tensor) -> Optional[State]:
@@ -304,8 +304,53 @@ def reversible_backward(
     P: Params,
     need_params: Sequence[str],
     mode: str = "optimized",
+    on_slice=None,
 ) -> Tuple[Tensor, Optional[State], Dict[str, Tensor]]:
-    """Gradients of the reversible node from what it kept: (gx, g state0, g params)."""
+    """Gradients of the reversible node from what it kept: (gx, g state0, g params).
+
+    The optimized backward runs in slices of the batch or a spatial dim (:func:`chunks`): each
+    element's neuron depends on no other element, so the slices are independent, and the
+    transient records and factors are those of one slice, not of the whole sequence. With
+    ``on_slice`` (even channel counts) it calls ``on_slice(slice, x, gx)`` after each slice with
+    the rebuilt input and its gradient (a folded batch norm's backward reads them:
+    revpass/nodes/batchnorm.py)."""
+    L = Layout(y.shape)
+    bits = unpack_bits(packed, _bits_shape(L, family_of(spec).n_bits(spec), y)) if L.c else None
+    if mode != "optimized":
+        return _reversible_backward(spec, gy, g_state, y, bits, kept, state0, P, need_params, mode)
+    if on_slice is not None and (L.n_rem != 0 or not L.c):
+        raise ValueError(f"rebuilding the input needs an even channel count, got shape {tuple(y.shape)}")
+
+    def run(sl, out):
+        x = None if on_slice is None else torch.empty_like(sl(y))
+        res = _reversible_backward(spec, sl(gy), sl.state(g_state), sl(y), sl.inner(bits), sl.inner(kept),
+                                   sl.state(state0), P, need_params, mode, out=out, x_out=x)
+        if on_slice is not None:
+            on_slice(sl, x, res[0])
+        return res
+
+    return _in_chunks(run, gy, state0, P)
+
+
+def reversible_input(spec: NeuronSpec, y: Tensor, packed: Tensor, state0: Optional[State], P: Params):
+    """The node's input rebuilt from its output (METHOD.md section 4), slice by slice: yields
+    (slice, X) for the slices of :func:`slices` (even channel counts)."""
+    L = Layout(y.shape)
+    bits = unpack_bits(packed, _bits_shape(L, family_of(spec).n_bits(spec), y))
+    for sl in slices(y.shape, P):
+        yc = sl(y)
+        Lc = Layout(yc.shape)
+        s0 = sl.state(state0) if state0 is not None else init_state(spec, yc, P)
+        x = torch.empty_like(yc)
+        _, _, X2 = _rebuild_g(spec, Lc, yc, s0, P, record=False)
+        Lc.seq(x, "f").copy_(X2)
+        _, _, sF = _rebuild_f(spec, Lc, yc, sl.inner(bits), X2, s0, P, record=False)
+        torch.sub(Lc.seq(yc, "g"), sF, out=Lc.seq(x, "g"))
+        yield sl, x
+
+
+def _reversible_backward(spec, gy, g_state, y, bits, kept, state0, P, need_params, mode="optimized", out=None,
+                         x_out=None):
     fam = family_of(spec)
     L = Layout(y.shape)
     x0 = y[0] if y.shape[0] else y.new_empty(y.shape[1:])
@@ -314,20 +359,24 @@ def reversible_backward(
         state0 = init_state(spec, y, P)
     grads: Dict[str, Dict[str, Tensor]] = {}
     gs_parts: Dict[str, Optional[State]] = {}
-    gx = torch.empty_like(gy)  # each part writes its own channels
+    gx = torch.empty_like(gy) if out is None else out  # each part writes its own channels
     if L.c:
         if mode == "optimized":
             # G first: its spikes feed Y2, so dL/dS^G = dL/dY2 is known for every step; G's records
             # are dropped before F's are built (a lower peak)
             gY1, gY2 = L.seq(gy, "g"), L.seq(gy, "f")
             PG, recs, X2 = _rebuild_g(spec, L, y, state0, P, record=True)
+            if x_out is not None:
+                L.seq(x_out, "f").copy_(X2)
             gY1_G, gB0, grads["g"] = fam.vjp(
                 spec, recs, gY2, _split_gstate(L, g_state, "g", x0), PG, need_params
             )
             gX1 = torch.add(gY1, gY1_G, out=L.seq(gx, "g"))
             del recs, gY1_G
-            PF, recs, _, _ = _rebuild_f(spec, L, y, packed, X2, state0, P, record=True)
-            del X2
+            PF, recs, sF = _rebuild_f(spec, L, y, bits, X2, state0, P, record=True)
+            if x_out is not None:
+                torch.sub(L.seq(y, "g"), sF, out=L.seq(x_out, "g"))  # X1 = Y1 - S^F
+            del X2, sF
             gX2_F, gA0, grads["f"] = fam.vjp(
                 spec, recs, gX1, _split_gstate(L, g_state, "f", x0), PF, need_params
             )
@@ -335,7 +384,7 @@ def reversible_backward(
             gs_parts = {"g": gB0, "f": gA0}
         elif mode == "recompute":
             gs_parts, grads = _recompute_backward(
-                spec, L, gy, g_state, y, packed, state0, P, need_params, x0, gx
+                spec, L, gy, g_state, y, bits, state0, P, need_params, x0, gx
             )
         else:
             raise ValueError(f"unknown backward mode {mode!r}")
@@ -348,6 +397,122 @@ def reversible_backward(
         g_state0 = _join_state_grads(L, gs_parts, state0, x0)
     gP = L.join_param_grads(P, grads) if L.C else grads.get("r", {})
     return gx, g_state0, gP
+
+
+# ---------------------------------------------------------------------------------------------
+# the backward in slices
+# ---------------------------------------------------------------------------------------------
+
+#: the optimized backwards run in at most CHUNK_MAX slices of at least CHUNK_MIN_ELEMS elements
+#: of the sequence each (fewer, larger slices cost fewer kernel launches; more, smaller ones a
+#: smaller transient). Set CHUNK_MAX = 1 to run whole sequences.
+CHUNK_MAX = 8
+CHUNK_MIN_ELEMS = 1 << 14
+
+
+def chunks(shape: Sequence[int], P: Params) -> Optional[Tuple[int, List[Tuple[int, int]]]]:
+    """How a (T, B, C, ...) sequence's backward is sliced: (dim, [(lo, hi), ...]) or None (whole).
+
+    The slices run along the batch dim or a spatial dim (never T, which the sweep runs along,
+    nor the channel dim, which the reversible node pairs) along which no parameter varies; the
+    dim allowing the most slices is taken: the batch dim on a tie, else the outermost."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    n = min(CHUNK_MAX, numel // max(1, CHUNK_MIN_ELEMS))
+    if n < 2 or len(shape) < 2:
+        return None
+    step_ndim = len(shape) - 1
+
+    def free(d):
+        j = d - 1  # the dim in a step's (B, C, ...) shape
+        return all(not (0 <= p.dim() - step_ndim + j < p.dim()) or p.shape[p.dim() - step_ndim + j] == 1
+                   for p in P.values())
+
+    dims = [d for d in (1, *range(3, len(shape))) if free(d)]
+    if not dims:
+        return None
+    d = max(dims, key=lambda d: (min(shape[d], n), d == 1, -d))
+    k = min(n, shape[d])
+    if k < 2:
+        return None
+    bounds = [i * shape[d] // k for i in range(k + 1)]
+    return d, list(zip(bounds[:-1], bounds[1:]))
+
+
+class _Slice:
+    """One slice [lo, hi) of a (T, B, C, ...) sequence's dim ``d``, applied to the tensors the
+    backward reads: sequences (dim d), stacked records and bits (K, T, ..., dim d + 1) and
+    per-step states (B, C, ..., dim d - 1, broadcast ones expanded first)."""
+
+    def __init__(self, d: int, lo: int, hi: int, x0: Tensor):
+        self.d, self.lo, self.n, self.x0 = d, lo, hi - lo, x0
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t.narrow(self.d, self.lo, self.n)
+
+    def inner(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.narrow(self.d + 1, self.lo, self.n)
+
+    def step(self, t: Tensor) -> Tensor:
+        """A per-step (B, C, ...) tensor's slice."""
+        return t.narrow(self.d - 1, self.lo, self.n)
+
+    def state(self, state: Optional[State]) -> Optional[State]:
+        if state is None:
+            return None
+        return tuple(self.step(s.expand(self.x0.shape)) for s in state)
+
+
+def slices(shape: Sequence[int], P: Params) -> List[Any]:
+    """The slices a (T, B, C, ...) sequence's backward runs in (:func:`chunks`): one whole-sequence
+    slice, or :class:`_Slice` objects."""
+    plan = chunks(shape, P) if shape[0] else None
+    if plan is None:
+        return [_Whole()]
+    d, ranges = plan
+    x0 = torch.empty(shape[1:], device="meta")  # states are expanded to a step's shape
+    return [_Slice(d, lo, hi, x0) for lo, hi in ranges]
+
+
+def _in_chunks(run, g: Tensor, state0: Optional[State], P: Params):
+    """Run a node's backward ``run(slice, out)`` slice by slice (:func:`slices`), writing the
+    input gradient into one tensor, the initial states' gradients into others, and summing the
+    parameter gradients."""
+    parts = slices(g.shape, P)
+    if isinstance(parts[0], _Whole):
+        return run(parts[0], None)
+    gx = torch.empty_like(g)
+    g0 = None if state0 is None else [torch.empty_like(g[0]) for _ in state0]
+    gP: Dict[str, Tensor] = {}
+    for sl in parts:
+        out = sl(gx)
+        gxc, g0c, gPc = run(sl, out)
+        if gxc.data_ptr() != out.data_ptr() or gxc.stride() != out.stride():
+            out.copy_(gxc)
+        if g0 is not None:
+            for full, part in zip(g0, g0c):
+                sl.step(full).copy_(part)
+        for k, v in gPc.items():
+            gP[k] = v if k not in gP else gP[k] + v
+        del gxc, g0c, gPc  # before the next slice allocates its own
+    return gx, (None if g0 is None else tuple(g0)), gP
+
+
+class _Whole:
+    """The identity slice: the whole sequence."""
+
+    def __call__(self, t):
+        return t
+
+    def inner(self, t):
+        return t
+
+    def step(self, t):
+        return t
+
+    def state(self, state):
+        return state
 
 
 def _join_state_grads(L: Layout, gs_parts, state0: State, x0: Tensor) -> State:
@@ -368,10 +533,10 @@ def _join_state_grads(L: Layout, gs_parts, state0: State, x0: Tensor) -> State:
     return tuple(out)
 
 
-def _recompute_backward(spec, L, gy, g_state, y, packed, state0, P, need_params, x0, gx):
+def _recompute_backward(spec, L, gy, g_state, y, bits, state0, P, need_params, x0, gx):
     """RevTorch-style baseline: reconstruct the inputs, re-run the forward under autograd."""
     _, _, X2 = _rebuild_g(spec, L, y, state0, P, record=False)
-    _, _, sF, bits = _rebuild_f(spec, L, y, packed, X2, state0, P, record=False)
+    _, _, sF = _rebuild_f(spec, L, y, bits, X2, state0, P, record=False)
     X1 = L.seq(y, "g") - sF
     with torch.enable_grad():
         xr = torch.cat([X1, X2], 2).detach().requires_grad_(True)
@@ -434,6 +599,17 @@ def exact_backward(
     P: Params,
     need_params: Sequence[str],
 ) -> Tuple[Tensor, Optional[State], Dict[str, Tensor]]:
+    """Gradients of the exact node from its kept records, in slices as
+    :func:`reversible_backward`."""
+
+    def run(sl, out):
+        return _exact_backward(spec, sl(gs), sl.state(g_state), sl.inner(kept), sl.state(state0), P,
+                               need_params)
+
+    return _in_chunks(run, gs, state0, P)
+
+
+def _exact_backward(spec, gs, g_state, kept, state0, P, need_params):
     fam = family_of(spec)
     given = state0 is not None
     if state0 is None:

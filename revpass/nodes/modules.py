@@ -197,8 +197,48 @@ class ReversibleNode(_Node):
     """
 
     kind = "reversible"
+    _fold_now = False
+
+    @property
+    def folded_bn(self) -> Optional[nn.Module]:
+        """The batch norm folded into this node (revpass/nodes/batchnorm.py), or None."""
+        return self.__dict__.get("_bn")
+
+    def fold_batch_norm(self, bn: Optional[nn.Module]) -> None:
+        """Run ``bn`` (the batch norm whose only reader is this node) inside the node, keeping
+        its per-channel statistics instead of its input; the node is then called with the batch
+        norm's input. The module stays where it is in the model (not a child of the node: its
+        state_dict keys do not change)."""
+        from revpass.nodes import batchnorm
+
+        if bn is not None and not batchnorm.foldable(bn):
+            raise ValueError(f"{self.name}: {type(bn).__name__} cannot be folded (a multi-step batch norm can)")
+        object.__setattr__(self, "_bn", bn)
+
+    def forward(self, x: Tensor, state=None):
+        bn = self.folded_bn
+        if bn is None:
+            return super().forward(x, state)
+        from revpass.nodes import batchnorm
+
+        if not batchnorm.applies(self, bn, x):
+            return super().forward(bn(x), state)
+        self._fold_now = True
+        try:
+            return super().forward(x, state)
+        finally:
+            self._fold_now = False
 
     def _run(self, x, state0):
+        if self._fold_now:
+            from revpass.nodes.batchnorm import FoldedBatchNorm
+
+            bn = self.folded_bn
+            P = self.params()
+            need = tuple(k for k, p in P.items() if p.requires_grad)
+            out = FoldedBatchNorm.apply(self, bn, 0 if state0 is None else len(state0), need, x,
+                                        *(state0 or ()), *P.values(), bn.weight, bn.bias)
+            return out[0], tuple(out[1:])
         if self.backward_mode == "autograd":
             return core.reversible_forward_autograd(self.spec, x, state0, self.params())
         s0, params, need = self._op_args(state0)

@@ -129,7 +129,18 @@ class _Recompute(torch.autograd.Function):
                 torch.set_rng_state(cpu_rng)
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state(cuda_rng[1], cuda_rng[0])
-                out = seg._body(*inputs)
+                kept = set()  # the storages the rebuilt graph saves for its backward
+
+                def pack(t):
+                    kept.add(t.untyped_storage().data_ptr())
+                    return t
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = seg._body(*inputs)
+            if out.grad_fn is not None and out.untyped_storage().data_ptr() not in kept:
+                # the rebuilt output's values are not needed, only its graph: free them now
+                # rather than while the segment's gradients are computed (one output's worth)
+                out.untyped_storage().resize_(0)
             grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True) if targets else ()
         finally:  # the buffers after the grad: batch norm's backward reads its running statistics
             for m, s in now.items():

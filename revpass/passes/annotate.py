@@ -17,10 +17,9 @@ counts once, at the first node that keeps it.
     forward_step          the position of the node in the forward (when its tensors are saved)
     backward_step         the step of the backward that frees them: autograd runs the nodes'
                           backwards in reverse order, so it is n_nodes - 1 - forward_step
-    workspace_bytes       revpass nodes: what their backward allocates besides the input gradient
-                          (measured on the node alone); recomputed segments: what the segment's
-                          layers keep while its backward recomputes them, plus the largest
-                          node workspace inside (measured before it was formed)
+    workspace_bytes       revpass nodes and recomputed segments: what their backward allocates
+                          besides the gradients of their inputs and parameters (measured on the
+                          module alone, :func:`workspace`; a segment's rebuilt layers included)
 """
 
 from __future__ import annotations
@@ -117,48 +116,90 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
                                     sum(own.get(n.name, {}).values()))
     from revpass.nodes.modules import _Node
 
+    from revpass.nodes.segment import RecomputeSegment
+
     sized: Dict[str, int] = {}
-    for n in rec.order:  # the revpass nodes' backward workspace, measured once per module and shape
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _Node) and n.args:
-            src = rec.outputs.get(getattr(n.args[0], "name", None))
-            if src is not None:
-                key = f"{n.target}{src}"
-                if key not in sized:
-                    sized[key] = node_workspace(gm.get_submodule(n.target), src[0], getattr(torch, src[1]))
-                result[n.name].workspace_bytes = sized[key]
+    for n in rec.order:  # the backward workspace of revpass nodes and segments, once per module and shapes
+        if n.op != "call_module" or not n.args or not isinstance(gm.get_submodule(n.target), (_Node,
+                                                                                             RecomputeSegment)):
+            continue
+        args = n.args[:1] if isinstance(gm.get_submodule(n.target), _Node) else n.args
+        src = [(*rec.outputs.get(a.name, (None, None)), rec.binary.get(a.name, False)) if isinstance(a, fx.Node)
+               else (None, None, False) for a in args]
+        if all(shape is not None for shape, _, _ in src):
+            key = f"{n.target}{src}"
+            if key not in sized:
+                sized[key] = workspace(gm.get_submodule(n.target),
+                                       [(shape, getattr(torch, dtype), b) for shape, dtype, b in src])
+            result[n.name].workspace_bytes = sized[key]
     return result
 
 
 def node_workspace(node, shape, dtype, device="cpu") -> int:
-    """What ``node``'s backward allocates besides its input gradient, on a random input of
-    ``shape``: MemTracker's peak over the backward alone, with the kernels' internals visible
-    (revpass.nodes.ops.visible_internals), less the input gradient and parameter gradients. The
-    node's carried state is left as it was; 0 on the meta device."""
+    """:func:`workspace` of a revpass node on one random (non-spike) input of ``shape``."""
+    return workspace(node, [(shape, dtype, False)], device)
+
+
+def workspace(module, inputs, device="cpu") -> int:
+    """What ``module``'s backward (a revpass node or a recomputed segment) allocates besides its
+    inputs' and parameters' gradients, on random inputs described by ``inputs`` [(shape, dtype,
+    binary)] (binary: 0/1 values, as spikes, which a segment keeps as bits): MemTracker's peak
+    over the backward alone, with the kernels' internals visible
+    (revpass.nodes.ops.visible_internals), less what existed before it (inputs, output, its
+    gradient, what the forward kept). Carried states and buffers (batch norm statistics, folded
+    or in a segment) are left as they were; 0 on the meta device."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from revpass.memory import tracker_bytes
+    from revpass.nodes.modules import _Node
     from revpass.nodes.ops import visible_internals
+    from revpass.nodes.segment import RecomputeSegment
 
-    if device == "meta" or str(device) == "meta" or not shape:
+    if device == "meta" or str(device) == "meta" or not inputs or any(not shape for shape, _, _ in inputs):
         return 0
-    device = next((p.device for p in node.parameters()), torch.device(device))
+    device = next((p.device for p in module.parameters()), torch.device(device))
     if device.type == "meta":
         return 0
-    saved_state, node.state = node.state, None
+    body = module.body if isinstance(module, RecomputeSegment) else module
+    nodes = [m for m in body.modules() if isinstance(m, _Node)]
+    states = [(m, m.state) for m in nodes]
+    owners = [body] + [m.folded_bn for m in nodes if getattr(m, "folded_bn", None) is not None]
+    buffers = [(b, b.clone()) for o in owners for b in o.buffers()]
     try:
-        with torch.random.fork_rng(devices=[]):
-            x = (torch.randn(shape, dtype=dtype, device=device) + 0.5).requires_grad_(True)
-            y = node(x)
+        for m in nodes:
+            m.state = None
+        saved = []  # what the forward keeps: it exists before the backward, as do x, y and g
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            xs = [(torch.randint(0, 2, shape, device=device).to(dtype) if binary
+                   else torch.randn(shape, dtype=dtype, device=device) + 0.5).requires_grad_(True)
+                  for shape, dtype, binary in inputs]
+            y = module(*xs)
             y = y[0] if isinstance(y, tuple) else y
             g = torch.randn_like(y)
-        params = [p for p in node.parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad]
+        if isinstance(module, RecomputeSegment):
+            params = [p for p in body.parameters() if p.requires_grad]
+        state = [*body.parameters(), *body.buffers()] + [t for o in owners[1:] for t in (*o.parameters(),
+                                                                                      *o.buffers())]
+        existing = [*xs, y, g, *saved, *state]
+        before = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in existing}
         mt = MemTracker()
+        # tracked from the start, these count once, as they are; a dispatch mode would otherwise
+        # count a storage it first meets through a view made in the backward (a saved tensor's
+        # detach, a slice of g, a weight's transpose) as if the backward had allocated it
+        mt.track_external(*existing)
         with visible_internals(), mt:
-            grads = torch.autograd.grad(y, [x, *params], g, allow_unused=True)
+            grads = torch.autograd.grad(y, [*xs, *params], g, allow_unused=True)
         total = tracker_bytes(mt.get_tracker_snapshot("peak"))
-        return max(0, total - sum(t.numel() * t.element_size() for t in grads if t is not None))
+        return max(0, total - sum(before.values()) - sum(t.numel() * t.element_size() for t in grads
+                                                         if t is not None))
     finally:
-        node.state = saved_state
+        for m, st in states:
+            m.state = st
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
 
 
 def annotate(
@@ -198,8 +239,7 @@ def _write(gm: fx.GraphModule, mem: Dict[str, NodeMemory], prior: Optional[Dict[
             info["reason"] = rows[n.target].reason
         if "revpass_strategy" in n.meta:  # a recomputed segment (revpass/passes/segments.py)
             info["strategy"], info["reason"] = n.meta["revpass_strategy"]
-            info["workspace_bytes"] = n.meta["revpass_workspace"]
-        elif m is not None and m.workspace_bytes:
+        if m is not None and m.workspace_bytes:
             info["workspace_bytes"] = m.workspace_bytes
         n.meta[META] = info
         n.meta.setdefault("custom", {})[META] = dict(info)

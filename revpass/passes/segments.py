@@ -164,13 +164,6 @@ def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: in
     for n in members:
         replaces += n.meta.get("revpass_replaces", [n.name])
     call.meta["revpass_replaces"] = replaces
-    # while its backward runs, the segment holds what its layers keep under autograd, its rebuilt
-    # output, and the gradients of two of its values at a time (the one consumed, the one produced)
-    largest = max((math.prod(mem[n.name].shape) * getattr(torch, mem[n.name].dtype).itemsize
-                   for n in members if n.name in mem and mem[n.name].shape is not None), default=0)
-    nodes_ws = max((mem[n.name].workspace_bytes for n in members if n.name in mem), default=0)
-    call.meta["revpass_workspace"] = (sum(mem[n.name].kept_bytes for n in members if n.name in mem)
-                                      + 3 * largest + nodes_ws)
     modules = [str(n.target) for n in members if n.op == "call_module"]
     what = " -> ".join(modules) if modules else ", ".join(str(getattr(n.target, "__name__", n.target))
                                                           for n in members)

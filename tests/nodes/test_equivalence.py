@@ -175,3 +175,62 @@ def test_property_snntorch_leaky(T, C, beta, threshold, reset, delay, graded, se
     ref = _grads(revpass.ReversibleNode.from_neuron(lib, backward="autograd"), x, True)
     got = _grads(revpass.ReversibleNode.from_neuron(lib), x, True)
     _check_all(ref, got, torch.float32, "property", truth=lambda: _float64_grads(lib, x, True))
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimized backward in slices (revpass.nodes.core.chunks)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_slices_cover_the_sequence():
+    from revpass.nodes import core
+
+    P = {"w": torch.zeros(())}
+    assert (core.CHUNK_MAX, core.CHUNK_MIN_ELEMS) == (8, 1 << 14)
+    assert core.chunks((4, 2, 6, 10, 3), P) is None  # small: one piece
+    # the stem of spiking_resnet18 at T=4, batch 2, 32x32 input: 8 slices of its 16 rows
+    assert core.chunks((4, 2, 64, 16, 16), P) == (3, [(2 * i, 2 * i + 2) for i in range(8)])
+    old = core.CHUNK_MIN_ELEMS, core.CHUNK_MAX
+    try:
+        core.CHUNK_MIN_ELEMS, core.CHUNK_MAX = 1, 3
+        assert core.chunks((4, 2, 6, 10, 3), P) == (3, [(0, 3), (3, 6), (6, 10)])  # batch 2 < 3 slices
+        assert core.chunks((4, 5, 6), P) == (1, [(0, 1), (1, 3), (3, 5)])
+        # a parameter that varies along the spatial dim keeps it whole: the batch dim is taken
+        assert core.chunks((4, 2, 6, 10), {"b": torch.zeros(6, 10)}) == (1, [(0, 1), (1, 2)])
+        assert core.chunks((4, 1, 6), P) is None  # nothing to slice
+        assert core.chunks((4, 1, 6, 2), {"beta": torch.zeros(6, 1)}) == (3, [(0, 1), (1, 2)])  # per channel
+        core.CHUNK_MAX = 1
+        assert core.chunks((4, 2, 6, 10, 3), P) is None
+    finally:
+        core.CHUNK_MIN_ELEMS, core.CHUNK_MAX = old
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_sliced_backward_equals_whole(case, monkeypatch):
+    """Sliced (3 uneven slices of the batch or a spatial dim) and whole-sequence optimized
+    backwards agree within section 7, with a carried initial state whose gradient is used, for
+    both nodes; the forward is the same function."""
+    from revpass.nodes import core
+
+    lib = case.make()
+    x = input_for(case, 12, shape=(5, 6, 7)).requires_grad_(True)
+    g = torch.randn(12, 5, 6, 7, generator=torch.Generator().manual_seed(5))
+    for cls in (revpass.ReversibleNode, revpass.ExactNode):
+        res = {}
+        for n_max in (1, 3):
+            monkeypatch.setattr(core, "CHUNK_MAX", n_max)
+            monkeypatch.setattr(core, "CHUNK_MIN_ELEMS", 1)
+            assert (core.chunks(x.shape, {}) is None) == (n_max == 1)
+            node = cls.from_neuron(lib, return_state=True, carry_state=True)
+            with torch.no_grad():
+                node(x[:3] * 1.0)
+            state = tuple(v.clone().requires_grad_(True) for v in node.state)  # not the reset state
+            node.state = state
+            y, stateT = node(x * 1.0)
+            loss = (y * g).sum() + sum((v * (k + 2.0)).sum() for k, v in enumerate(stateT))
+            params = [p for p in node.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, [x, *state, *params], allow_unused=True)
+            res[n_max] = (y.detach(), [gr for gr in grads if gr is not None])
+        assert torch.equal(res[1][0], res[3][0])
+        for i, (a, b) in enumerate(zip(res[3][1], res[1][1])):
+            assert close(a, b), (cls.__name__, i, worst(a, b))

@@ -80,3 +80,25 @@ def test_library_neurons_keep_what_method_md_says():
         _, r2 = _measure(node, x)
         # >= 64x fewer bytes than the library neuron, with the output counted by its consumer
         assert rep.total / r2.total_without_output == 64 * ratio
+
+
+def test_sliced_backward_workspace(monkeypatch):
+    """The optimized backward in slices (revpass.nodes.core.chunks) allocates a fraction of what
+    the whole-sequence backward does: for the stem of spiking_resnet18 (8 slices), under a
+    third, for both nodes; and the whole-sequence one several times the input, as METHOD.md
+    section 5's buffers say."""
+    from spikingjelly.activation_based import neuron
+
+    from revpass.nodes import core
+    from revpass.passes.annotate import node_workspace
+
+    shape = (4, 2, 64, 16, 16)
+    nbytes = math.prod(shape) * 4
+    for cls in (revpass.ReversibleNode, revpass.ExactNode):
+        node = cls.from_neuron(neuron.LIFNode(step_mode="m"))
+        sliced = node_workspace(node, shape, torch.float32)
+        monkeypatch.setattr(core, "CHUNK_MAX", 1)
+        whole = node_workspace(node, shape, torch.float32)
+        monkeypatch.undo()
+        assert whole >= 1.5 * nbytes, (cls.__name__, whole / nbytes)
+        assert 0 < sliced < whole / 3, (cls.__name__, sliced / nbytes, whole / nbytes)

@@ -1,0 +1,131 @@
+"""A batch norm folded into the reversible node that reads it: its input is not kept.
+
+In training, a batch norm keeps its input (the convolution's output) for backward: one float per
+element, as much as everything the reversible node keeps. But its backward needs only the
+normalized input x^ = (z - beta) / gamma, and its output z is the reversible node's input, which
+the node's backward rebuilds anyway (METHOD.md section 4). So a batch norm whose only reader is
+a reversible node is folded into it (revpass/passes/fold.py): the node runs the batch norm
+itself, keeps the batch's per-channel mean and 1/std and nothing per element, and in backward
+computes the batch norm's gradients from the rebuilt z:
+
+    x^ = (z - beta) / gamma
+    dbeta = sum(gz),  dgamma = sum(gz * x^)                      (over all dims but channels)
+    gc = gamma / std * (gz - dbeta / M - x^ * dgamma / M)        (M elements per channel)
+
+which is torch's batch-norm backward with x^ rebuilt instead of stored. The rebuilt z is within a
+rounding step of the true one, so x^ is within a rounding step divided by |gamma|: a channel with
+|gamma| < GAMMA_MIN would amplify that, and then the batch norm's input is kept instead, as if
+unfolded. The forward is the batch norm module's own (running statistics, momentum,
+num_batches_tracked), so outputs equal the unfolded conversion's bit for bit.
+
+It applies to SpikingJelly's multi-step batch norms (step_mode='m': statistics over every dim of
+a (T, B, C, ...) sequence but C) in training mode, under autograd, in float32 or float64, with
+an even channel count and the optimized backward; anywhere else the node runs ``bn(x)`` and then
+itself, the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from revpass.nodes import core
+
+Tensor = torch.Tensor
+
+GAMMA_MIN = 1e-2  # below this |gamma| the batch norm keeps its input (x^ would lose accuracy)
+
+
+def foldable(bn: nn.Module) -> bool:
+    """A batch norm that the node can fold (its module type and step mode)."""
+    return isinstance(bn, nn.modules.batchnorm._BatchNorm) and getattr(bn, "step_mode", "s") == "m"
+
+
+def applies(node, bn: nn.Module, x: Tensor) -> bool:
+    """Whether this call runs folded (see the module docstring)."""
+    return (bn.training and torch.is_grad_enabled() and not node.plain and node.backward_mode == "optimized"
+            and node.step_mode == "m" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 3
+            and x.shape[2] == bn.num_features and x.shape[2] % 2 == 0 and x.shape[0] > 0)
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    """A (C,) vector shaped to broadcast over a (T, B, C, ...) sequence."""
+    return v.reshape((1, 1, -1) + (1,) * (like.dim() - 3))
+
+
+class FoldedBatchNorm(torch.autograd.Function):
+    """y, *final state = node(bn(c)), keeping y, F's bits, the node's initial state and the batch
+    norm's per-channel statistics (or, for a small gamma, its input c)."""
+
+    @staticmethod
+    def forward(ctx, node, bn, n_state: int, need: Sequence[str], c: Tensor, *rest):
+        state0 = tuple(rest[:n_state]) or None
+        params = rest[n_state:-2]  # then the batch norm's weight and bias (None without affine)
+        P = dict(zip(node._param_attr, params))
+        with torch.no_grad():
+            z = bn(c)  # the module's own forward: running statistics and all
+            dims = [d for d in range(c.dim()) if d != 2]
+            var, mean = torch.var_mean(c, dim=dims, correction=0)
+            invstd = (var + bn.eps).rsqrt()
+            y, bits, kept, stateT = core.reversible_forward(node.spec, z, state0, P, need)
+        keep_input = bn.weight is not None and bool((bn.weight.detach().abs() < GAMMA_MIN).any())
+        del z
+        ctx.node, ctx.bn, ctx.n_state, ctx.need, ctx.keep_input = node, bn, n_state, tuple(need), keep_input
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, bits, kept, mean, invstd, c if keep_input else c.new_empty(0),
+                              *(state0 or ()), *params)
+        return (y, *stateT)
+
+    @staticmethod
+    def backward(ctx, gy: Optional[Tensor], *g_stateT):
+        y, bits, kept, mean, invstd, c, *rest = ctx.saved_tensors
+        node, bn = ctx.node, ctx.bn
+        state0 = tuple(rest[: ctx.n_state]) or None
+        params = rest[ctx.n_state:]
+        P = dict(zip(node._param_attr, params))
+        if gy is None:
+            gy = torch.zeros_like(y)
+        g_state = None if all(g is None for g in g_stateT) else tuple(
+            g if g is not None else y.new_zeros(y.shape[1:]) for g in g_stateT)
+        gamma = bn.weight.detach() if bn.weight is not None else None
+        beta = bn.bias.detach() if bn.bias is not None else None
+
+        def normalized(sl, z: Tensor) -> Tensor:
+            """x^ over a slice, in z's buffer: rebuilt from z, or from the kept input."""
+            if ctx.keep_input:
+                cs = sl(c)
+                return torch.sub(cs, _per_channel(mean, cs), out=z).mul_(_per_channel(invstd, cs))
+            if beta is not None:
+                z.sub_(_per_channel(beta, z))
+            return z.div_(_per_channel(gamma, z)) if gamma is not None else z
+
+        dims = [d for d in range(y.dim()) if d != 2]
+        sums = []  # per slice: (sum gz, sum gz * x^) per channel
+
+        def on_slice(sl, z, gz):  # the first pass: the node's gradient and the sums
+            xhat = normalized(sl, z)
+            sums.append((gz.sum(dim=dims), sum((gz[t] * xhat[t]).sum(dim=[d - 1 for d in dims[1:]])
+                                               for t in range(gz.shape[0]))))
+
+        gz, g0, gP = core.reversible_backward(node.spec, gy.contiguous(), g_state, y, bits, kept, state0, P,
+                                              ctx.need, on_slice=on_slice)
+        M = y.numel() // y.shape[2]
+        dbeta = sum(a for a, _ in sums)
+        dgamma = sum(b for _, b in sums)
+        scale = invstd if gamma is None else gamma * invstd
+        # the second pass: x^ again (rebuilt slice by slice, one slice's worth at a time) and
+        # the batch norm's input gradient, written over the node's input gradient
+        for sl, z in core.reversible_input(node.spec, y, bits, state0, P) if not ctx.keep_input else (
+                (sl, torch.empty_like(sl(y))) for sl in core.slices(y.shape, P)):
+            g = sl(gz)
+            g.sub_(_per_channel(dbeta / M, g)).addcmul_(normalized(sl, z), _per_channel(-dgamma / M, g))
+            g.mul_(_per_channel(scale, g))
+        gc = gz
+        g_state0 = [None] * ctx.n_state if g0 is None else [
+            g if s.requires_grad else None for g, s in zip(g0, state0)]
+        g_params = [gP[k].reshape(p.shape) if k in gP else None for k, p in zip(node._param_attr, params)]
+        g_affine = [dgamma if gamma is not None and bn.weight.requires_grad else None,
+                    dbeta if bn.bias is not None and bn.bias.requires_grad else None]
+        return (None, None, None, None, gc, *g_state0, *g_params, *g_affine)

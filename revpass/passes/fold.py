@@ -1,0 +1,49 @@
+"""Fold batch norms into the reversible nodes that read them (revpass/nodes/batchnorm.py).
+
+``bn -> reversible node`` becomes one call of the node on the batch norm's input, when:
+
+* the batch norm is a multi-step one (SpikingJelly's, step_mode='m') called with one argument,
+  and the node is its only reader;
+* the node is called once in the graph (a node module shared by several calls would run the
+  batch norm at every one of them).
+
+The batch norm module stays where it is in the model (state_dict keys and parameters do not
+change); its call leaves the graph, and the node's annotations count what it kept before.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import List
+
+from torch import fx
+
+from revpass.nodes.batchnorm import foldable
+from revpass.nodes.modules import ReversibleNode
+
+
+def fold_batch_norms(gm: fx.GraphModule) -> List[str]:
+    """Fold every foldable batch norm in ``gm``; returns the folded batch norms' paths."""
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    folded = []
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or calls[n.target] != 1 or len(n.args) != 1 or n.kwargs:
+            continue
+        node = gm.get_submodule(n.target)
+        b = n.args[0]
+        if (not isinstance(node, ReversibleNode) or node.folded_bn is not None or not isinstance(b, fx.Node)
+                or b.op != "call_module" or len(b.users) != 1 or len(b.args) != 1 or b.kwargs):
+            continue
+        bn = gm.get_submodule(b.target)
+        if not foldable(bn):
+            continue
+        node.fold_batch_norm(bn)
+        n.args = (b.args[0],)
+        n.meta["revpass_replaces"] = b.meta.get("revpass_replaces", [b.name]) + n.meta.get("revpass_replaces",
+                                                                                           [n.name])
+        n.meta["revpass_folded"] = str(b.target)
+        gm.graph.erase_node(b)
+        folded.append(str(b.target))
+    gm.graph.lint()
+    gm.recompile()
+    return folded
