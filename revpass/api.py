@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import gc
+import math
 import operator
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
@@ -193,6 +194,7 @@ def convert(
             if "revpass_folded" in n.meta and n.target in paths:
                 report.by_path(n.target).reason += (f"; folds batch norm '{n.meta['revpass_folded']}' (its "
                                                     "input is not kept: revpass/nodes/batchnorm.py)")
+    _fine_slices(gm)
     ends = {r.path for r in report.rows if r.decision == "recompute"}
     if ends:  # exact nodes that end recomputed segments (revpass/passes/segments.py)
         from revpass.passes.segments import form_segments
@@ -216,6 +218,19 @@ _VIEWS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "permute", "tran
           "unbind", "chunk", "split", "select", "view_as", "contiguous", "t"}
 _INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.iand,
                 operator.ior, operator.setitem}
+
+
+def _fine_slices(gm: fx.GraphModule) -> None:
+    """Fine backward slices (revpass.nodes.core.CHUNK_MIN_ELEMS_FINE) for every node of a
+    converted model: the transient of a node's backward lands at the peak of a training step
+    where its activations are the largest, and the slices' extra kernel launches cost a converted
+    ResNet-18 a few percent of its step time (a node alone, built by hand, keeps the default)."""
+    from revpass.nodes import core
+    from revpass.nodes.modules import _Node
+
+    for m in gm.modules():
+        if isinstance(m, _Node) and m.slice_min_elems is None:
+            m.set_slicing(core.CHUNK_MIN_ELEMS_FINE)
 
 
 def written_in_place(n: fx.Node) -> Optional[fx.Node]:

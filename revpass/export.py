@@ -21,7 +21,10 @@ an elementwise 1e-5 would call a failure although every spike agrees.
 
 Annotations: every ONNX node that belongs to a module of the converted graph (torch.onnx records
 the module path in ``pkg.torch.onnx.name_scopes``) gets that module's revpass annotations under
-``metadata_props`` as ``revpass.<key>``; the model gets the memory plan's totals.
+``metadata_props`` as ``revpass.<key>``; every other one (a residual add, a reshape: functions of
+the graph itself) those of the fx node it came from, which torch.export carries in
+``node.meta["custom"]`` (torch.onnx names that node in ``pkg.torch.onnx.fx_node``); the model
+gets the memory plan's totals.
 
 Graph files (:func:`graph_to_networkx`, :func:`write_graph`): the annotated torch.fx graph as a
 networkx DiGraph (node attributes: op, target, and the annotations as ``revpass_<key>``), written
@@ -42,6 +45,7 @@ from torch import fx, nn
 from revpass.errors import RevpassError
 from revpass.nodes.core import is_binary
 from revpass.nodes.modules import _Node
+from revpass.passes.annotate import META
 from revpass.trace import reset_states
 from revpass.verify import _flatten
 
@@ -136,7 +140,7 @@ def export_onnx(
                           "it (revpass.register_neuron)") from exc
     reset_states(gm)
     proto = program.model_proto
-    annotated = _annotate_onnx(proto, gm)
+    annotated = _annotate_onnx(proto, gm, getattr(program, "exported_program", None))
     onnx.checker.check_model(proto, full_check=True)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -196,7 +200,19 @@ def _module_of(scopes: List[str], known) -> Optional[str]:
     return None
 
 
-def _annotate_onnx(proto, gm: fx.GraphModule) -> int:
+def _fx_node(node) -> Optional[str]:
+    """The name of the torch.export node an ONNX node came from (``pkg.torch.onnx.fx_node``)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.fx_node" and p.value.startswith("%"):
+            return p.value[1:].split(" ", 1)[0]
+    return None
+
+
+def _annotate_onnx(proto, gm: fx.GraphModule, exported=None) -> int:
+    """Write revpass's annotations into the ONNX nodes' metadata_props: a node inside a module
+    of the converted graph gets that module's; any other (an add or a reshape of the graph itself)
+    the annotations torch.export carried over from its fx node (``node.meta["custom"]``, kept
+    through export for this); the model gets the plan's totals. Returns the nodes annotated."""
     from revpass.plan import plan_of
 
     meta: Dict[str, Dict[str, Any]] = {}
@@ -211,17 +227,23 @@ def _annotate_onnx(proto, gm: fx.GraphModule) -> int:
             for n in seg.body.graph.nodes:
                 if n.op == "call_module" and str(n.target) not in meta:
                     meta[str(n.target)] = dict(meta.get(name, {}), fx_node=n.name, segment=name)
+    carried = {}
+    if exported is not None:
+        carried = {n.name: n.meta["custom"][META] for n in exported.graph.nodes
+                   if META in n.meta.get("custom", {})}
     count = 0
     for node in proto.graph.node:
         mod = _module_of(_scopes(node), meta)
-        if mod is None:
+        if mod is not None:
+            info, extra = meta[mod], {"module": mod}
+        elif _fx_node(node) in carried:
+            info, extra = carried[_fx_node(node)], {}
+        else:
             continue
         count += 1
-        for k, v in meta[mod].items():
+        for k, v in {**info, **extra}.items():
             p = node.metadata_props.add()
             p.key, p.value = f"revpass.{k}", json.dumps(v) if not isinstance(v, str) else v
-        p = node.metadata_props.add()
-        p.key, p.value = "revpass.module", mod
     if any("revpass" in n.meta for n in gm.graph.nodes):
         plan = plan_of(gm, gm.revpass_report.mode)
         for k, v in (("revpass.kept_bytes_before", plan.kept_before), ("revpass.kept_bytes_after", plan.kept_after),

@@ -23,3 +23,15 @@ def test_bench_memory_quick(tmp_path):
     assert all(d["peak_bytes"] > 0 for d in v.values())
     assert v["reversible"]["peak_bytes"] < v["original"]["peak_bytes"]
     assert "| spiking_resnet18 | 4 | reversible |" in (tmp_path / "bench_memory.md").read_text()
+    # the summary table (the README's) holds the same ratios, and --render writes it again from
+    # the JSON alone
+    o = v["original"]["peak_bytes"]
+    row_md = next(line for line in (tmp_path / "bench_memory.md").read_text().splitlines()
+                  if line.startswith("| spiking_resnet18 | 4 | ") and line.count("x |") >= 4)
+    assert f"| {o / v['reversible']['peak_bytes']:.2f}x |" in row_md
+    again = tmp_path / "again"
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_memory.py"), "--render",
+                        str(tmp_path / "bench_memory.json"), "--out", str(again)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (again / "bench_memory.md").read_text() == (tmp_path / "bench_memory.md").read_text()

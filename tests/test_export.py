@@ -28,7 +28,16 @@ def test_every_model_exports_original_and_converted(name, make, inp, n_sites, n_
         assert rep.checks[0].name == "output[0]" and rep.checks[0].passed
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto, full_check=True)
-        assert len(proto.graph.node) == rep.nodes and rep.annotated_nodes > 0
+        # every ONNX node carries revpass's annotations: its module's, or its own fx node's
+        assert len(proto.graph.node) == rep.nodes and rep.annotated_nodes == rep.nodes
+        assert all(any(p.key == "revpass.shape" for p in n.metadata_props) for n in proto.graph.node)
+        if name == "spiking_resnet18" and label == "reversible":
+            # the residual adds are functions of the graph, in no module: their own fx node's
+            # annotations (one per block)
+            props = [{p.key: p.value for p in n.metadata_props} for n in proto.graph.node]
+            adds = [p for n, p in zip(proto.graph.node, props) if n.op_type == "Add" and "revpass.module" not in p]
+            assert len(adds) == 8 and all(p["revpass.strategy"] == "-" and p["revpass.kept_bytes"] == "0"
+                                          for p in adds)
         if label == "original" and n_conv:
             # spikes compared exactly: at each site whose node returns one tensor, or at the
             # model's outputs where they are spikes (norse returns (spikes, state))
@@ -52,6 +61,7 @@ def test_annotations_in_metadata_props(tmp_path):
     assert inside, "the layers of a recomputed segment carry its annotations"
     assert all(json.loads(p["revpass.kept_bytes"]) == seg["revpass_segment_1"]["kept_bytes"] for p in inside)
     assert {p["revpass.strategy"] for p in inside} == {"recompute"}
+    assert all("revpass.kept_bytes" in p for p in props)  # every node, inside a segment or not
     model_props = {p.key: p.value for p in proto.metadata_props}
     assert int(model_props["revpass.kept_bytes_before"]) > 50 * int(model_props["revpass.kept_bytes_after"])
 

@@ -3,6 +3,7 @@ SpikingJelly's memopt (optimize_memory, level 1), on the SpikingJelly zoo's spik
 spiking_vgg11_bn and the snnTorch convolutional tutorial network, at several T, in one run.
 
     .venv/bin/python tools/bench_memory.py [--T 4 8 16 32] [--batch 2] [--repeat 3] [--quick]
+    .venv/bin/python tools/bench_memory.py --render bench_out/bench_memory.json   # tables and plot again
 
 For each model, T and variant: bytes kept for backward at the end of the forward
 (revpass.memory.saved_bytes over the whole model), the measured peak of a training step
@@ -91,7 +92,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="T=4, one model, one timed run")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # MODEL:T, one row as JSON
+    ap.add_argument("--render", type=Path, default=None,
+                    help="write the markdown and the plot again from a bench_memory.json, without running")
     a = ap.parse_args(argv)
+    if a.render:
+        data = json.loads(a.render.read_text())
+        md = _markdown(data["results"], data["targets"], data["meta"])
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "bench_memory.md").write_text(md)
+        print(md)
+        _plot(data["results"], a.out / "bench_memory.png")
+        return 0
     if a.job:
         mname, T = a.job.split(":")
         print(json.dumps(_row(mname, int(T), a.batch, a.repeat)))
@@ -181,9 +192,27 @@ def _markdown(results, targets, meta) -> str:
             lines.append(f"| {r['model']} | {r['T']} | {v} | {d['kept_bytes'] / 2**20:.2f} MiB | "
                          f"{d['peak_bytes'] / 2**20:.2f} MiB | {d['step_s'] * 1e3:.0f} ms | "
                          f"{o['peak_bytes'] / d['peak_bytes']:.2f}x | {d['step_s'] / o['step_s']:.2f}x |")
+    lines += ["", "## Summary: measured peak, original / variant", ""] + _summary(results)
     lines += ["", "## Targets (spiking_resnet18, T=4; reported, not asserted)", ""]
     lines += [f"- {'PASS' if t['pass'] else 'MISS'} {t['target']}: {t['value']:.2f}" for t in targets]
     return "\n".join(lines) + "\n"
+
+
+def _summary(results) -> List[str]:
+    """The peak ratios as one row per model and T (the README's table)."""
+    lines = ["| model | T | exact | reversible | recompute | planner \"min\" | SpikingJelly memopt L1 | "
+             "step time: reversible / recompute / min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:  # in run order: T, then model
+        v = r["variants"]
+        o = v["original"]
+
+        def peak(name, v=v, o=o):
+            return f"{o['peak_bytes'] / v[name]['peak_bytes']:.2f}x" if name in v else "n/a"
+
+        times = " / ".join(f"{v[n]['step_s'] / o['step_s']:.2f}x" for n in ("reversible", "recompute", "planner-min"))
+        lines.append(f"| {r['model']} | {r['T']} | {peak('exact')} | {peak('reversible')} | {peak('recompute')} | "
+                     f"{peak('planner-min')} | {peak('memopt-L1')} | {times} |")
+    return lines
 
 
 def _plot(results, path: Path) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks for a lent CUDA machine (never part of CI): the node tests on CUDA, the node
 # benchmark with --device cuda (timings and torch.cuda peak memory), and the model-level peak
-# estimate against torch.cuda (tools/gpu_peak.py).
+# estimate against torch.cuda (tools/peak_estimate.py).
 # The SNN frameworks travel as wheels in .whl/ (norse, an sdist, as its installed folder in
 # .whl/site/), since the machine has no registry access.
 set -uo pipefail
@@ -14,4 +14,4 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 python3 -m pytest -q -p no:cacheprovider tests/nodes/test_cuda.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -3
 python3 tools/bench_nodes.py --device cuda --T 4 16 64 --repeat 10 --out "$OUT" > "$OUT/gpu_bench_stdout.txt" 2> "$OUT/gpu_bench_progress.txt"
 tail -30 "$OUT/bench_nodes.md"
-python3 tools/gpu_peak.py --out "$OUT" > "$OUT/gpu_peak_stdout.txt" 2>&1; tail -12 "$OUT/gpu_peak.md"
+python3 tools/peak_estimate.py --device cuda --out "$OUT" > "$OUT/peak_estimate_stdout.txt" 2>&1; tail -20 "$OUT/peak_estimate_cuda.md"

@@ -19,9 +19,14 @@ unfolded. The forward is the batch norm module's own (running statistics, moment
 num_batches_tracked), so outputs equal the unfolded conversion's bit for bit.
 
 It applies to SpikingJelly's multi-step batch norms (step_mode='m': statistics over every dim of
-a (T, B, C, ...) sequence but C) in training mode, under autograd, in float32 or float64, with
-an even channel count and the optimized backward; anywhere else the node runs ``bn(x)`` and then
-itself, the same function.
+a (T, B, C, ...) sequence but C) before a SpikingJelly neuron (spikes of 0 and 1), in training
+mode, under autograd, in float32 or float64, with an even channel count and the optimized
+backward; anywhere else the node runs ``bn(x)`` and then itself, the same function.
+
+The backward runs in two passes over the node's slices (revpass.nodes.core.slices): the node's
+own backward, which hands over each slice's rebuilt z, gives dL/dz, the per-channel sums and
+the spikes Y - z (packed 8 per byte, for the second pass); then, slice by slice,
+z = Y - spikes again (the same values) and the batch norm's input gradient, written over dL/dz.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ def applies(node, bn: nn.Module, x: Tensor) -> bool:
     """Whether this call runs folded (see the module docstring)."""
     return (bn.training and torch.is_grad_enabled() and not node.plain and node.backward_mode == "optimized"
             and node.step_mode == "m" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 3
-            and x.shape[2] == bn.num_features and x.shape[2] % 2 == 0 and x.shape[0] > 0)
+            and x.shape[2] == bn.num_features and x.shape[2] % 2 == 0 and x.shape[0] > 0
+            and node.spec.family == "spikingjelly")  # spikes of 0 and 1: X = Y - spikes
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:
@@ -103,25 +109,28 @@ class FoldedBatchNorm(torch.autograd.Function):
 
         dims = [d for d in range(y.dim()) if d != 2]
         sums = []  # per slice: (sum gz, sum gz * x^) per channel
+        spikes = []  # per slice, Y - X (0 or 1) packed 8 per byte
 
-        def on_slice(sl, z, gz):  # the first pass: the node's gradient and the sums
+        def on_slice(sl, z, gz):  # the first pass: the node's gradient, its spikes and the sums
+            spikes.append(core.pack_bits(sl(y) - z > 0.5))
             xhat = normalized(sl, z)
-            sums.append((gz.sum(dim=dims), sum((gz[t] * xhat[t]).sum(dim=[d - 1 for d in dims[1:]])
-                                               for t in range(gz.shape[0]))))
+            sums.append((gz.sum(dim=dims), (gz * xhat).sum(dim=dims)))
 
+        min_elems = getattr(node, "slice_min_elems", None)
         gz, g0, gP = core.reversible_backward(node.spec, gy.contiguous(), g_state, y, bits, kept, state0, P,
-                                              ctx.need, on_slice=on_slice)
+                                              ctx.need, on_slice=on_slice, min_elems=min_elems)
         M = y.numel() // y.shape[2]
         dbeta = sum(a for a, _ in sums)
         dgamma = sum(b for _, b in sums)
         scale = invstd if gamma is None else gamma * invstd
-        # the second pass: x^ again (rebuilt slice by slice, one slice's worth at a time) and
-        # the batch norm's input gradient, written over the node's input gradient
-        for sl, z in core.reversible_input(node.spec, y, bits, state0, P) if not ctx.keep_input else (
-                (sl, torch.empty_like(sl(y))) for sl in core.slices(y.shape, P)):
-            g = sl(gz)
+        # the second pass: x^ again, slice by slice, from X = Y - spikes (the same values the
+        # first pass rebuilt), and the batch norm's input gradient written over the node's
+        for sl, packed in zip(core.slices(y.shape, P, min_elems), spikes):
+            ys, g = sl(y), sl(gz)
+            z = torch.sub(ys, core.unpack_bits(packed, ys.shape).to(ys.dtype))
             g.sub_(_per_channel(dbeta / M, g)).addcmul_(normalized(sl, z), _per_channel(-dgamma / M, g))
             g.mul_(_per_channel(scale, g))
+            del z
         gc = gz
         g_state0 = [None] * ctx.n_state if g0 is None else [
             g if s.requires_grad else None for g, s in zip(g0, state0)]

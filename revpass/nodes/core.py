@@ -305,6 +305,7 @@ def reversible_backward(
     need_params: Sequence[str],
     mode: str = "optimized",
     on_slice=None,
+    min_elems: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[State], Dict[str, Tensor]]:
     """Gradients of the reversible node from what it kept: (gx, g state0, g params).
 
@@ -313,7 +314,8 @@ def reversible_backward(
     transient records and factors are those of one slice, not of the whole sequence. With
     ``on_slice`` (even channel counts) it calls ``on_slice(slice, x, gx)`` after each slice with
     the rebuilt input and its gradient (a folded batch norm's backward reads them:
-    revpass/nodes/batchnorm.py)."""
+    revpass/nodes/batchnorm.py). ``min_elems``: elements per step of a slice (default
+    CHUNK_MIN_ELEMS)."""
     L = Layout(y.shape)
     bits = unpack_bits(packed, _bits_shape(L, family_of(spec).n_bits(spec), y)) if L.c else None
     if mode != "optimized":
@@ -329,24 +331,7 @@ def reversible_backward(
             on_slice(sl, x, res[0])
         return res
 
-    return _in_chunks(run, gy, state0, P)
-
-
-def reversible_input(spec: NeuronSpec, y: Tensor, packed: Tensor, state0: Optional[State], P: Params):
-    """The node's input rebuilt from its output (METHOD.md section 4), slice by slice: yields
-    (slice, X) for the slices of :func:`slices` (even channel counts)."""
-    L = Layout(y.shape)
-    bits = unpack_bits(packed, _bits_shape(L, family_of(spec).n_bits(spec), y))
-    for sl in slices(y.shape, P):
-        yc = sl(y)
-        Lc = Layout(yc.shape)
-        s0 = sl.state(state0) if state0 is not None else init_state(spec, yc, P)
-        x = torch.empty_like(yc)
-        _, _, X2 = _rebuild_g(spec, Lc, yc, s0, P, record=False)
-        Lc.seq(x, "f").copy_(X2)
-        _, _, sF = _rebuild_f(spec, Lc, yc, sl.inner(bits), X2, s0, P, record=False)
-        torch.sub(Lc.seq(yc, "g"), sF, out=Lc.seq(x, "g"))
-        yield sl, x
+    return _in_chunks(run, gy, state0, P, min_elems)
 
 
 def _reversible_backward(spec, gy, g_state, y, bits, kept, state0, P, need_params, mode="optimized", out=None,
@@ -404,22 +389,28 @@ def _reversible_backward(spec, gy, g_state, y, bits, kept, state0, P, need_param
 # ---------------------------------------------------------------------------------------------
 
 #: the optimized backwards run in at most CHUNK_MAX slices of at least CHUNK_MIN_ELEMS elements
-#: of the sequence each (fewer, larger slices cost fewer kernel launches; more, smaller ones a
-#: smaller transient). Set CHUNK_MAX = 1 to run whole sequences.
+#: of a step each. A slice costs a fixed number of kernel launches per step (a few dozen small
+#: ops), and its work grows with its elements per step, so the bound is per step and holds at any
+#: T. By default slices are large enough that the launches cost little (2^18 elements: on a CPU,
+#: slices of 2^15 elements per step made a node's backward 1.5x slower); revpass.convert gives its
+#: nodes CHUNK_MIN_ELEMS_FINE, memory first (:meth:`revpass.nodes.modules._Node.set_slicing`).
+#: Set CHUNK_MAX = 1 to run whole sequences.
 CHUNK_MAX = 8
-CHUNK_MIN_ELEMS = 1 << 14
+CHUNK_MIN_ELEMS = 1 << 18
+CHUNK_MIN_ELEMS_FINE = 1 << 12
 
 
-def chunks(shape: Sequence[int], P: Params) -> Optional[Tuple[int, List[Tuple[int, int]]]]:
+def chunks(shape: Sequence[int], P: Params, min_elems: Optional[int] = None
+           ) -> Optional[Tuple[int, List[Tuple[int, int]]]]:
     """How a (T, B, C, ...) sequence's backward is sliced: (dim, [(lo, hi), ...]) or None (whole).
 
     The slices run along the batch dim or a spatial dim (never T, which the sweep runs along,
     nor the channel dim, which the reversible node pairs) along which no parameter varies; the
     dim allowing the most slices is taken: the batch dim on a tie, else the outermost."""
-    numel = 1
-    for s in shape:
-        numel *= s
-    n = min(CHUNK_MAX, numel // max(1, CHUNK_MIN_ELEMS))
+    per_step = 1
+    for s in shape[1:]:
+        per_step *= s
+    n = min(CHUNK_MAX, per_step // max(1, CHUNK_MIN_ELEMS if min_elems is None else min_elems))
     if n < 2 or len(shape) < 2:
         return None
     step_ndim = len(shape) - 1
@@ -464,10 +455,10 @@ class _Slice:
         return tuple(self.step(s.expand(self.x0.shape)) for s in state)
 
 
-def slices(shape: Sequence[int], P: Params) -> List[Any]:
+def slices(shape: Sequence[int], P: Params, min_elems: Optional[int] = None) -> List[Any]:
     """The slices a (T, B, C, ...) sequence's backward runs in (:func:`chunks`): one whole-sequence
     slice, or :class:`_Slice` objects."""
-    plan = chunks(shape, P) if shape[0] else None
+    plan = chunks(shape, P, min_elems) if shape[0] else None
     if plan is None:
         return [_Whole()]
     d, ranges = plan
@@ -475,11 +466,11 @@ def slices(shape: Sequence[int], P: Params) -> List[Any]:
     return [_Slice(d, lo, hi, x0) for lo, hi in ranges]
 
 
-def _in_chunks(run, g: Tensor, state0: Optional[State], P: Params):
+def _in_chunks(run, g: Tensor, state0: Optional[State], P: Params, min_elems: Optional[int] = None):
     """Run a node's backward ``run(slice, out)`` slice by slice (:func:`slices`), writing the
     input gradient into one tensor, the initial states' gradients into others, and summing the
     parameter gradients."""
-    parts = slices(g.shape, P)
+    parts = slices(g.shape, P, min_elems)
     if isinstance(parts[0], _Whole):
         return run(parts[0], None)
     gx = torch.empty_like(g)
@@ -598,15 +589,17 @@ def exact_backward(
     state0: Optional[State],
     P: Params,
     need_params: Sequence[str],
+    min_elems: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[State], Dict[str, Tensor]]:
     """Gradients of the exact node from its kept records, in slices as
-    :func:`reversible_backward`."""
+    :func:`reversible_backward` (``min_elems``: elements per step of a slice, default
+    CHUNK_MIN_ELEMS)."""
 
     def run(sl, out):
         return _exact_backward(spec, sl(gs), sl.state(g_state), sl.inner(kept), sl.state(state0), P,
                                need_params)
 
-    return _in_chunks(run, gs, state0, P)
+    return _in_chunks(run, gs, state0, P, min_elems)
 
 
 def _exact_backward(spec, gs, g_state, kept, state0, P, need_params):

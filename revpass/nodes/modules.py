@@ -60,6 +60,7 @@ class _Node(nn.Module):
             self._param_attr[key] = attr
         self.state: Optional[Tuple[Tensor, ...]] = None
         self.plain = False  # standard tensor ops, nothing carried (revpass.export_onnx sets it)
+        self.slice_min_elems: Optional[int] = None  # see set_slicing
         self._register_op()
 
     # -- copying and pickling --------------------------------------------------------------------
@@ -78,7 +79,15 @@ class _Node(nn.Module):
 
     def _register_op(self) -> None:
         backward = "optimized" if self.backward_mode == "autograd" else self.backward_mode
-        self._cfg_id = ops.register_config(ops.OpConfig(self.spec, tuple(self._param_attr), backward))
+        self._cfg_id = ops.register_config(ops.OpConfig(self.spec, tuple(self._param_attr), backward,
+                                                        self.__dict__.get("slice_min_elems")))
+
+    def set_slicing(self, min_elems: Optional[int]) -> None:
+        """Run the optimized backward in slices of at least ``min_elems`` elements per step
+        (revpass.nodes.core.chunks; None: the default, core.CHUNK_MIN_ELEMS): smaller slices, a
+        smaller transient, more kernel launches."""
+        self.slice_min_elems = min_elems
+        self._register_op()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod

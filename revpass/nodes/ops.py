@@ -15,7 +15,7 @@ import contextlib
 
 import itertools
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,7 @@ class OpConfig:
     spec: NeuronSpec
     param_names: Tuple[str, ...]
     mode: str = "optimized"
+    slice_min_elems: Optional[int] = None  # the backward's slices (core.chunks); None: the default
 
     @property
     def n_state(self) -> int:
@@ -141,7 +142,8 @@ def reversible_backward_op(
     need_names = _need(c, need)
     P = _P(c, params)
     gx, g0, gP = core.reversible_backward(
-        c.spec, gy, _state(g_state), y, bits, kept, _state(state0), P, need_names, _MODE_NAMES[mode]
+        c.spec, gy, _state(g_state), y, bits, kept, _state(state0), P, need_names, _MODE_NAMES[mode],
+        min_elems=c.slice_min_elems,
     )
     g0 = list(g0) if g0 is not None else []
     return gx, g0, [gP[n].reshape(P[n].shape).clone() for n in need_names]
@@ -259,7 +261,7 @@ def exact_backward_op(
     need_names = _need(c, need)
     P = _P(c, params)
     gx, g0, gP = core.exact_backward(
-        c.spec, gs, _state(g_state), kept, _state(state0), P, need_names
+        c.spec, gs, _state(g_state), kept, _state(state0), P, need_names, min_elems=c.slice_min_elems
     )
     g0 = list(g0) if g0 is not None else []
     return gx, g0, [gP[n].reshape(P[n].shape).clone() for n in need_names]

@@ -50,13 +50,13 @@ class NodeMemory:
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
-        self.current: Optional[fx.Node] = None
+        self.now: List[Optional[str]] = [None]  # the name of the node running now
         self.order: List[fx.Node] = []
         self.outputs: Dict[str, Any] = {}
         self.binary: Dict[str, bool] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        self.current = n
+        self.now[0] = n.name
         self.order.append(n)
         out = super().run_node(n)
         if isinstance(out, torch.Tensor):
@@ -76,12 +76,15 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
     excluded = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers()) if t.numel()}
     excluded |= {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor) and x.numel()}
     seen = []
+    # the hook holds no graph (node names, not nodes; not the recorder): a saved tensor's hooks can
+    # outlive the run in autograd's C++ objects, and with them whatever the hook refers to
+    now = rec.now
 
     def pack(t: torch.Tensor):
         if t.numel() and t.device.type != "meta":
             st = t.untyped_storage()
             if st.data_ptr() not in excluded:
-                seen.append((weakref.ref(t), st.data_ptr(), st.nbytes(), rec.current))
+                seen.append((weakref.ref(t), st.data_ptr(), st.nbytes(), now[0]))
         return t
 
     leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
@@ -99,14 +102,14 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
     kept: Dict[str, int] = {}
     owner: Dict[int, str] = {}
     own: Dict[str, Dict[int, int]] = {}
-    for ref, ptr, nbytes, node in seen:
-        if ref() is None or node is None:
+    for ref, ptr, nbytes, name in seen:
+        if ref() is None or name is None:
             continue  # freed before the forward returned
-        own.setdefault(node.name, {})[ptr] = nbytes
+        own.setdefault(name, {})[ptr] = nbytes
         if ptr in owner:
             continue  # already counted (shared storage)
-        owner[ptr] = node.name
-        kept[node.name] = kept.get(node.name, 0) + nbytes
+        owner[ptr] = name
+        kept[name] = kept.get(name, 0) + nbytes
     del out
     reset_states(gm)
     result = {}
@@ -192,6 +195,7 @@ def workspace(module, inputs, device="cpu") -> int:
         with visible_internals(), mt:
             grads = torch.autograd.grad(y, [*xs, *params], g, allow_unused=True)
         total = tracker_bytes(mt.get_tracker_snapshot("peak"))
+        saved.clear()  # the hook may outlive this call (see measure): it must not keep these
         return max(0, total - sum(before.values()) - sum(t.numel() * t.element_size() for t in grads
                                                          if t is not None))
     finally:

@@ -186,10 +186,16 @@ def test_slices_cover_the_sequence():
     from revpass.nodes import core
 
     P = {"w": torch.zeros(())}
-    assert (core.CHUNK_MAX, core.CHUNK_MIN_ELEMS) == (8, 1 << 14)
+    assert (core.CHUNK_MAX, core.CHUNK_MIN_ELEMS, core.CHUNK_MIN_ELEMS_FINE) == (8, 1 << 18, 1 << 12)
     assert core.chunks((4, 2, 6, 10, 3), P) is None  # small: one piece
-    # the stem of spiking_resnet18 at T=4, batch 2, 32x32 input: 8 slices of its 16 rows
-    assert core.chunks((4, 2, 64, 16, 16), P) == (3, [(2 * i, 2 * i + 2) for i in range(8)])
+    assert core.chunks((4, 16, 64, 16, 16), P) is None  # 2^18 per step: one slice's worth
+    assert core.chunks((4, 64, 64, 16, 16), P) == (1, [(16 * i, 16 * i + 16) for i in range(4)])
+    # fine: the stem of spiking_resnet18 at batch 2, 32x32 input: 8 slices of its 16 rows, at any
+    # T; layer1 (8x8): 2 slices of its batch
+    fine = core.CHUNK_MIN_ELEMS_FINE
+    for T in (1, 4, 64):
+        assert core.chunks((T, 2, 64, 16, 16), P, fine) == (3, [(2 * i, 2 * i + 2) for i in range(8)])
+        assert core.chunks((T, 2, 64, 8, 8), P, fine) == (1, [(0, 1), (1, 2)])
     old = core.CHUNK_MIN_ELEMS, core.CHUNK_MAX
     try:
         core.CHUNK_MIN_ELEMS, core.CHUNK_MAX = 1, 3

@@ -82,7 +82,7 @@ def test_library_neurons_keep_what_method_md_says():
         assert rep.total / r2.total_without_output == 64 * ratio
 
 
-def test_sliced_backward_workspace(monkeypatch):
+def test_sliced_backward_workspace():
     """The optimized backward in slices (revpass.nodes.core.chunks) allocates a fraction of what
     the whole-sequence backward does: for the stem of spiking_resnet18 (8 slices), under a
     third, for both nodes; and the whole-sequence one several times the input, as METHOD.md
@@ -96,9 +96,8 @@ def test_sliced_backward_workspace(monkeypatch):
     nbytes = math.prod(shape) * 4
     for cls in (revpass.ReversibleNode, revpass.ExactNode):
         node = cls.from_neuron(neuron.LIFNode(step_mode="m"))
+        whole = node_workspace(node, shape, torch.float32)  # the default: 2^15 per step is one slice
+        node.set_slicing(core.CHUNK_MIN_ELEMS_FINE)  # as convert does at a model's largest activations
         sliced = node_workspace(node, shape, torch.float32)
-        monkeypatch.setattr(core, "CHUNK_MAX", 1)
-        whole = node_workspace(node, shape, torch.float32)
-        monkeypatch.undo()
         assert whole >= 1.5 * nbytes, (cls.__name__, whole / nbytes)
         assert 0 < sliced < whole / 3, (cls.__name__, sliced / nbytes, whole / nbytes)
