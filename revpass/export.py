@@ -180,14 +180,16 @@ def _site_outputs(gm: fx.GraphModule, inputs) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _prop(node, key: str) -> Optional[str]:
+    """An ONNX node's metadata_props entry, or None."""
+    return next((p.value for p in node.metadata_props if p.key == key), None)
+
+
 def _scopes(node) -> List[str]:
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                return list(ast.literal_eval(p.value))
-            except (ValueError, SyntaxError):
-                return []
-    return []
+    try:
+        return list(ast.literal_eval(_prop(node, "pkg.torch.onnx.name_scopes") or "[]"))
+    except (ValueError, SyntaxError):
+        return []
 
 
 def _module_of(scopes: List[str], known) -> Optional[str]:
@@ -202,10 +204,8 @@ def _module_of(scopes: List[str], known) -> Optional[str]:
 
 def _fx_node(node) -> Optional[str]:
     """The name of the torch.export node an ONNX node came from (``pkg.torch.onnx.fx_node``)."""
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.fx_node" and p.value.startswith("%"):
-            return p.value[1:].split(" ", 1)[0]
-    return None
+    value = _prop(node, "pkg.torch.onnx.fx_node") or ""
+    return value[1:].split(" ", 1)[0] if value.startswith("%") else None
 
 
 def _annotate_onnx(proto, gm: fx.GraphModule, exported=None) -> int:

@@ -143,14 +143,12 @@ def estimate_peak(gm) -> int:
 
 
 def _trained(m: nn.Module):
-    """The parameters whose gradients a module's backward makes: a recomputed segment's layers
-    (held outside the module tree) and a batch norm folded into a node included."""
-    from revpass.nodes.segment import RecomputeSegment
+    """The parameters whose gradients a module's backward makes (revpass.passes.annotate.owners:
+    a recomputed segment's layers and a batch norm folded into a node included)."""
+    from revpass.passes.annotate import owners
 
-    owners = [m.body if isinstance(m, RecomputeSegment) else m]
-    owners += [x.folded_bn for x in owners[0].modules() if getattr(x, "folded_bn", None) is not None]
     seen = set()
-    for o in owners:
+    for o in owners(m):
         for p in o.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))

@@ -436,8 +436,8 @@ class _Slice:
     backward reads: sequences (dim d), stacked records and bits (K, T, ..., dim d + 1) and
     per-step states (B, C, ..., dim d - 1, broadcast ones expanded first)."""
 
-    def __init__(self, d: int, lo: int, hi: int, x0: Tensor):
-        self.d, self.lo, self.n, self.x0 = d, lo, hi - lo, x0
+    def __init__(self, d: int, lo: int, hi: int, step_shape: Sequence[int]):
+        self.d, self.lo, self.n, self.step_shape = d, lo, hi - lo, tuple(step_shape)
 
     def __call__(self, t: Tensor) -> Tensor:
         return t.narrow(self.d, self.lo, self.n)
@@ -452,7 +452,7 @@ class _Slice:
     def state(self, state: Optional[State]) -> Optional[State]:
         if state is None:
             return None
-        return tuple(self.step(s.expand(self.x0.shape)) for s in state)
+        return tuple(self.step(s.expand(self.step_shape)) for s in state)
 
 
 def slices(shape: Sequence[int], P: Params, min_elems: Optional[int] = None) -> List[Any]:
@@ -462,8 +462,7 @@ def slices(shape: Sequence[int], P: Params, min_elems: Optional[int] = None) -> 
     if plan is None:
         return [_Whole()]
     d, ranges = plan
-    x0 = torch.empty(shape[1:], device="meta")  # states are expanded to a step's shape
-    return [_Slice(d, lo, hi, x0) for lo, hi in ranges]
+    return [_Slice(d, lo, hi, shape[1:]) for lo, hi in ranges]
 
 
 def _in_chunks(run, g: Tensor, state0: Optional[State], P: Params, min_elems: Optional[int] = None):

@@ -143,6 +143,16 @@ def node_workspace(node, shape, dtype, device="cpu") -> int:
     return workspace(node, [(shape, dtype, False)], device)
 
 
+def owners(module) -> List[Any]:
+    """The modules whose parameters and buffers ``module``'s forward and backward use: a
+    recomputed segment's body (held outside the module tree) or the module itself, then every
+    batch norm folded into a node inside it (not its child either)."""
+    from revpass.nodes.segment import RecomputeSegment
+
+    body = module.body if isinstance(module, RecomputeSegment) else module
+    return [body] + [m.folded_bn for m in body.modules() if getattr(m, "folded_bn", None) is not None]
+
+
 def workspace(module, inputs, device="cpu") -> int:
     """What ``module``'s backward (a revpass node or a recomputed segment) allocates besides its
     inputs' and parameters' gradients, on random inputs described by ``inputs`` [(shape, dtype,
@@ -156,18 +166,17 @@ def workspace(module, inputs, device="cpu") -> int:
     from revpass.memory import tracker_bytes
     from revpass.nodes.modules import _Node
     from revpass.nodes.ops import visible_internals
-    from revpass.nodes.segment import RecomputeSegment
+    from revpass.plan import _trained
 
     if device == "meta" or str(device) == "meta" or not inputs or any(not shape for shape, _, _ in inputs):
         return 0
     device = next((p.device for p in module.parameters()), torch.device(device))
     if device.type == "meta":
         return 0
-    body = module.body if isinstance(module, RecomputeSegment) else module
-    nodes = [m for m in body.modules() if isinstance(m, _Node)]
+    used = owners(module)
+    nodes = [m for m in used[0].modules() if isinstance(m, _Node)]
     states = [(m, m.state) for m in nodes]
-    owners = [body] + [m.folded_bn for m in nodes if getattr(m, "folded_bn", None) is not None]
-    buffers = [(b, b.clone()) for o in owners for b in o.buffers()]
+    buffers = [(b, b.clone()) for o in used for b in o.buffers()]
     try:
         for m in nodes:
             m.state = None
@@ -180,12 +189,8 @@ def workspace(module, inputs, device="cpu") -> int:
             y = module(*xs)
             y = y[0] if isinstance(y, tuple) else y
             g = torch.randn_like(y)
-        params = [p for p in module.parameters() if p.requires_grad]
-        if isinstance(module, RecomputeSegment):
-            params = [p for p in body.parameters() if p.requires_grad]
-        state = [*body.parameters(), *body.buffers()] + [t for o in owners[1:] for t in (*o.parameters(),
-                                                                                      *o.buffers())]
-        existing = [*xs, y, g, *saved, *state]
+        params = list(_trained(module))
+        existing = [*xs, y, g, *saved] + [t for o in used for t in (*o.parameters(), *o.buffers())]
         before = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in existing}
         mt = MemTracker()
         # tracked from the start, these count once, as they are; a dispatch mode would otherwise
