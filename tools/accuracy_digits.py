@@ -34,18 +34,22 @@ def main(argv=None) -> int:
              f"`tools/accuracy_digits.py`, {a.epochs} epochs, T = 4, batch 64, same seeds; "
              f"{time.strftime('%Y-%m-%d')}. Test accuracy (359 images); bytes kept for backward on a batch.", "",
              "| encoding | original | reversible | exact | exact, autograd backward "
-             "| kept: original / reversible / exact |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| exact's trained weights | kept: original / reversible / exact "
+             "| train time: reversible / exact, x the original's |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
     for enc, r in results.items():
         acc = [f"{100 * r[k]['accuracy']:.2f}%" for k in ("original", "reversible", "exact", "exact-autograd")]
         kept = " / ".join(f"{r[k]['kept_bytes'] / 2**20:.1f}" for k in ("original", "reversible", "exact"))
-        lines.append(f"| {enc} | {' | '.join(acc)} | {kept} MiB |")
+        weights = "the original's, bit for bit" if r["exact"]["weights_identical"] else "differ from the original's"
+        slow = " / ".join(f"{r[k]['train_s'] / r['original']['train_s']:.2f}" for k in ("reversible", "exact"))
+        lines.append(f"| {enc} | {' | '.join(acc)} | {weights} | {kept} MiB | {slow} |")
     lines += ["", "Targets:"]
     for enc, r in results.items():
         gap = 100 * (r["reversible"]["accuracy"] - r["original"]["accuracy"])
 
         def same(k, r=r):
-            return "identical" if r[k]["accuracy"] == r["original"]["accuracy"] else "DIFFERENT"
+            acc = "identical" if r[k]["accuracy"] == r["original"]["accuracy"] else "DIFFERENT"
+            return f"{acc} (weights {'bit for bit' if r[k]['weights_identical'] else 'differ'})"
 
         lines.append(f"- {enc}: reversible - original {gap:+.2f} points ({'met' if gap >= -1 else 'MISSED'}: "
                      f"not more than 1 below); exact {same('exact')}, exact with the autograd backward "

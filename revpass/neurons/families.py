@@ -146,6 +146,65 @@ class SpikingJellyFamily(Family):
         gx = gh if isinstance(b, float) and b == 1.0 else gh.mul_(b)
         return gx, (None if g_v0 is None else (g_v0,)), gP
 
+    def exact_stream(self, spec, kept, g_spike, g_state, P, need_params):
+        """LIF and IF: the exact node's backward as SpikingJelly 2.0 computes it on the CPU, op for
+        op, one whole step at a time.
+
+        On the CPU SpikingJelly differentiates its reference step (``_ops/lif/reference.py``)
+        with autograd, so each step's gradient is a sequence of separately rounded ops:
+
+            g_s  = g_spike_t - g_v * h_t  [+ g_v * v_reset]   hard reset, spike not detached
+                 = g_spike_t - g_v * v_threshold               soft reset, spike not detached
+            g_h  = g_s * sg_t + g_v * (1 - s_t)                (soft reset: + g_v)
+            g_x  = g_h / tau                                   (IF, decay_input=False: g_h)
+            g_v <- g_h - g_h / tau                             (IF: g_h)
+
+        Mathematically this is :meth:`vjp`; only the rounding differs (by an ulp here and there),
+        and training amplifies that. The surrogate derivative ``sg_t`` is SpikingJelly's own
+        formula, evaluated over the whole step as SpikingJelly evaluates it: a transcendental one
+        (Sigmoid, the default) rounds differently in a CPU kernel's vectorized lanes and its scalar
+        tail, so a slice of the step would round some elements differently. Hence one step at a
+        time rather than slices; the transient is a few step-sized tensors besides the input
+        gradient. The parametric LIF (its tau gradient is a reduction, summed in another order)
+        keeps :meth:`vjp`.
+        """
+        c = spec.consts
+        if c["kind"] not in ("lif", "if"):
+            return None
+        h = kept["h"]
+        thr, r = c["v_threshold"], c["v_reset"]
+        tau = c["tau"] if c["kind"] == "lif" else None
+        through_spike = not c["detach_reset"]
+        gx = torch.empty_like(g_spike)
+        g_v = None if g_state is None else g_state[0]
+        for t in range(h.shape[0] - 1, -1, -1):  # few step-sized temporaries alive at once
+            gh = h[t] - thr
+            # 1 - s as a float (exactly 0 or 1), taken before the derivative overwrites gh
+            keep = None if r is None or g_v is None else (~(gh >= 0)).to(gh.dtype)
+            gh = spec.surrogate.deriv_(gh)  # sg_t
+            if through_spike and g_v is not None:
+                gs = (g_v * (thr if r is None else h[t])).neg_().add_(g_spike[t])
+                if r is not None and r != 0.0:
+                    gs.add_(g_v * r)
+                gh.mul_(gs)
+                del gs
+            else:
+                gh.mul_(g_spike[t])
+            if g_v is not None:
+                if keep is None:
+                    gh.add_(g_v)
+                else:
+                    gh.addcmul_(g_v, keep)
+                del keep
+            if tau is None:
+                gx[t] = g_v = gh
+            elif c["decay_input"]:
+                g_v = gh - torch.div(gh, tau, out=gx[t])
+            else:
+                gx[t] = gh
+                g_v = gh.sub_(gh / tau)
+        return gx, (None if g_v is None else (g_v,)), {}
+
     def recs_from_kept(self, spec, kept, state0, P):
         c = spec.consts
         h = kept["h"]

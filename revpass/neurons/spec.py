@@ -109,6 +109,21 @@ class Family:
         """Gradient of a sequence: (grad of inputs, grad of initial state, grads of params)."""
         raise NotImplementedError
 
+    def exact_stream(
+        self,
+        spec: NeuronSpec,
+        kept: Dict[str, Tensor],
+        g_spike: Tensor,
+        g_state: Optional[State],
+        P: Params,
+        need_params: Sequence[str],
+    ) -> Optional[Tuple[Tensor, Optional[State], Dict[str, Tensor]]]:
+        """The exact node's whole backward from its kept records, as the framework itself
+        computes it (same ops, same rounding), one whole step at a time: then exact-mode training
+        repeats the original's bit for bit. None where the family has none: the exact node then
+        runs :meth:`vjp` (within METHOD.md section 7's tolerance) in slices."""
+        return None
+
     # exact node: what it keeps (one float per element and step) and how it rebuilds records
     def exact_keep(self, spec: NeuronSpec, need_params: Sequence[str]) -> Tuple[str, ...]:
         return ("h",)

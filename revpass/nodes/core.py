@@ -590,9 +590,16 @@ def exact_backward(
     need_params: Sequence[str],
     min_elems: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[State], Dict[str, Tensor]]:
-    """Gradients of the exact node from its kept records, in slices as
-    :func:`reversible_backward` (``min_elems``: elements per step of a slice, default
-    CHUNK_MIN_ELEMS)."""
+    """Gradients of the exact node from its kept records: the family's
+    :meth:`~revpass.neurons.spec.Family.exact_stream` where it has one (the framework's own
+    backward, bit for bit), else its ``vjp`` in slices as :func:`reversible_backward`
+    (``min_elems``: elements per step of a slice, default CHUNK_MIN_ELEMS)."""
+
+    fam = family_of(spec)
+    keep = fam.exact_keep(spec, need_params)
+    streamed = fam.exact_stream(spec, dict(zip(keep, kept)), gs, g_state, fam.prepare(spec, P), need_params)
+    if streamed is not None:  # the framework's own backward, step by step: no slices
+        return _state_grad_or_none(gs, state0, *streamed)
 
     def run(sl, out):
         return _exact_backward(spec, sl(gs), sl.state(g_state), sl.inner(kept), sl.state(state0), P,
@@ -603,14 +610,19 @@ def exact_backward(
 
 def _exact_backward(spec, gs, g_state, kept, state0, P, need_params):
     fam = family_of(spec)
-    given = state0 is not None
+    given = state0
     if state0 is None:
         state0 = init_state(spec, gs, P)
     keep = fam.exact_keep(spec, need_params)
     Pp = fam.prepare(spec, P)
     recs = fam.recs_from_kept(spec, dict(zip(keep, kept)), state0, Pp)
-    gx, g0, gP = fam.vjp(spec, recs, gs, g_state, Pp, need_params)
-    if given:
+    return _state_grad_or_none(gs, given, *fam.vjp(spec, recs, gs, g_state, Pp, need_params))
+
+
+def _state_grad_or_none(gs, state0, gx, g0, gP):
+    """The initial state's gradient where a state was given (zeros for a part the backward left
+    None), None where the node started from its reset state."""
+    if state0 is not None:
         x0 = gs[0] if gs.shape[0] else gs.new_empty(gs.shape[1:])
         g0 = tuple(
             torch.zeros_like(s.expand_as(x0)) if g0 is None or g0[i] is None else g0[i]

@@ -14,6 +14,10 @@ from catalogue import CASES, close, input_for, reduction_close, within_reconstru
 TS = [1, 2, 16, 256]
 DTYPES = [torch.float32, torch.float64]
 GRID = [(c, T, d) for c in CASES for T in TS for d in DTYPES]
+# SpikingJelly LIF and IF with one of its fused-op surrogates, in float32 (the dtypes of its fused
+# op; float64 takes its Python fallback): the exact node's optimized backward repeats SpikingJelly's
+# own CPU backward op for op (SpikingJellyFamily.exact_stream), so the gradients are its bits
+BIT_FOR_BIT = {c.id for c in CASES if c.id.startswith(("sj-lif", "sj-if")) and c.id != "sj-lif-own-surrogate"}
 
 
 def _grads(node, x_leaf, leaf: bool, g_seed=3):
@@ -90,6 +94,8 @@ def test_exact_node_is_the_library_neuron(case, T, dtype):
     g_lib = torch.autograd.grad(y_lib, [x] + node_params, g)
     for a, b in zip(opt[1], g_lib):
         assert close(a, b.to(dtype), dtype), f"exact vs library: worst {worst(a, b.to(dtype), dtype):.3g}"
+    if case.id in BIT_FOR_BIT and dtype == torch.float32:  # rounded as SpikingJelly's own CPU backward
+        assert all(torch.equal(a, b) for a, b in zip(opt[1], g_lib)), "exact gradients are not the library's bits"
 
 
 def test_odd_channels_work_and_are_reported():
@@ -240,3 +246,26 @@ def test_sliced_backward_equals_whole(case, monkeypatch):
         assert torch.equal(res[1][0], res[3][0])
         for i, (a, b) in enumerate(zip(res[3][1], res[1][1])):
             assert close(a, b), (cls.__name__, i, worst(a, b))
+
+
+@pytest.mark.parametrize("surrogate", ["Sigmoid", "ATan"])
+def test_exact_backward_is_spikingjelly_bit_for_bit_on_large_steps(surrogate):
+    """The exact node's optimized backward, offered the fine slices convert gives its nodes, on
+    steps big enough for the CPU kernels to split them over threads, returns SpikingJelly's own
+    CPU gradients bit for bit: it repeats its autograd's ops one whole step at a time (no
+    slices), so that a transcendental surrogate (Sigmoid, SpikingJelly's default) rounds as
+    SpikingJelly's does."""
+    from spikingjelly.activation_based import neuron, surrogate as sj_surrogate
+
+    from revpass.nodes import core
+
+    lib = neuron.LIFNode(step_mode="m", surrogate_function=getattr(sj_surrogate, surrogate)())
+    x = (torch.randn(3, 8, 6, 37, 29, generator=torch.Generator().manual_seed(0)) * 1.5).requires_grad_(True)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    node = revpass.ExactNode.from_neuron(lib, carry_state=False)
+    node.set_slicing(4096)
+    assert core.chunks(x.shape, {}, 4096) is not None  # slices are on offer: they must not be taken
+    (gx,) = torch.autograd.grad(node(x), x, g)
+    lib.reset()
+    (g_lib,) = torch.autograd.grad(lib(x), x, g)
+    assert torch.equal(gx, g_lib)

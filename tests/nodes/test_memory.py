@@ -86,7 +86,7 @@ def test_sliced_backward_workspace():
     """The optimized backward in slices (revpass.nodes.core.chunks) allocates a fraction of what
     the whole-sequence backward does: for the stem of spiking_resnet18 (8 slices), under a
     third, for both nodes; and the whole-sequence one several times the input, as METHOD.md
-    section 5's buffers say."""
+    section 5's buffers say. (The exact node of a SpikingJelly LIF runs no slices: see below.)"""
     from spikingjelly.activation_based import neuron
 
     from revpass.nodes import core
@@ -94,10 +94,30 @@ def test_sliced_backward_workspace():
 
     shape = (4, 2, 64, 16, 16)
     nbytes = math.prod(shape) * 4
-    for cls in (revpass.ReversibleNode, revpass.ExactNode):
-        node = cls.from_neuron(neuron.LIFNode(step_mode="m"))
+    for cls, lif in ((revpass.ReversibleNode, neuron.LIFNode), (revpass.ExactNode, neuron.ParametricLIFNode)):
+        node = cls.from_neuron(lif(step_mode="m"))
         whole = node_workspace(node, shape, torch.float32)  # the default: 2^15 per step is one slice
         node.set_slicing(core.CHUNK_MIN_ELEMS_FINE)  # as convert does at a model's largest activations
         sliced = node_workspace(node, shape, torch.float32)
         assert whole >= 1.5 * nbytes, (cls.__name__, whole / nbytes)
         assert 0 < sliced < whole / 3, (cls.__name__, sliced / nbytes, whole / nbytes)
+
+
+@pytest.mark.parametrize("surrogate", ["Sigmoid", "ATan"])
+def test_exact_spikingjelly_backward_workspace_is_a_few_steps(surrogate):
+    """The exact node of a SpikingJelly LIF computes its backward one whole step at a time, as
+    SpikingJelly does (SpikingJellyFamily.exact_stream): besides the input gradient it allocates
+    four steps' worth at any T, however it is asked to slice."""
+    from spikingjelly.activation_based import neuron, surrogate as sj_surrogate
+
+    from revpass.nodes import core
+    from revpass.passes.annotate import node_workspace
+
+    lif = neuron.LIFNode(step_mode="m", surrogate_function=getattr(sj_surrogate, surrogate)())
+    for T in (4, 16):
+        shape = (T, 2, 64, 16, 16)
+        step = math.prod(shape[1:]) * 4
+        for min_elems in (None, core.CHUNK_MIN_ELEMS_FINE):
+            node = revpass.ExactNode.from_neuron(lif)
+            node.set_slicing(min_elems)
+            assert node_workspace(node, shape, torch.float32) == 4 * step, (T, min_elems)
