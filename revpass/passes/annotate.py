@@ -76,16 +76,21 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
     excluded = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers()) if t.numel()}
     excluded |= {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor) and x.numel()}
     seen = []
-    # the hook holds no graph (node names, not nodes; not the recorder): a saved tensor's hooks can
-    # outlive the run in autograd's C++ objects, and with them whatever the hook refers to
+    # the hook holds no graph (node names, not nodes; not the recorder): a saved tensor's hooks live
+    # as long as the saved tensor, and with them whatever the hook refers to
     now = rec.now
 
     def pack(t: torch.Tensor):
+        # the graph keeps an alias, not t: a saved output packed as itself would hold its own
+        # grad_fn, a cycle through autograd's C++ nodes that gc cannot see, and it leaked the
+        # whole graph (parameters included) at every measuring run. The alias lives exactly as
+        # long as the graph keeps it, so its weak reference says whether it is still kept.
+        kept_as = t.detach()
         if t.numel() and t.device.type != "meta":
             st = t.untyped_storage()
             if st.data_ptr() not in excluded:
-                seen.append((weakref.ref(t), st.data_ptr(), st.nbytes(), now[0]))
-        return t
+                seen.append((weakref.ref(kept_as), st.data_ptr(), st.nbytes(), now[0]))
+        return kept_as
 
     leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
               for x in inputs]
