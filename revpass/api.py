@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import gc
-import math
 import operator
 from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
@@ -166,6 +165,7 @@ def convert(
             if site.path in planned:
                 site.reason += f"; planner: {planned[site.path][1]}"
             rewrite_site(gm, site, site.decision, backward, site.details.get("plan", {}))
+            site.reason += _kernel_note(gm.get_submodule(site.path))
             g = graph_to_nx(gm.graph)
             if inplace:  # the user's model gets the same node at the same path
                 _set_module(model, site.path, gm.get_submodule(site.path))
@@ -194,7 +194,6 @@ def convert(
             if "revpass_folded" in n.meta and n.target in paths:
                 report.by_path(n.target).reason += (f"; folds batch norm '{n.meta['revpass_folded']}' (its "
                                                     "input is not kept: revpass/nodes/batchnorm.py)")
-    _fine_slices(gm)
     ends = {r.path for r in report.rows if r.decision == "recompute"}
     if ends:  # exact nodes that end recomputed segments (revpass/passes/segments.py)
         from revpass.passes.segments import form_segments
@@ -205,9 +204,10 @@ def convert(
         _invalidate_reset_cache(model)
     if example_inputs is not None:  # node.meta["revpass"]: measured memory, strategy, lifetimes
         from revpass.passes.annotate import annotate
-        from revpass.plan import estimate_peak
+        from revpass.plan import estimate_peak, slice_where_it_sets_the_peak
 
         annotate(gm, _as_tuple(example_inputs), before=before)
+        slice_where_it_sets_the_peak(gm)  # the nodes' backward transient, bounded where it matters
         gm.revpass_peak_before = estimate_peak(before)  # the unconverted graph, for revpass.plan
         del before
         gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
@@ -218,19 +218,6 @@ _VIEWS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "permute", "tran
           "unbind", "chunk", "split", "select", "view_as", "contiguous", "t"}
 _INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow, operator.iand,
                 operator.ior, operator.setitem}
-
-
-def _fine_slices(gm: fx.GraphModule) -> None:
-    """Fine backward slices (revpass.nodes.core.CHUNK_MIN_ELEMS_FINE) for every node of a
-    converted model: the transient of a node's backward lands at the peak of a training step
-    where its activations are the largest, and the slices' extra kernel launches cost a converted
-    ResNet-18 a few percent of its step time (a node alone, built by hand, keeps the default)."""
-    from revpass.nodes import core
-    from revpass.nodes.modules import _Node
-
-    for m in gm.modules():
-        if isinstance(m, _Node) and m.slice_min_elems is None:
-            m.set_slicing(core.CHUNK_MIN_ELEMS_FINE)
 
 
 def written_in_place(n: fx.Node) -> Optional[fx.Node]:
@@ -289,10 +276,19 @@ def _convert_patterns(gm, report, shapes, mode_of, planned, backward, include, e
                 _set_module(user_model, path, node)
             decision = mode
             reason = (f"{len(ps.steps)} steps of a hand-written neuron ({ps.steps[0].charge} charge, "
-                      f"{ps.steps[0].reset} reset) rolled into one sequence node")
+                      f"{ps.steps[0].reset} reset) rolled into one sequence node") + _kernel_note(node)
         report.rows.append(SiteRow(path, ps.spec.origin if ps.spec else "pattern", "c", len(ps.steps),
                                    (shape[0] and (len(ps.steps),) + tuple(shape)) if shape else None,
                                    decision, reason))
+
+
+def _kernel_note(node: nn.Module) -> str:
+    """Why a converted site runs the PyTorch path on every device (revpass.nodes.kernels), or ''."""
+    from revpass.nodes import kernels
+
+    spec = getattr(node, "spec", None)
+    why = None if spec is None else kernels.unsupported(spec, node.params())
+    return "" if why is None else f"; no fused kernel: {why}"
 
 
 def _invalidate_reset_cache(gm: nn.Module) -> None:

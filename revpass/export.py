@@ -43,7 +43,7 @@ import torch
 from torch import fx, nn
 
 from revpass.errors import RevpassError
-from revpass.nodes.core import is_binary
+from revpass.nodes.bits import is_binary
 from revpass.nodes.modules import _Node
 from revpass.passes.annotate import META
 from revpass.trace import reset_states

@@ -133,6 +133,27 @@ def step_peak(model: torch.nn.Module, *inputs) -> int:
     return tracker_bytes(snap, less=("PARAM", "GRAD", "BUFFER", "OPT"))
 
 
+def cuda_step_peak(model: torch.nn.Module, *inputs) -> int:
+    """On CUDA: the peak of one training step from torch.cuda's allocator, less what existed
+    before it (parameters, inputs) and the parameters' gradients: activations and temporaries,
+    as :func:`step_peak` measures them on the CPU."""
+    from revpass.trace import reset_states
+
+    device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+    reset_states(model)
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    _loss(model(*inputs)).backward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    reset_states(model)
+    return peak - grads
+
+
 def tracker_bytes(snapshot, less=()) -> int:
     """Bytes in a MemTracker snapshot, over every device: its Total, less the named categories
     (PARAM, GRAD, BUFFER, OPT, ACT, TEMP)."""
@@ -150,12 +171,20 @@ def step_time(model: torch.nn.Module, *inputs, repeat: int = 3) -> float:
 
     from revpass.trace import reset_states
 
+    cuda = [t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda]
+
+    def sync():
+        for d in cuda[:1]:
+            torch.cuda.synchronize(d)
+
     times = []
     for i in range(repeat + 1):
         reset_states(model)
         model.zero_grad(set_to_none=True)
+        sync()
         t0 = time.perf_counter()
         _loss(model(*inputs)).backward()
+        sync()
         if i:
             times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -140,6 +140,89 @@ def estimate_peak(gm) -> int:
             best_total, best = grads + held + temp, held + temp
         held -= kept[n]
     return best
+
+
+def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
+    """Give backward slices (revpass.nodes.slicing) to the nodes of an annotated converted model
+    whose transient would set the peak of a training step, and only as many as it takes.
+
+    Slices bound a node's backward transient (the PyTorch path's records and factors) to a
+    fraction of it, at the price of more, smaller kernel launches: a converted model runs fastest
+    unsliced, and lowest with every node in CHUNK_MAX slices. This keeps the estimated peak
+    (:func:`estimate_peak`) within ``tolerance`` of the latter's with the fewest slices:
+    starting unsliced, it doubles the slices of the node whose doubling lowers the estimate most
+    (where none does alone, of the one whose workspace falls most), until the estimate is within
+    bounds. A node's workspace in k slices is interpolated between
+    its measured whole and finest workspaces (the records scale with the slice, the rest does
+    not), and measured again once chosen. Returns {node path: slices} for the nodes it sliced."""
+    from revpass.nodes.modules import _Node
+    from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE, chunks
+    from revpass.passes.annotate import node_workspace
+
+    groups: Dict[str, list] = {}
+    for n in gm.graph.nodes:
+        info = n.meta.get("revpass", {})
+        if n.op == "call_module" and info.get("workspace_bytes") and info.get("shape"):
+            m = gm.get_submodule(n.target)
+            if isinstance(m, _Node) and m.slice_min_elems is None:
+                groups.setdefault(n.target, []).append(n)
+
+    def measure(m, ns):
+        return [node_workspace(m, n.meta["revpass"]["shape"], getattr(torch, n.meta["revpass"]["dtype"])) for n in ns]
+
+    whole, finest, most = {}, {}, {}
+    for target, ns in groups.items():
+        m = gm.get_submodule(target)
+        plan = chunks(ns[0].meta["revpass"]["shape"], m.params(), CHUNK_MIN_ELEMS_FINE)
+        if plan is None:
+            continue
+        most[target] = len(plan[1])
+        whole[target] = [n.meta["revpass"]["workspace_bytes"] for n in ns]
+        m.set_slicing(CHUNK_MIN_ELEMS_FINE)
+        finest[target] = measure(m, ns)
+        m.set_slicing(None)
+
+    def set_ws(target, k):
+        for i, n in enumerate(groups[target]):
+            w, f, K = whole[target][i], finest[target][i], most[target]
+            var = max(0.0, (w - f) * K / (K - 1))  # ws(k) = fixed + var / k through both measurements
+            n.meta["revpass"]["workspace_bytes"] = int(w - var + var / k)
+
+    for target in most:
+        set_ws(target, most[target])
+    bound = estimate_peak(gm) * (1 + tolerance)
+    k = {target: 1 for target in most}
+    for target in most:
+        set_ws(target, 1)
+    peak = estimate_peak(gm)
+    while peak > bound:
+        best = None  # (estimate, -workspace saved, target): the lowest estimate, then the most saved
+        for target in most:
+            if k[target] >= most[target]:
+                continue
+            before = sum(n.meta["revpass"]["workspace_bytes"] for n in groups[target])
+            set_ws(target, min(2 * k[target], most[target]))
+            trial = (estimate_peak(gm), sum(n.meta["revpass"]["workspace_bytes"] for n in groups[target]) - before,
+                     target)
+            set_ws(target, k[target])
+            best = trial if best is None or trial[:2] < best[:2] else best
+        if best is None:
+            break
+        peak, _, target = best
+        k[target] = min(2 * k[target], most[target])
+        set_ws(target, k[target])
+    sliced = {}
+    for target, n_slices in k.items():
+        if n_slices == 1:
+            continue
+        m = gm.get_submodule(target)
+        per_step = math.prod(groups[target][0].meta["revpass"]["shape"][1:])
+        m.set_slicing(-(-per_step // n_slices) if n_slices < most[target] else CHUNK_MIN_ELEMS_FINE)
+        for n, w in zip(groups[target], measure(m, groups[target])):
+            n.meta["revpass"]["workspace_bytes"] = w
+            n.meta.setdefault("custom", {}).setdefault("revpass", {})["workspace_bytes"] = w
+        sliced[target] = n_slices
+    return sliced
 
 
 def _trained(m: nn.Module):

@@ -10,3 +10,7 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# tests/interpreted runs the Triton kernels in triton's CPU interpreter, which must be switched on
+# before a kernel is defined: tests/test_interpreted.py runs it in a process of its own
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpreted"]

@@ -100,6 +100,17 @@ def test_unknown_neuron_class_and_unsupported_setting_are_left_and_reported():
     assert row.decision == "unchanged" and "inhibition=True is not supported" in row.reason
 
 
+def test_report_names_sites_without_a_fused_kernel():
+    """A neuron whose surrogate the fused kernels do not know runs the PyTorch path on every
+    device, and the report says so for that site only."""
+    from spikingjelly.activation_based import surrogate
+
+    gm = revpass.convert(Two(sn1=_sj(surrogate_function=surrogate.PiecewiseLeakyReLU())), _x())
+    row = gm.revpass_report.by_path("sn1")
+    assert row.decision == "reversible" and "no fused kernel" in row.reason and "PiecewiseLeakyReLU" in row.reason
+    assert "no fused kernel" not in gm.revpass_report.by_path("sn2").reason
+
+
 def test_odd_channels_t1_batch0_in_a_model():
     net = Two(c=5)
     gm = _untouched(net, lambda n: revpass.convert(n, _x()))

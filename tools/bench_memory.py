@@ -1,14 +1,17 @@
 """Model memory side by side: the original, revpass exact, reversible and planner "min", and
-SpikingJelly's memopt (optimize_memory, level 1), on the SpikingJelly zoo's spiking_resnet18 and
-spiking_vgg11_bn and the snnTorch convolutional tutorial network, at several T, in one run.
+SpikingJelly's memopt (optimize_memory, level 1 on the CPU; the levels given on CUDA), on the
+SpikingJelly zoo's spiking_resnet18 and spiking_vgg11_bn and the snnTorch convolutional tutorial
+network, at several T, in one run.
 
     .venv/bin/python tools/bench_memory.py [--T 4 8 16 32] [--batch 2] [--repeat 3] [--quick]
+    .venv/bin/python tools/bench_memory.py --device cuda --batch 32 --T 4 --memopt 1 2
     .venv/bin/python tools/bench_memory.py --render bench_out/bench_memory.json   # tables and plot again
 
 For each model, T and variant: bytes kept for backward at the end of the forward
 (revpass.memory.saved_bytes over the whole model), the measured peak of a training step
 (MemTracker on the CPU: its peak minus parameters, gradients, buffers and optimizer state, i.e.
-activations plus temporaries, so that recompute buffers count), and the training-step time.
+activations plus temporaries, so that recompute buffers count; on CUDA torch.cuda's peak less
+what existed before the step and the parameters' gradients), and the training-step time.
 Writes bench_out/bench_memory.{json,md} and, with matplotlib, bench_out/bench_memory.png
 (memory against T). Targets (issue #4) are printed, not asserted.
 """
@@ -31,10 +34,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import revpass  # noqa: E402
-from revpass.memory import kept_bytes, step_peak, step_time  # noqa: E402
+from revpass.memory import cuda_step_peak, kept_bytes, step_peak, step_time  # noqa: E402
 from revpass.trace import reset_states  # noqa: E402
 
-VARIANTS = ("original", "exact", "reversible", "recompute", "planner-min", "memopt-L1")
+VARIANTS = ("original", "exact", "reversible", "recompute", "planner-min", "memopt-L1", "memopt-L2", "memopt-L3",
+            "memopt-L4")
 
 
 def _models(T: int, batch: int):
@@ -48,8 +52,9 @@ def _models(T: int, batch: int):
     }
 
 
-def _memopt(net: nn.Module, x: torch.Tensor) -> Optional[nn.Module]:
-    """SpikingJelly's memopt at level 1 on its own models (selective checkpointing of blocks)."""
+def _memopt(net: nn.Module, x: torch.Tensor, level: int = 1) -> Optional[nn.Module]:
+    """SpikingJelly's memopt on its own models: level 1 checkpoints blocks; 2 to 4 (CUDA only:
+    they search by measuring CUDA memory) split them in space and time and unwrap greedily."""
     try:
         from spikingjelly.activation_based.memopt.pipeline import optimize_memory
         from spikingjelly.activation_based.model import spiking_resnet, spiking_vgg
@@ -65,11 +70,11 @@ def _memopt(net: nn.Module, x: torch.Tensor) -> Optional[nn.Module]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return optimize_memory(net, targets, example, level=1)
+        return optimize_memory(net, targets, example, level=level)
 
 
 def _variant(name: str, make, x) -> Optional[nn.Module]:
-    net = make()
+    net = make().to(x.device)
     if name == "original":
         return net
     if name == "exact":
@@ -80,7 +85,7 @@ def _variant(name: str, make, x) -> Optional[nn.Module]:
         return revpass.convert(net, x, mode="recompute")
     if name == "planner-min":
         return revpass.convert(net, x, budget="min")
-    return _memopt(net, x)
+    return _memopt(net, x, int(name.rsplit("L", 1)[1]))
 
 
 def main(argv=None) -> int:
@@ -91,6 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--quick", action="store_true", help="T=4, one model, one timed run")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--memopt", type=int, nargs="*", default=None,
+                    help="SpikingJelly memopt levels to run (default: 1 on the CPU, 1 2 3 4 on CUDA)")
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # MODEL:T, one row as JSON
     ap.add_argument("--render", type=Path, default=None,
                     help="write the markdown and the plot again from a bench_memory.json, without running")
@@ -103,9 +111,13 @@ def main(argv=None) -> int:
         print(md)
         _plot(data["results"], a.out / "bench_memory.png")
         return 0
+    if a.memopt is None:
+        a.memopt = [1, 2, 3, 4] if a.device == "cuda" else [1]
+    if a.device == "cpu" and any(level > 1 for level in a.memopt):
+        ap.error("memopt levels 2 to 4 search by measuring CUDA memory: --device cuda")
     if a.job:
         mname, T = a.job.split(":")
-        print(json.dumps(_row(mname, int(T), a.batch, a.repeat)))
+        print(json.dumps(_row(mname, int(T), a.batch, a.repeat, a.device, a.memopt)))
         return 0
     if a.quick:
         a.T, a.repeat, a.models = [4], 1, a.models or ["spiking_resnet18"]
@@ -117,7 +129,8 @@ def main(argv=None) -> int:
         # each model and T in a process of its own: memory the allocator keeps from one row does
         # not pile up into the next (spiking_vgg11_bn at T=32 would not fit in 24 GiB otherwise)
         proc = subprocess.run([sys.executable, __file__, "--job", f"{mname}:{T}", "--batch", str(a.batch),
-                               "--repeat", str(a.repeat)], capture_output=True, text=True)
+                               "--repeat", str(a.repeat), "--device", a.device,
+                               "--memopt", *map(str, a.memopt)], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"[{i}/{len(jobs)}] {mname} T={T}: FAILED (exit {proc.returncode}): "
                   f"{proc.stderr.strip().splitlines()[-1:] or 'killed'}", file=sys.stderr, flush=True)
@@ -131,7 +144,9 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     targets = _targets(results)
     meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "batch": a.batch,
-            "repeat": a.repeat}
+            "repeat": a.repeat, "device": a.device,
+            "device_name": torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU",
+            "memopt_levels": a.memopt}
     (a.out / "bench_memory.json").write_text(json.dumps({"meta": meta, "results": results,
                                                          "targets": targets}, indent=2))
     md = _markdown(results, targets, meta)
@@ -141,15 +156,19 @@ def main(argv=None) -> int:
     return 0 if results else 1
 
 
-def _row(mname: str, T: int, batch: int, repeat: int) -> Dict[str, Any]:
+def _row(mname: str, T: int, batch: int, repeat: int, device: str = "cpu", memopt=(1,)) -> Dict[str, Any]:
     torch.manual_seed(0)
     make, x = _models(T, batch)[mname]
-    row: Dict[str, Any] = {"model": mname, "T": T, "input": list(x.shape), "variants": {}}
+    x = x.to(device)
+    peak = cuda_step_peak if device == "cuda" else step_peak
+    row: Dict[str, Any] = {"model": mname, "T": T, "input": list(x.shape), "device": device, "variants": {}}
     for v in VARIANTS:
+        if v.startswith("memopt") and int(v.rsplit("L", 1)[1]) not in memopt:
+            continue
         model = _variant(v, make, x)
         if model is None:
             continue
-        row["variants"][v] = {"kept_bytes": kept_bytes(model, x), "peak_bytes": step_peak(model, x),
+        row["variants"][v] = {"kept_bytes": kept_bytes(model, x), "peak_bytes": peak(model, x),
                               "step_s": step_time(model, x, repeat=repeat)}
         del model
         gc.collect()  # graph modules hold reference cycles; free each variant before the next
@@ -173,6 +192,9 @@ def _targets(results) -> List[Dict[str, Any]]:
                     "pass": ratio("planner-min") >= 8})
         t = v["planner-min"]["step_s"] / o["step_s"]
         out.append({"target": "planner 'min' step time <= 1.25x the original's", "value": t, "pass": t <= 1.25})
+        t = v["reversible"]["step_s"] / o["step_s"]
+        limit = 1.15 if r.get("device") == "cuda" else 1.25
+        out.append({"target": f"reversible step time <= {limit}x the original's", "value": t, "pass": t <= limit})
         if "memopt-L1" in v:
             out.append({"target": "reversible at least as good as memopt level 1", "value": ratio("reversible")
                         / ratio("memopt-L1"), "pass": ratio("reversible") >= ratio("memopt-L1")})
@@ -180,10 +202,12 @@ def _targets(results) -> List[Dict[str, Any]]:
 
 
 def _markdown(results, targets, meta) -> str:
+    cuda = meta.get("device") == "cuda"
+    how = ("torch.cuda's peak less what existed before the step and the parameters' gradients" if cuda else
+           "MemTracker's peak minus parameters, gradients, buffers and optimizer state")
     lines = ["# revpass model memory", "",
-             f"CPU, torch {meta['torch']}, batch {meta['batch']}, median of {meta['repeat']} training steps; "
-             f"{meta['date']}. Peak: MemTracker's peak minus parameters, gradients, buffers and optimizer "
-             "state. Ratios: original / variant.", "",
+             f"{meta.get('device_name', 'CPU')}, torch {meta['torch']}, batch {meta['batch']}, median of "
+             f"{meta['repeat']} training steps; {meta['date']}. Peak: {how}. Ratios: original / variant.", "",
              "| model | T | variant | kept for backward | measured peak | step time | peak ratio | time ratio |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -200,8 +224,11 @@ def _markdown(results, targets, meta) -> str:
 
 def _summary(results) -> List[str]:
     """The peak ratios as one row per model and T (the README's table)."""
-    lines = ["| model | T | exact | reversible | recompute | planner \"min\" | SpikingJelly memopt L1 | "
-             "step time: reversible / recompute / min |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    levels = sorted({v for r in results for v in r["variants"] if v.startswith("memopt")}) or ["memopt-L1"]
+    lines = ["| model | T | exact | reversible | recompute | planner \"min\" | "
+             + " | ".join(f"SpikingJelly memopt {lv.split('-')[1]}" for lv in levels)
+             + " | step time: reversible / recompute / min |", "|---|---:|---:|---:|---:|---:|"
+             + "---:|" * len(levels) + "---:|"]
     for r in results:  # in run order: T, then model
         v = r["variants"]
         o = v["original"]
@@ -211,7 +238,7 @@ def _summary(results) -> List[str]:
 
         times = " / ".join(f"{v[n]['step_s'] / o['step_s']:.2f}x" for n in ("reversible", "recompute", "planner-min"))
         lines.append(f"| {r['model']} | {r['T']} | {peak('exact')} | {peak('reversible')} | {peak('recompute')} | "
-                     f"{peak('planner-min')} | {peak('memopt-L1')} | {times} |")
+                     f"{peak('planner-min')} | " + " | ".join(peak(lv) for lv in levels) + f" | {times} |")
     return lines
 
 

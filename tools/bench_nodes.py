@@ -20,6 +20,14 @@ LIFBoxCell) and every T, on an input X of shape (T, B, C, H, W), it measures sid
    not where a library saves tensors in graph branches it then drops, e.g. snnTorch's detached
    reset or norse's unused final state: those are listed in the report).
 
+Where the Triton kernels can run (CUDA; or the CPU under TRITON_INTERPRET=1, where they are
+checked, not timed meaningfully), the reversible and exact nodes run twice, with the PyTorch path
+(REVPASS_KERNELS=torch, the variants above) and with the kernels ("reversible_triton",
+"exact_triton"), timed and checked side by side. On CUDA, SpikingJelly's neurons run their own
+Triton kernels (SJ_*_CUDA_IMPLEMENTATION=triton, set before SpikingJelly loads; ``--sj-impl``),
+which is the baseline of the GPU targets: reversible forward+backward <= 1.25x and exact <= 1.1x
+SpikingJelly's Triton neuron.
+
 It writes ``<out>/bench_nodes.json`` (every raw figure, the configuration, versions, device,
 date) and ``<out>/bench_nodes.md`` (the tables), prints the markdown to stdout and one progress
 line per finished configuration to stderr, then evaluates the project's targets for every
@@ -39,10 +47,12 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -66,6 +76,9 @@ BACKWARDS = ("optimized", "recompute", "autograd")
 TARGET_MEMORY = 64.0  # library bytes / reversible bytes (output excluded), at least
 TARGET_BACKWARD = 2.0  # recompute backward time / optimized backward time, at least
 TARGET_FWD_BWD = 1.5  # reversible fwd+bwd time / library fwd+bwd time, at most
+TARGET_TRITON_REV = 1.25  # on CUDA: reversible (Triton) fwd+bwd / SpikingJelly's Triton neuron, at most
+TARGET_TRITON_EXACT = 1.1  # on CUDA: exact (Triton) fwd+bwd / SpikingJelly's Triton neuron, at most
+TRITON_VARIANTS = ("reversible_triton", "exact_triton")
 NOISY_SPREAD = 1.5  # slowest / fastest timed run above this: flagged in the report
 INPUT_SCALE, INPUT_SHIFT = 1.0, 0.5  # X = randn * scale + shift: neurons fire a realistic fraction
 
@@ -138,12 +151,34 @@ def neuron_configs() -> List[NeuronConfig]:
     return configs
 
 
-def _node_runner(node: nn.Module) -> Runner:
+@contextlib.contextmanager
+def _kernels(backend: str):
+    """REVPASS_KERNELS for one node call: the forward chooses, and its backward follows."""
+    old = os.environ.get("REVPASS_KERNELS")
+    os.environ["REVPASS_KERNELS"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["REVPASS_KERNELS"]
+        else:
+            os.environ["REVPASS_KERNELS"] = old
+
+
+def _node_runner(node: nn.Module, backend: str = "torch") -> Runner:
     def run(x: Tensor) -> Tensor:
         node.reset()
-        return node(x)
+        with _kernels(backend):
+            return node(x)
 
     return run
+
+
+def triton_runs(device: torch.device) -> bool:
+    """Whether the Triton kernels run on ``device`` here (CUDA, or the CPU interpreter)."""
+    from revpass.nodes import kernels
+
+    return kernels.triton_available() and (device.type == "cuda" or kernels.interpreting())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +211,7 @@ def _kept(run: Runner, x: Tensor, module: nn.Module) -> Tuple[Tensor, Dict[str, 
     }
 
 
-CUDA_VARIANTS = ("library", "exact", "reversible_optimized")
+CUDA_VARIANTS = ("library", "exact", "reversible_optimized")  # and the Triton variants, where they ran
 
 
 def _cuda_peak(run: Runner, x: Tensor, g: Tensor, params: Sequence[Tensor]) -> Dict[str, int]:
@@ -245,14 +280,18 @@ def _grad_agreement(grads: List[Optional[Tensor]], ref: List[Optional[Tensor]]) 
     return out
 
 
-def _build(cfg: NeuronConfig, device: torch.device) -> Tuple[nn.Module, Dict[str, nn.Module]]:
-    """The library neuron and the nodes made from it: reversible with each backward, exact."""
+def _build(cfg: NeuronConfig, device: torch.device, triton: bool) -> Tuple[nn.Module, Dict[str, nn.Module]]:
+    """The library neuron and the nodes made from it: reversible with each backward, exact, and,
+    where the kernels run, the reversible and exact nodes again for them."""
     lib = cfg.make()
     nodes: Dict[str, nn.Module] = {
         f"reversible_{b}": revpass.ReversibleNode.from_neuron(lib, backward=b, step_mode="m")
         for b in BACKWARDS
     }
     nodes["exact"] = revpass.ExactNode.from_neuron(lib, backward="optimized", step_mode="m")
+    if triton:
+        nodes["reversible_triton"] = revpass.ReversibleNode.from_neuron(lib, step_mode="m")
+        nodes["exact_triton"] = revpass.ExactNode.from_neuron(lib, step_mode="m")
     # converted on the CPU, then moved, as a model usually is; the parameters stay shared
     for m in (lib, *nodes.values()):
         m.to(device)
@@ -266,9 +305,11 @@ def _measure_times(
 ) -> Tuple[Dict[str, Dict[str, List[float]]], Dict[str, List[Optional[Tensor]]]]:
     """Raw timings {"backward"|"fwd_bwd": {variant: [seconds]}} and each backward's last gradients.
     The variants are interleaved run by run; the first round is the warm-up."""
+    triton = [n for n in TRITON_VARIANTS if n in runs]
     plan: List[Tuple[str, str, Callable[[Runner, Tensor, Tensor, Sequence[Tensor]], float]]] = [
         ("backward", f"reversible_{b}", _time_backward) for b in BACKWARDS
-    ] + [("fwd_bwd", name, _time_fwd_bwd) for name in ("reversible_optimized", "exact", "library")]
+    ] + [("backward", n, _time_backward) for n in triton[:1]] + [
+        ("fwd_bwd", name, _time_fwd_bwd) for name in ("reversible_optimized", "exact", "library", *triton)]
     raw: Dict[str, Dict[str, List[float]]] = {"backward": {}, "fwd_bwd": {}}
     last_grads: Dict[str, List[Optional[Tensor]]] = {}
     for r in range(repeat + 1):
@@ -292,6 +333,11 @@ def _checks(outputs: Dict[str, Tensor], grads: Dict[str, List[Optional[Tensor]]]
         "exact_spikes_equal_library": torch.equal(outputs["exact"], outputs["library"]),
         "library_spike_rate": float(outputs["library"].float().mean()),
     }
+    if "reversible_triton" in outputs:
+        checks["triton_forward_identical"] = torch.equal(outputs["reversible_triton"],
+                                                         outputs["reversible_optimized"])
+        checks["exact_triton_spikes_equal_library"] = torch.equal(outputs["exact_triton"], outputs["library"])
+        checks["grads_triton_vs_autograd"] = _grad_agreement(grads["reversible_triton"], ref)
     agree = (checks["grads_optimized_vs_autograd"], checks["grads_recompute_vs_autograd"])
     checks["grads_within_section7"] = all(a["section7"] <= 1 for a in agree)
     checks["grads_within_reconstruction_bound"] = all(
@@ -305,10 +351,12 @@ def bench_one(
 ) -> Dict[str, Any]:
     """Every figure for one neuron configuration at one input shape."""
     torch.manual_seed(seed)
-    lib, nodes = _build(cfg, device)
+    triton = triton_runs(device)
+    lib, nodes = _build(cfg, device, triton)
     params = [p for p in lib.parameters() if p.requires_grad]
     x = (torch.randn(*shape, device=device) * INPUT_SCALE + INPUT_SHIFT).requires_grad_(True)
-    runs: Dict[str, Runner] = {"library": cfg.runner(lib), **{k: _node_runner(n) for k, n in nodes.items()}}
+    runs: Dict[str, Runner] = {"library": cfg.runner(lib), **{
+        k: _node_runner(n, "triton" if k in TRITON_VARIANTS else "torch") for k, n in nodes.items()}}
 
     # bytes kept for backward, and the forward outputs for the checks
     kept: Dict[str, Dict[str, int]] = {}
@@ -320,7 +368,7 @@ def bench_one(
 
     g = torch.randn_like(outputs["library"])
     cuda_mem = (
-        {n: _cuda_peak(runs[n], x, g, params) for n in CUDA_VARIANTS}
+        {n: _cuda_peak(runs[n], x, g, params) for n in (*CUDA_VARIANTS, *TRITON_VARIANTS) if n in runs}
         if device.type == "cuda"
         else None
     )
@@ -353,6 +401,10 @@ def bench_one(
             "autograd_over_optimized_backward": bwd["reversible_autograd"] / bwd["reversible_optimized"],
             "reversible_over_library_fwd_bwd": fb["reversible_optimized"] / fb["library"],
             "exact_over_library_fwd_bwd": fb["exact"] / fb["library"],
+            **({"triton_reversible_over_library_fwd_bwd": fb["reversible_triton"] / fb["library"],
+                "triton_exact_over_library_fwd_bwd": fb["exact_triton"] / fb["library"],
+                "torch_over_triton_reversible_fwd_bwd": fb["reversible_optimized"] / fb["reversible_triton"]}
+               if triton else {}),
         },
         "checks": _checks(outputs, last_grads),
         "cuda_memory": cuda_mem,
@@ -368,12 +420,23 @@ def _div(a: float, b: float) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate_targets(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The issue's three targets, for every SpikingJelly configuration and T."""
+def evaluate_targets(results: List[Dict[str, Any]], device: str = "cpu") -> List[Dict[str, Any]]:
+    """The node targets, for every SpikingJelly configuration and T; on CUDA with the kernels,
+    the GPU targets against SpikingJelly's Triton neuron too."""
     out = []
     for r in results:
         if r["family"] != "spikingjelly":
             continue
+        sp = r["speed"]
+        if device.startswith("cuda") and "triton_reversible_over_library_fwd_bwd" in sp:
+            for name, key, goal in (
+                ("fwd+bwd: reversible (Triton) / SpikingJelly Triton", "triton_reversible_over_library_fwd_bwd",
+                 TARGET_TRITON_REV),
+                ("fwd+bwd: exact (Triton) / SpikingJelly Triton", "triton_exact_over_library_fwd_bwd",
+                 TARGET_TRITON_EXACT),
+            ):
+                out.append({"id": r["id"], "T": r["T"], "target": name, "goal": f"<= {goal:g}x", "value": sp[key],
+                            "pass": bool(sp[key] <= goal)})
         for name, value, goal, ok in (
             (
                 "memory: library / reversible (excl. Y)",
@@ -490,6 +553,34 @@ def render_markdown(
         ),
         "",
     ]
+    if any("reversible_triton" in r["time_s"]["fwd_bwd"] for r in results):
+        lines += [
+            "## The Triton kernels",
+            "",
+            "| neuron | T | bwd: PyTorch | bwd: Triton | fwd+bwd reversible: PyTorch | Triton | "
+            "fwd+bwd exact: PyTorch | Triton | library | reversible Triton / library | exact Triton / library |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in results:
+            bw, fb, sp = r["time_s"]["backward"], r["time_s"]["fwd_bwd"], r["speed"]
+            if "reversible_triton" not in fb:
+                continue
+            lines.append(
+                f"| {r['id']} | {r['T']} | {_ms(bw['reversible_optimized'])} | {_ms(bw['reversible_triton'])} | "
+                f"{_ms(fb['reversible_optimized'])} | {_ms(fb['reversible_triton'])} | {_ms(fb['exact'])} | "
+                f"{_ms(fb['exact_triton'])} | {_ms(fb['library'])} | "
+                f"{_ratio(sp['triton_reversible_over_library_fwd_bwd'])} | "
+                f"{_ratio(sp['triton_exact_over_library_fwd_bwd'])} |"
+            )
+        lines += [
+            "",
+            "PyTorch: the nodes' PyTorch path (REVPASS_KERNELS=torch); Triton: revpass's fused kernels "
+            "(one launch per node and direction). "
+            + ("Under triton's CPU interpreter these times measure numpy, not the kernels: the rows "
+               "check that the kernels run and agree." if not meta["device"].startswith("cuda") else
+               "The library is SpikingJelly's own CUDA neuron (" + meta.get("sj_impl", "auto") + ")."),
+            "",
+        ]
     if any(r.get("cuda_memory") for r in results):
         lines += [
             "## CUDA memory (torch.cuda allocator)",
@@ -574,6 +665,19 @@ def _checks_markdown(results: List[Dict[str, Any]]) -> List[str]:
     if results:
         line += f". Largest normwise relative error: {max(figure(r, 'normwise') for r in results):.2g}."
     lines.append(line)
+    tri = [r for r in results if "triton_forward_identical" in r["checks"]]
+    if tri:
+        same = sum(r["checks"]["triton_forward_identical"] for r in tri)
+        lib = sum(r["checks"]["exact_triton_spikes_equal_library"] for r in tri)
+        worst7 = max(r["checks"]["grads_triton_vs_autograd"]["section7"] for r in tri)
+        bound = all(r["checks"]["grads_triton_vs_autograd"]["bound"] <= 1
+                    and r["checks"]["grads_triton_vs_autograd"]["normwise"] <= 1e-5 for r in tri)
+        lines.append(
+            f"- Triton kernels: the reversible node's forward is bit-identical to the PyTorch path's in "
+            f"{same}/{len(tri)} configurations, the exact node's spikes equal the library neuron's in "
+            f"{lib}/{len(tri)}; the reversible gradients against the autograd backward: worst "
+            f"{worst7:.3g} of section 7's tolerance, {'all' if bound else 'NOT all'} within the "
+            "reconstruction bound.")
     spreads = sorted(
         (
             (max(v) / min(v), f"{r['id']} T={r['T']} {kind} {name}")
@@ -648,6 +752,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--only", nargs="+", metavar="SUBSTR", help="only the configurations whose id contains one of these"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sj-impl", choices=("triton", "cuda", "torch", "auto"), default="triton",
+                   help="on CUDA, SpikingJelly's neuron implementation (default triton: the baseline of the "
+                        "GPU targets)")
     a = p.parse_args(argv)
     if a.quick:
         a.batch, a.channels, a.hw, a.T, a.repeat = 2, 8, 4, [4], 1
@@ -661,6 +768,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and args.sj_impl != "auto":  # read by SpikingJelly when it loads
+        for op in ("LIF", "IF", "PLIF"):
+            os.environ.setdefault(f"SJ_{op}_CUDA_IMPLEMENTATION", args.sj_impl)
     configs = neuron_configs()
     if args.only:
         configs = [c for c in configs if any(s in c.id for s in args.only)]
@@ -673,7 +783,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         r = bench_one(cfg, shape, device, args.repeat, args.seed)
         results.append(r)
         _progress(i, len(jobs), r, time.perf_counter() - t0)
-    targets = evaluate_targets(results)
+    targets = evaluate_targets(results, str(device))
     meta = {
         "config": {
             "batch": args.batch,
@@ -693,6 +803,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "platform": platform.platform(),
         "device": str(device),
         "device_name": _device_name(device),
+        "sj_impl": args.sj_impl if device.type == "cuda" else "cpu",
+        "kernels": "triton and torch" if triton_runs(device) else "torch",
         "torch_threads": torch.get_num_threads(),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - started,

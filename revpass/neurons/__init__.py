@@ -6,7 +6,6 @@ that framework is looked at: ``import revpass`` imports none of the SNN framewor
 
 from __future__ import annotations
 
-import functools
 import importlib
 import sys
 from typing import Callable, Dict, Optional, Type
@@ -16,7 +15,7 @@ from torch import nn
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons import families as _families  # noqa: F401  (registers the families)
 from revpass.neurons.spec import FAMILIES, Family, NeuronSpec, family_of, run_sequence
-from revpass.neurons.surrogate import Surrogate, derivative_from_function, sigmoid_deriv
+from revpass.neurons.surrogate import Surrogate, builtin, derivative_from_function
 
 __all__ = [
     "NeuronSpec",
@@ -97,7 +96,7 @@ def lif_spec(
     (default: sigmoid surrogate with alpha = 4).
     """
     if surrogate is None:
-        surrogate = Surrogate("Sigmoid(alpha=4)", functools.partial(sigmoid_deriv, 4.0), fires_at_threshold)
+        surrogate = builtin("spikingjelly.Sigmoid", 4.0, fires_at_threshold)
     elif not isinstance(surrogate, Surrogate):
         surrogate = Surrogate(
             getattr(surrogate, "__name__", type(surrogate).__name__),

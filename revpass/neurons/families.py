@@ -16,6 +16,7 @@ import torch
 
 from revpass.neurons.spec import (
     Family,
+    const,
     pin,
     reduce_to,
     register_family,
@@ -38,7 +39,7 @@ def _sweep(gh_all: Tensor, dv_dh: Optional[Tensor], dh_dv, g_v: Optional[Tensor]
                 gh.add_(g_v)
             else:
                 gh.addcmul_(g_v, dv_dh[t])
-        g_v = gh * dh_dv
+        g_v = gh * (const(dh_dv, gh) if isinstance(dh_dv, float) else dh_dv)
     return gh_all, g_v
 
 
@@ -52,7 +53,7 @@ def _spike(spec, h: Tensor, thr, bits, autograd: bool) -> Tensor:
     """The step's spike: the surrogate's Heaviside, or the stored bit during reconstruction."""
     if bits is not None and not autograd:
         return bits[0].to(h.dtype)
-    shift = h - thr
+    shift = h - (const(thr, h) if isinstance(thr, float) else thr)
     s = spec.surrogate.spike(shift) if autograd else spec.surrogate.fire(shift)
     return pin(s, None if bits is None else bits[0], autograd)
 
@@ -84,14 +85,15 @@ class SpikingJellyFamily(Family):
         return (torch.full_like(x0, 0.0 if r is None else r),)
 
     def _charge(self, c, x, v, P):
-        r = 0.0 if c["v_reset"] is None else c["v_reset"]
+        # constants as 0-d tensors (revpass.neurons.spec.const): the same arithmetic, fewer ops
+        r = const(0.0 if c["v_reset"] is None else c["v_reset"], x)
         kind = c["kind"]
         if kind == "if":
             return v + x
         if kind == "beta":  # snnTorch-style charge, hand-written: H = beta V + X
-            return c["beta"] * v + x
+            return const(c["beta"], x) * v + x
         if kind == "lif":
-            tau = c["tau"]
+            tau = const(c["tau"], x)
             return v + (x - (v - r)) / tau if c["decay_input"] else v - (v - r) / tau + x
         q = P["q"]
         return v + (x - (v - r)) * q if c["decay_input"] else v - (v - r) * q + x
@@ -99,7 +101,9 @@ class SpikingJellyFamily(Family):
     def _reset(self, c, h, s):
         sd = s.detach() if c["detach_reset"] else s
         r = c["v_reset"]
-        return h - sd * c["v_threshold"] if r is None else sd * r + (1.0 - sd) * h
+        if r is None:
+            return h - sd * const(c["v_threshold"], h)
+        return sd * const(r, h) + (const(1.0, h) - sd) * h
 
     def step(self, spec, x, state, P, bits=None, autograd=False):
         c = spec.consts
@@ -112,6 +116,35 @@ class SpikingJellyFamily(Family):
             r = 0.0 if c["v_reset"] is None else c["v_reset"]
             rec["dq"] = x - (v - r) if c["decay_input"] else -(v - r)
         return s, (v_next,), rec, (s,)
+
+    def rebuild_step(self, spec, x, state, P, bits):
+        """F's step with its spike pinned, in 3-5 fused operations instead of :meth:`step`'s
+        dozen: lerp for the charge (v + (x - v) / tau), addcmul for the reset. PLIF with its
+        record for w's gradient takes :meth:`step`."""
+        c = spec.consts
+        kind = c["kind"]
+        if kind == "plif":
+            return super().rebuild_step(spec, x, state, P, bits)
+        (v,) = state
+        s = bits[0].to(x.dtype)
+        r = 0.0 if c["v_reset"] is None else c["v_reset"]
+        if kind == "if":
+            h = v + x
+        elif kind == "beta":
+            h = torch.add(x, v, alpha=c["beta"])
+        elif c["decay_input"]:  # v + (x - (v - r)) / tau
+            h = torch.lerp(v, x if r == 0.0 else x + const(r, x), const(1.0 / c["tau"], x))
+        else:  # v - (v - r) / tau + x
+            h = torch.add(x, v, alpha=1.0 - 1.0 / c["tau"])
+            if r != 0.0:
+                h.add_(const(r / c["tau"], x))
+        if c["v_reset"] is None:
+            v_next = torch.add(h, s, alpha=-c["v_threshold"])
+        else:
+            v_next = torch.addcmul(h, s, h, value=-1.0)  # (1 - s) h
+            if r != 0.0:
+                v_next.add_(s, alpha=r)
+        return (v_next,), {"h": h, "s": s}
 
     def _decay(self, c, P):
         """(dH/dV, dH/dX) as Python floats or 0-d tensors."""
@@ -240,6 +273,9 @@ class SnnTorchFamily(Family):
 
     def n_public(self, spec):
         return 2 if self._syn(spec) else 1  # (syn, mem) or (mem,); the reset signal is derived
+
+    def n_state(self, spec):
+        return self.n_public(spec) + 1
 
     def n_bits(self, spec):
         return 1 if spec.consts["reset_delay"] else 2

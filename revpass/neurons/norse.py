@@ -20,13 +20,7 @@ from norse.torch.module.snn import SNN, SNNCell, SNNRecurrent, SNNRecurrentCell 
 
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons.spec import NeuronSpec
-from revpass.neurons.surrogate import (
-    Surrogate,
-    check_derivative,
-    derivative_from_function,
-    superspike_deriv,
-    superspike_deriv_,
-)
+from revpass.neurons.surrogate import Surrogate, builtin, check_derivative, derivative_from_function
 
 SUPPORTED = (LIF, LIFCell, LIFBoxCell)
 
@@ -45,7 +39,7 @@ def _threshold(method: str, alpha: float, x):
 def surrogate_of(p, where: str) -> Surrogate:
     method = p.method
     if method == "super":  # norse SuperSpike.backward with a unit gradient (alpha unused in 1.1.0)
-        return Surrogate("SuperSpike", superspike_deriv, False, superspike_deriv_)
+        return builtin("norse.super", float(p.alpha), False)
     if method in ("heaviside", "adjoint"):
         raise UnsupportedNeuronError(
             f"{where}: p.method={method!r} has no surrogate gradient revpass can use. "

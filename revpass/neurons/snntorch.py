@@ -5,7 +5,6 @@ Imported only when a model contains an snnTorch module.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -16,13 +15,7 @@ from snntorch import surrogate as snn_surrogate  # noqa: E402
 
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons.spec import NeuronSpec
-from revpass.neurons.surrogate import (
-    Surrogate,
-    atan_deriv,
-    atan_deriv_,
-    check_derivative,
-    derivative_from_function,
-)
+from revpass.neurons.surrogate import Surrogate, builtin, check_derivative, derivative_from_function
 
 SUPPORTED = (snn.Leaky, snn.Synaptic)
 
@@ -32,6 +25,10 @@ def is_neuron(m: nn.Module) -> bool:
 
 
 is_leaf = is_neuron
+
+
+#: snnTorch's surrogate factories that revpass knows in closed form, and the argument each keeps
+_BUILTIN = {"atan": "alpha", "fast_sigmoid": "slope", "sigmoid": "slope", "triangular": "threshold"}
 
 
 def _closure_value(fn, name):
@@ -59,10 +56,13 @@ def surrogate_of(m: nn.Module, where: str) -> Surrogate:
             "deterministic Heaviside spike. Use an snntorch.surrogate function, or exclude this module."
         )
     qual = getattr(fn, "__qualname__", "")
-    if getattr(fn, "__module__", "") == snn_surrogate.__name__ and qual == "atan.<locals>.inner":
-        alpha = float(_closure_value(fn, "alpha"))
-        # snntorch.surrogate.ATan.backward with a unit gradient
-        return Surrogate(f"atan(alpha={alpha:g})", functools.partial(atan_deriv, alpha), False, atan_deriv_(alpha))
+    factory = qual.split(".")[0]
+    if getattr(fn, "__module__", "") == snn_surrogate.__name__ and qual == f"{factory}.<locals>.inner" \
+            and factory in _BUILTIN:
+        arg = _closure_value(fn, _BUILTIN[factory])
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            # snntorch.surrogate's backward with a unit gradient, built in
+            return builtin(f"snntorch.{factory}", float(arg), False)
     deriv = derivative_from_function(_picklable(fn))
     check_derivative(deriv, where, f"spike_grad={qual or fn!r}")
     return Surrogate(f"{qual.split('.')[0] or 'spike_grad'} (own derivative)", deriv, False)

@@ -14,11 +14,16 @@ The nodes (revpass.nodes) are written against this interface only.
 
 from __future__ import annotations
 
+import functools
+import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from revpass.errors import RevpassError
+from revpass.neurons import surrogate as _surrogates
 from revpass.neurons.surrogate import Surrogate
 
 Tensor = torch.Tensor
@@ -66,6 +71,10 @@ class Family:
         """How many leading state tensors the framework itself exposes."""
         return len(self.public_state)
 
+    def n_state(self, spec: NeuronSpec) -> int:
+        """How many state tensors the family carries (the public ones and any derived)."""
+        return len(self.public_state)
+
     def n_bits(self, spec: NeuronSpec) -> int:
         """Number of discrete decisions per element and step that reconstruction must pin."""
         return 1
@@ -96,6 +105,15 @@ class Family:
         The decisions are 0/1 tensors (the unit spike, and for some families a reset signal);
         ``bits`` passes stored ones back in to pin them during reconstruction."""
         raise NotImplementedError
+
+    def rebuild_step(
+        self, spec: NeuronSpec, x: Tensor, state: State, P: Params, bits: Tuple[Tensor, ...]
+    ) -> Tuple[State, Dict[str, Tensor]]:
+        """One step of a neuron being rebuilt with its decisions pinned (the reversible node's F,
+        docs/method.md): (next state, records). Only its gradients depend on it, so a family may
+        compute it with fewer operations than :meth:`step` (rounding differently by an ulp)."""
+        _, state, rec, _ = self.step(spec, x, state, P, bits=bits)
+        return state, rec
 
     def vjp(
         self,
@@ -144,6 +162,20 @@ def register_family(family: Family) -> Family:
 
 def family_of(spec: NeuronSpec) -> Family:
     return FAMILIES[spec.family]
+
+
+_CONSTS: Dict[Tuple[float, torch.dtype, torch.device], Tensor] = {}
+
+
+def const(value: float, like: Tensor) -> Tensor:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device (cached). An operation with it
+    computes exactly as with the Python number (which PyTorch converts to the tensor's dtype
+    first, a small conversion per operation that per-step loops pay thousands of times)."""
+    key = (value, like.dtype, like.device)
+    t = _CONSTS.get(key)
+    if t is None:
+        t = _CONSTS[key] = torch.tensor(value, dtype=like.dtype, device=like.device)
+    return t
 
 
 def pin(s: Tensor, bit: Optional[Tensor], autograd: bool) -> Tensor:
@@ -206,3 +238,60 @@ def reduce_to(g: Tensor, like: Tensor) -> Tensor:
     if g.shape == like.shape:
         return g
     return g.sum_to_size(like.shape) if like.dim() else g.sum().reshape(like.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# a spec as plain data: what a custom op receives (revpass/nodes/ops.py), so that a traced or
+# exported program carries its neurons' configuration itself
+# ---------------------------------------------------------------------------------------------
+
+#: the user's own surrogates (Python callables, which cannot travel as data), by token
+_LOCAL_SURROGATES: Dict[str, Surrogate] = {}
+_local_ids = itertools.count(1)
+
+
+def spec_to_config(spec: NeuronSpec, site: str = "") -> Dict[str, Any]:
+    """The spec as JSON-able data (tensors excepted: a node passes them to its op). A built-in
+    surrogate travels as its key; a user's own as a token valid in this process only."""
+    sg = spec.surrogate
+    if sg.key is not None:
+        surrogate = {"kind": sg.key[0], "alpha": sg.key[1], "fires_at_zero": sg.fires_at_zero}
+    else:
+        token = getattr(sg, "_revpass_token", None)
+        if token is None or _LOCAL_SURROGATES.get(token) is not sg:
+            token = f"{id(_LOCAL_SURROGATES):x}.{next(_local_ids)}"
+            _LOCAL_SURROGATES[token] = sg
+            sg._revpass_token = token
+        surrogate = {"local": token, "name": sg.name, "fires_at_zero": sg.fires_at_zero}
+    return {"family": spec.family, "consts": spec.consts, "surrogate": surrogate,
+            "origin": spec.origin, "site": site}
+
+
+def config_json(data: Dict[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=None)
+def spec_from_config(text: str) -> Tuple[NeuronSpec, Dict[str, Any]]:
+    """The spec (with no tensors) and the whole configuration back from :func:`config_json`'s
+    text. Raises RevpassError, naming the site, for a user's own surrogate that was registered
+    in another process."""
+    data = json.loads(text)
+    sg = data["surrogate"]
+    if "kind" in sg:
+        if sg["kind"] not in _surrogates.BUILTIN:
+            raise RevpassError(f"{data.get('site') or data['origin']}: unknown surrogate {sg['kind']!r}; "
+                               "this program was made by another version of revpass")
+        surrogate = _surrogates.builtin(sg["kind"], sg["alpha"], sg["fires_at_zero"])
+    else:
+        surrogate = _LOCAL_SURROGATES.get(sg["local"])
+        if surrogate is None:
+            raise RevpassError(
+                f"{data.get('site') or data['origin']}: its surrogate {sg['name']!r} is a Python function of the "
+                "process that made this program, and a function cannot travel inside it. Run the program "
+                "where it was made, or convert the model again here (revpass.convert), or give the neuron "
+                "one of its framework's built-in surrogates."
+            )
+    spec = NeuronSpec(family=data["family"], consts=data["consts"], params={}, surrogate=surrogate,
+                      origin=data["origin"])
+    return spec, data

@@ -5,28 +5,15 @@ Imported only when a model contains a SpikingJelly module.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons.spec import NeuronSpec
-from revpass.neurons.surrogate import (
-    Surrogate,
-    atan_deriv_,
-    check_derivative,
-    derivative_from_function,
-    sigmoid_deriv_,
-)
+from revpass.neurons.surrogate import BUILTIN, Surrogate, builtin, check_derivative, derivative_from_function
 
 from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 from spikingjelly.activation_based import base as sj_base  # noqa: E402
-
-try:  # the closed forms SpikingJelly's fused multi-step ops use
-    from spikingjelly._ops.surrogate import _SURROGATE_IDS, _surrogate_gradient
-except ImportError:  # pragma: no cover - other SpikingJelly versions
-    _SURROGATE_IDS, _surrogate_gradient = {}, None
 
 SUPPORTED = (sj_neuron.LIFNode, sj_neuron.IFNode, sj_neuron.ParametricLIFNode)
 
@@ -40,11 +27,6 @@ def is_leaf(m: nn.Module) -> bool:
     return isinstance(m, (sj_base.MemoryModule, sj_base.StepModule))
 
 
-def _sj_gradient(alpha: float, sid: int, x):
-    """SpikingJelly's own surrogate gradient formula (its fused-kernel reference)."""
-    return _surrogate_gradient(x, alpha, sid)
-
-
 def surrogate_of(fn: nn.Module, where: str) -> Surrogate:
     name = type(fn).__name__
     if getattr(fn, "spiking", True) is False:
@@ -53,21 +35,11 @@ def surrogate_of(fn: nn.Module, where: str) -> Surrogate:
             "Set spiking=True, or exclude this module from conversion."
         )
     alpha = getattr(fn, "alpha", None)
-    sid = _SURROGATE_IDS.get(name)
-    if (
-        sid is not None
-        and type(fn).__module__.startswith("spikingjelly")
-        and isinstance(alpha, (int, float))
-        and _surrogate_gradient is not None
-    ):
-        a = float(alpha)
-        inplace = {"Sigmoid": sigmoid_deriv_, "ATan": atan_deriv_}.get(name)
-        return Surrogate(
-            f"{name}(alpha={a:g})",
-            functools.partial(_sj_gradient, a, sid),
-            True,
-            inplace(a) if inplace is not None else None,
-        )
+    kind = f"spikingjelly.{name}"
+    # the closed forms SpikingJelly's fused multi-step ops use (its _ops/surrogate.py), built in
+    if kind in BUILTIN and type(fn).__module__.startswith("spikingjelly") and isinstance(alpha, (int, float)) \
+            and not isinstance(alpha, bool):
+        return builtin(kind, float(alpha), True)
     deriv = derivative_from_function(fn)
     check_derivative(deriv, where, f"surrogate_function={name}")
     return Surrogate(f"{name} (own derivative)", deriv, True)

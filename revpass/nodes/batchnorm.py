@@ -23,7 +23,7 @@ a (T, B, C, ...) sequence but C) before a SpikingJelly neuron (spikes of 0 and 1
 mode, under autograd, in float32 or float64, with an even channel count and the optimized
 backward; anywhere else the node runs ``bn(x)`` and then itself, the same function.
 
-The backward runs in two passes over the node's slices (revpass.nodes.core.slices): the node's
+The backward runs in two passes over the node's slices (revpass.nodes.slicing.slices): the node's
 own backward, which hands over each slice's rebuilt z, gives dL/dz, the per-channel sums and
 the spikes Y - z (packed 8 per byte, for the second pass); then, slice by slice,
 z = Y - spikes again (the same values) and the batch norm's input gradient, written over dL/dz.
@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from revpass.nodes import core
+from revpass.nodes import bits, kernels, reversible, slicing
 
 Tensor = torch.Tensor
 
@@ -75,18 +75,25 @@ class FoldedBatchNorm(torch.autograd.Function):
             dims = [d for d in range(c.dim()) if d != 2]
             var, mean = torch.var_mean(c, dim=dims, correction=0)
             invstd = (var + bn.eps).rsqrt()
-            y, bits, kept, stateT = core.reversible_forward(node.spec, z, state0, P, need)
+            backend = kernels.choose(z, node.spec, P)
+            if backend == "triton":
+                from revpass.nodes.kernels import reversible as K
+
+                y, packed_f, kept, stateT = K.forward(node.spec, z, state0, P, need)
+            else:
+                y, packed_f, kept, stateT = reversible.reversible_forward(node.spec, z, state0, P, need)
         keep_input = bn.weight is not None and bool((bn.weight.detach().abs() < GAMMA_MIN).any())
         del z
         ctx.node, ctx.bn, ctx.n_state, ctx.need, ctx.keep_input = node, bn, n_state, tuple(need), keep_input
+        ctx.backend = backend
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(y, bits, kept, mean, invstd, c if keep_input else c.new_empty(0),
+        ctx.save_for_backward(y, packed_f, kept, mean, invstd, c if keep_input else c.new_empty(0),
                               *(state0 or ()), *params)
         return (y, *stateT)
 
     @staticmethod
     def backward(ctx, gy: Optional[Tensor], *g_stateT):
-        y, bits, kept, mean, invstd, c, *rest = ctx.saved_tensors
+        y, packed_f, kept, mean, invstd, c, *rest = ctx.saved_tensors
         node, bn = ctx.node, ctx.bn
         state0 = tuple(rest[: ctx.n_state]) or None
         params = rest[ctx.n_state:]
@@ -107,17 +114,24 @@ class FoldedBatchNorm(torch.autograd.Function):
                 z.sub_(_per_channel(beta, z))
             return z.div_(_per_channel(gamma, z)) if gamma is not None else z
 
+        if ctx.backend == "triton":
+            from revpass.nodes.kernels import batchnorm as K
+
+            gc, g0, gP, dgamma, dbeta = K.backward(node.spec, gy.contiguous(), g_state, y, packed_f, kept, state0,
+                                                   P, ctx.need, gamma, beta, c if ctx.keep_input else None, mean,
+                                                   invstd)
+            return _grads(ctx, gc, g0, gP, dgamma, dbeta, state0, params)
         dims = [d for d in range(y.dim()) if d != 2]
         sums = []  # per slice: (sum gz, sum gz * x^) per channel
         spikes = []  # per slice, Y - X (0 or 1) packed 8 per byte
 
         def on_slice(sl, z, gz):  # the first pass: the node's gradient, its spikes and the sums
-            spikes.append(core.pack_bits(sl(y) - z > 0.5))
+            spikes.append(bits.pack_bits(sl(y) - z > 0.5))
             xhat = normalized(sl, z)
             sums.append((gz.sum(dim=dims), (gz * xhat).sum(dim=dims)))
 
         min_elems = getattr(node, "slice_min_elems", None)
-        gz, g0, gP = core.reversible_backward(node.spec, gy.contiguous(), g_state, y, bits, kept, state0, P,
+        gz, g0, gP = reversible.reversible_backward(node.spec, gy.contiguous(), g_state, y, packed_f, kept, state0, P,
                                               ctx.need, on_slice=on_slice, min_elems=min_elems)
         M = y.numel() // y.shape[2]
         dbeta = sum(a for a, _ in sums)
@@ -125,16 +139,21 @@ class FoldedBatchNorm(torch.autograd.Function):
         scale = invstd if gamma is None else gamma * invstd
         # the second pass: x^ again, slice by slice, from X = Y - spikes (the same values the
         # first pass rebuilt), and the batch norm's input gradient written over the node's
-        for sl, packed in zip(core.slices(y.shape, P, min_elems), spikes):
+        for sl, packed in zip(slicing.slices(y.shape, P, min_elems), spikes):
             ys, g = sl(y), sl(gz)
-            z = torch.sub(ys, core.unpack_bits(packed, ys.shape).to(ys.dtype))
+            z = torch.sub(ys, bits.unpack_bits(packed, ys.shape).to(ys.dtype))
             g.sub_(_per_channel(dbeta / M, g)).addcmul_(normalized(sl, z), _per_channel(-dgamma / M, g))
             g.mul_(_per_channel(scale, g))
             del z
-        gc = gz
-        g_state0 = [None] * ctx.n_state if g0 is None else [
-            g if s.requires_grad else None for g, s in zip(g0, state0)]
-        g_params = [gP[k].reshape(p.shape) if k in gP else None for k, p in zip(node._param_attr, params)]
-        g_affine = [dgamma if gamma is not None and bn.weight.requires_grad else None,
-                    dbeta if bn.bias is not None and bn.bias.requires_grad else None]
-        return (None, None, None, None, gc, *g_state0, *g_params, *g_affine)
+        return _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
+
+
+def _grads(ctx, gc, g0, gP, dgamma, dbeta, state0, params):
+    """The autograd Function's gradients, in the order of its inputs."""
+    node, bn = ctx.node, ctx.bn
+    g_state0 = [None] * ctx.n_state if g0 is None else [
+        g if s.requires_grad else None for g, s in zip(g0, state0)]
+    g_params = [gP[k].reshape(p.shape) if k in gP else None for k, p in zip(node._param_attr, params)]
+    g_affine = [dgamma if bn.weight is not None and bn.weight.requires_grad else None,
+                dbeta if bn.bias is not None and bn.bias.requires_grad else None]
+    return (None, None, None, None, gc, *g_state0, *g_params, *g_affine)

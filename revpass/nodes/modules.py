@@ -16,7 +16,7 @@ from torch import nn
 
 from revpass.neurons import spec_from_module
 from revpass.neurons.spec import NeuronSpec, family_of, run_sequence
-from revpass.nodes import core, ops
+from revpass.nodes import ops, reversible
 
 Tensor = torch.Tensor
 BACKWARDS = ("optimized", "recompute", "autograd")
@@ -69,6 +69,7 @@ class _Node(nn.Module):
         which deepcopy and pickle cannot take); the op's configuration is registered again on
         load (its id is per process)."""
         d = dict(self.__dict__)
+        d.pop("_config", None)  # made again on load: a user's surrogate is known per process
         if d.get("state") is not None:
             d["state"] = tuple(t.detach() for t in d["state"])
         return d
@@ -79,12 +80,12 @@ class _Node(nn.Module):
 
     def _register_op(self) -> None:
         backward = "optimized" if self.backward_mode == "autograd" else self.backward_mode
-        self._cfg_id = ops.register_config(ops.OpConfig(self.spec, tuple(self._param_attr), backward,
-                                                        self.__dict__.get("slice_min_elems")))
+        self._config = ops.node_config(self.spec, tuple(self._param_attr), backward,
+                                       self.__dict__.get("slice_min_elems"), self.name)
 
     def set_slicing(self, min_elems: Optional[int]) -> None:
         """Run the optimized backward in slices of at least ``min_elems`` elements per step
-        (revpass.nodes.core.chunks; None: the default, core.CHUNK_MIN_ELEMS): smaller slices, a
+        (revpass.nodes.slicing.chunks; None: the default, slicing.CHUNK_MIN_ELEMS): smaller slices, a
         smaller transient, more kernel launches."""
         self.slice_min_elems = min_elems
         self._register_op()
@@ -249,13 +250,13 @@ class ReversibleNode(_Node):
                                         *(state0 or ()), *P.values(), bn.weight, bn.bias)
             return out[0], tuple(out[1:])
         if self.backward_mode == "autograd":
-            return core.reversible_forward_autograd(self.spec, x, state0, self.params())
+            return reversible.reversible_forward_autograd(self.spec, x, state0, self.params())
         s0, params, need = self._op_args(state0)
-        y, _, _, stateT = ops.reversible_op(x, s0, params, self._cfg_id, need)
+        y, _, _, stateT = ops.reversible_op(x, s0, params, self._config, need)
         return y, tuple(stateT)
 
     def _run_plain(self, x, state0):
-        y, _, _, stateT = core.reversible_forward(self.spec, x, state0, self.params())
+        y, _, _, stateT = reversible.reversible_forward(self.spec, x, state0, self.params())
         return y, stateT
 
     def report(self, channels: Optional[int] = None) -> Dict[str, object]:
@@ -287,7 +288,7 @@ class ExactNode(_Node):
             s, stateT, _, _ = run_sequence(self.spec, x, state0, self.params(), autograd=True)
             return s, stateT
         s0, params, need = self._op_args(state0)
-        s, _, stateT = ops.exact_op(x, s0, params, self._cfg_id, need)
+        s, _, stateT = ops.exact_op(x, s0, params, self._config, need)
         return s, tuple(stateT)
 
     def _run_plain(self, x, state0):

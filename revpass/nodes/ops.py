@@ -1,65 +1,58 @@
 """The nodes as torch.library custom ops: one graph node each, with a registered autograd.
 
 ``revpass::reversible`` and ``revpass::exact`` run a whole sequence; their backward is another
-custom op (``*_backward``) that computes gradients directly (METHOD.md section 5) or, for the
+custom op (``*_backward``) that computes gradients directly (docs/method.md) or, for the
 baseline, by reconstruction and re-running the forward under autograd. Everything the backward
 needs goes through ``ctx.save_for_backward``, so saved_tensors_hooks see it all.
 
-Non-tensor configuration (the neuron spec) lives in a registry keyed by an int, which is what the
-op receives.
+Each op takes its node's configuration as an argument, a JSON text (:func:`node_config`): the
+neuron family, its constants, its surrogate by key, the parameter names, the backward mode. So a
+traced, compiled or exported program carries its configuration with it and runs in any process
+(a user's own surrogate, a Python function, is the exception: see
+:func:`revpass.neurons.spec.spec_from_config`).
+
+Each op has a PyTorch implementation for the CPU and one registered for CUDA; both run the backend
+that :func:`revpass.nodes.kernels.choose` picks (Triton kernels on CUDA by default), and the
+backward op is told which backend its forward ran.
 """
 
 from __future__ import annotations
 
 import contextlib
-
-import itertools
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from revpass.neurons.spec import NeuronSpec, family_of
-from revpass.nodes import core
+from revpass.neurons.spec import NeuronSpec, config_json, family_of, spec_from_config, spec_to_config
+from revpass.nodes import exact, kernels, layout, reversible
+from revpass.nodes.bits import packed_planes_shape
 
 Tensor = torch.Tensor
 
-BACKWARD_MODES = {"optimized": 0, "recompute": 1}
-_MODE_NAMES = {v: k for k, v in BACKWARD_MODES.items()}
+BACKWARD_MODES = ("optimized", "recompute")
 
 
-@dataclass
-class OpConfig:
-    spec: NeuronSpec
-    param_names: Tuple[str, ...]
-    mode: str = "optimized"
-    slice_min_elems: Optional[int] = None  # the backward's slices (core.chunks); None: the default
-
-    @property
-    def n_state(self) -> int:
-        fam = family_of(self.spec)
-        P = {k: v.detach().cpu() for k, v in self.spec.params.items()}
-        return len(fam.init_state(self.spec, torch.zeros(1), fam.prepare(self.spec, P)))
+def node_config(spec: NeuronSpec, param_names: Sequence[str], mode: str = "optimized",
+                slice_min_elems: Optional[int] = None, site: str = "") -> str:
+    """A node's configuration as the text its ops take."""
+    data = spec_to_config(spec, site)
+    data.update(params=list(param_names), mode=mode, slice=slice_min_elems)
+    return config_json(data)
 
 
-_CONFIGS: Dict[int, OpConfig] = {}
-_N_STATE: Dict[int, int] = {}
-_ids = itertools.count(1)
+@functools.lru_cache(maxsize=None)
+def _decode(config: str):
+    spec, data = spec_from_config(config)
+    return spec, tuple(data["params"]), data["mode"], data["slice"], family_of(spec).n_state(spec)
 
 
-def register_config(cfg: OpConfig) -> int:
-    i = next(_ids)
-    _CONFIGS[i] = cfg
-    _N_STATE[i] = cfg.n_state
-    return i
+def _P(names, params: List[Tensor]) -> Dict[str, Tensor]:
+    return dict(zip(names, params))
 
 
-def _P(cfg: OpConfig, params: List[Tensor]) -> Dict[str, Tensor]:
-    return dict(zip(cfg.param_names, params))
-
-
-def _need(cfg: OpConfig, mask: int) -> Tuple[str, ...]:
-    return tuple(n for i, n in enumerate(cfg.param_names) if mask >> i & 1)
+def _need(names, mask: int) -> Tuple[str, ...]:
+    return tuple(n for i, n in enumerate(names) if mask >> i & 1)
 
 
 _VISIBLE = [False]
@@ -86,43 +79,77 @@ def _state(state: List[Tensor]):
     return tuple(state) if len(state) else None
 
 
-# ---------------------------------------------------------------------------------------------
-# reversible
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("revpass::reversible", mutates_args=())
-def reversible_op(
-    x: Tensor, state0: List[Tensor], params: List[Tensor], cfg: int, need: int
-) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
-    c = _CONFIGS[cfg]
-    y, bits, kept, stateT = core.reversible_forward(
-        c.spec, x, _state(state0), _P(c, params), _need(c, need)
-    )
-    return y, bits, kept, [s.clone() if s.data_ptr() == x.data_ptr() else s for s in stateT]
+def _own(ts, x: Tensor) -> List[Tensor]:
+    """Outputs of a custom op may not alias its inputs."""
+    return [t.clone() if t.data_ptr() == x.data_ptr() else t for t in ts]
 
 
 def _step_shape(x):
     return tuple(x.shape[1:])
 
 
+def _both_devices(op, impl):
+    """``impl`` as the op's CPU (default) implementation and as its CUDA kernel: each runs the
+    backend the configuration and the tensors select (revpass.nodes.kernels.choose)."""
+    op.register_kernel("cuda")(impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# reversible
+# ---------------------------------------------------------------------------------------------
+
+
+def _rev_forward(x, state0, params, config, need):
+    spec, names, _, _, _ = _decode(config)
+    P = _P(names, params)
+    backend = kernels.choose(x, spec, P)
+    if backend == "triton":
+        from revpass.nodes.kernels import reversible as K
+
+        y, bits, kept, stateT = K.forward(spec, x, _state(state0), P, _need(names, need))
+    else:
+        y, bits, kept, stateT = reversible.reversible_forward(spec, x, _state(state0), P, _need(names, need))
+    return y, bits, kept, _own(stateT, x)
+
+
+@torch.library.custom_op("revpass::reversible", mutates_args=())
+def reversible_op(
+    x: Tensor, state0: List[Tensor], params: List[Tensor], config: str, need: int
+) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
+    return _rev_forward(x, state0, params, config, need)
+
+
+_both_devices(reversible_op, _rev_forward)
+
+
 @reversible_op.register_fake
-def _(x, state0, params, cfg, need):
-    c = _CONFIGS[cfg]
-    L = core.Layout(x.shape)
-    fam = family_of(c.spec)
-    nb = fam.n_bits(c.spec)
-    n = 1
-    for d in core._bits_shape(L, nb, x)[1:]:
-        n *= d
-    keep = fam.exact_keep(c.spec, _need(c, need))
+def _(x, state0, params, config, need):
+    spec, names, _, _, n_state = _decode(config)
+    L = layout.Layout(x.shape)
+    fam = family_of(spec)
+    keep = fam.exact_keep(spec, _need(names, need))
     rem = L.seq(x, "r")
     return (
         torch.empty_like(x),
-        x.new_empty(core.n_packed_bytes(x.shape[0], n), dtype=torch.uint8),
+        x.new_empty(packed_planes_shape(layout.bits_shape(L, fam.n_bits(spec), x)), dtype=torch.uint8),
         x.new_empty((len(keep),) + tuple(rem.shape)),
-        [x.new_empty(_step_shape(x)) for _ in range(_N_STATE[cfg])],
+        [x.new_empty(_step_shape(x)) for _ in range(n_state)],
     )
+
+
+def _rev_backward_impl(gy, g_state, y, bits, kept, state0, params, config, need, backend):
+    spec, names, _, min_elems, _ = _decode(config)
+    P = _P(names, params)
+    need_names = _need(names, need)
+    if backend == "triton":
+        from revpass.nodes.kernels import reversible as K
+
+        gx, g0, gP = K.backward(spec, gy, _state(g_state), y, bits, kept, _state(state0), P, need_names)
+    else:
+        gx, g0, gP = reversible.reversible_backward(spec, gy, _state(g_state), y, bits, kept, _state(state0), P,
+                                                    need_names, "optimized", min_elems=min_elems)
+    g0 = list(g0) if g0 is not None else []
+    return gx, g0, [gP[n].reshape(P[n].shape).clone() for n in need_names]
 
 
 @torch.library.custom_op("revpass::reversible_backward", mutates_args=())
@@ -134,42 +161,42 @@ def reversible_backward_op(
     kept: Tensor,
     state0: List[Tensor],
     params: List[Tensor],
-    cfg: int,
+    config: str,
     need: int,
-    mode: int,
+    backend: str,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    c = _CONFIGS[cfg]
-    need_names = _need(c, need)
-    P = _P(c, params)
-    gx, g0, gP = core.reversible_backward(
-        c.spec, gy, _state(g_state), y, bits, kept, _state(state0), P, need_names, _MODE_NAMES[mode],
-        min_elems=c.slice_min_elems,
-    )
-    g0 = list(g0) if g0 is not None else []
-    return gx, g0, [gP[n].reshape(P[n].shape).clone() for n in need_names]
+    return _rev_backward_impl(gy, g_state, y, bits, kept, state0, params, config, need, backend)
+
+
+_both_devices(reversible_backward_op, _rev_backward_impl)
 
 
 @reversible_backward_op.register_fake
-def _(gy, g_state, y, bits, kept, state0, params, cfg, need, mode):
-    c = _CONFIGS[cfg]
-    need_names = _need(c, need)
-    P = _P(c, params)
+def _(gy, g_state, y, bits, kept, state0, params, config, need, backend):
+    _, names, _, _, _ = _decode(config)
+    P = _P(names, params)
     return (
         torch.empty_like(gy),
         [gy.new_empty(_step_shape(gy)) for _ in state0],
-        [torch.empty_like(P[n]) for n in need_names],
+        [torch.empty_like(P[n]) for n in _need(names, need)],
     )
 
 
-def _rev_setup(ctx, inputs, output):
-    x, state0, params, cfg, need = inputs
-    y, bits, kept, _ = output
-    ctx.cfg = cfg
-    ctx.need = need
+def _setup(ctx, inputs, x):
+    _, state0, params, config, need = inputs
+    spec, names, mode, _, _ = _decode(config)
+    ctx.config, ctx.need, ctx.mode = config, need, mode
+    ctx.backend = kernels.choose(x, spec, _P(names, params))  # as the forward chose
     ctx.n_state = len(state0)
     ctx.n_params = len(params)
     ctx.state_grad = [s.requires_grad for s in state0]
     ctx.set_materialize_grads(False)  # unused final states arrive as None: a cheaper sweep
+
+
+def _rev_setup(ctx, inputs, output):
+    x, state0, params, _, _ = inputs
+    y, bits, kept, _ = output
+    _setup(ctx, inputs, x)
     ctx.save_for_backward(y, bits, kept, *state0, *params)
 
 
@@ -180,23 +207,22 @@ def _rev_backward(ctx, gy, _g_bits, _g_kept, g_stateT):
     if gy is None:
         gy = torch.zeros_like(y)
     g_state = _g_state(g_stateT, y)
-    mode = BACKWARD_MODES[_CONFIGS[ctx.cfg].mode]
-    if mode == BACKWARD_MODES["recompute"]:
+    if ctx.mode == "recompute":
         # the baseline re-runs the forward under autograd, which a custom op's kernel (below the
         # autograd dispatch key) cannot do: it runs here, in the autograd Function's backward
         gx, g0, gP = _backward_eager(ctx, gy, g_state, y, bits, kept, state0, params)
     else:
-        gx, g0, gP = _call(reversible_backward_op,
-                           gy.contiguous(), g_state, y, bits, kept, state0, params, ctx.cfg, ctx.need, mode)
+        gx, g0, gP = _call(reversible_backward_op, gy.contiguous(), g_state, y, bits, kept, state0, params,
+                           ctx.config, ctx.need, ctx.backend)
     return gx, _state_grads(ctx, g0), _param_grads(ctx, gP), None, None
 
 
 def _backward_eager(ctx, gy, g_state, y, bits, kept, state0, params):
-    c = _CONFIGS[ctx.cfg]
-    need_names = _need(c, ctx.need)
-    P = _P(c, params)
-    gx, g0, gP = core.reversible_backward(
-        c.spec, gy, _state(g_state), y, bits, kept, _state(state0), P, need_names, "recompute"
+    spec, names, _, _, _ = _decode(ctx.config)
+    need_names = _need(names, ctx.need)
+    P = _P(names, params)
+    gx, g0, gP = reversible.reversible_backward(
+        spec, gy, _state(g_state), y, bits, kept, _state(state0), P, need_names, "recompute"
     )
     return gx, (list(g0) if g0 is not None else []), [gP[n].reshape(P[n].shape) for n in need_names]
 
@@ -227,24 +253,52 @@ reversible_op.register_autograd(_rev_backward, setup_context=_rev_setup)
 # ---------------------------------------------------------------------------------------------
 
 
+def _exact_forward(x, state0, params, config, need):
+    spec, names, _, _, _ = _decode(config)
+    P = _P(names, params)
+    if kernels.choose(x, spec, P) == "triton":
+        from revpass.nodes.kernels import exact as K
+
+        s, kept, stateT = K.forward(spec, x, _state(state0), P, _need(names, need))
+    else:
+        s, kept, stateT = exact.exact_forward(spec, x, _state(state0), P, _need(names, need))
+    return s, kept, _own(stateT, x)
+
+
 @torch.library.custom_op("revpass::exact", mutates_args=())
 def exact_op(
-    x: Tensor, state0: List[Tensor], params: List[Tensor], cfg: int, need: int
+    x: Tensor, state0: List[Tensor], params: List[Tensor], config: str, need: int
 ) -> Tuple[Tensor, Tensor, List[Tensor]]:
-    c = _CONFIGS[cfg]
-    s, kept, stateT = core.exact_forward(c.spec, x, _state(state0), _P(c, params), _need(c, need))
-    return s, kept, [t.clone() if t.data_ptr() == x.data_ptr() else t for t in stateT]
+    return _exact_forward(x, state0, params, config, need)
+
+
+_both_devices(exact_op, _exact_forward)
 
 
 @exact_op.register_fake
-def _(x, state0, params, cfg, need):
-    c = _CONFIGS[cfg]
-    keep = family_of(c.spec).exact_keep(c.spec, _need(c, need))
+def _(x, state0, params, config, need):
+    spec, names, _, _, n_state = _decode(config)
+    keep = family_of(spec).exact_keep(spec, _need(names, need))
     return (
         torch.empty_like(x),
         x.new_empty((len(keep),) + tuple(x.shape)),
-        [x.new_empty(_step_shape(x)) for _ in range(_N_STATE[cfg])],
+        [x.new_empty(_step_shape(x)) for _ in range(n_state)],
     )
+
+
+def _exact_backward_impl(gs, g_state, kept, state0, params, config, need, backend):
+    spec, names, _, min_elems, _ = _decode(config)
+    P = _P(names, params)
+    need_names = _need(names, need)
+    if backend == "triton":
+        from revpass.nodes.kernels import exact as K
+
+        gx, g0, gP = K.backward(spec, gs, _state(g_state), kept, _state(state0), P, need_names)
+    else:
+        gx, g0, gP = exact.exact_backward(spec, gs, _state(g_state), kept, _state(state0), P, need_names,
+                                          min_elems=min_elems)
+    g0 = list(g0) if g0 is not None else []
+    return gx, g0, [gP[n].reshape(P[n].shape).clone() for n in need_names]
 
 
 @torch.library.custom_op("revpass::exact_backward", mutates_args=())
@@ -254,39 +308,31 @@ def exact_backward_op(
     kept: Tensor,
     state0: List[Tensor],
     params: List[Tensor],
-    cfg: int,
+    config: str,
     need: int,
+    backend: str,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    c = _CONFIGS[cfg]
-    need_names = _need(c, need)
-    P = _P(c, params)
-    gx, g0, gP = core.exact_backward(
-        c.spec, gs, _state(g_state), kept, _state(state0), P, need_names, min_elems=c.slice_min_elems
-    )
-    g0 = list(g0) if g0 is not None else []
-    return gx, g0, [gP[n].reshape(P[n].shape).clone() for n in need_names]
+    return _exact_backward_impl(gs, g_state, kept, state0, params, config, need, backend)
+
+
+_both_devices(exact_backward_op, _exact_backward_impl)
 
 
 @exact_backward_op.register_fake
-def _(gs, g_state, kept, state0, params, cfg, need):
-    c = _CONFIGS[cfg]
-    P = _P(c, params)
+def _(gs, g_state, kept, state0, params, config, need, backend):
+    _, names, _, _, _ = _decode(config)
+    P = _P(names, params)
     return (
         torch.empty_like(gs),
         [gs.new_empty(_step_shape(gs)) for _ in state0],
-        [torch.empty_like(P[n]) for n in _need(c, need)],
+        [torch.empty_like(P[n]) for n in _need(names, need)],
     )
 
 
 def _exact_setup(ctx, inputs, output):
-    x, state0, params, cfg, need = inputs
+    x, state0, params, _, _ = inputs
     _, kept, _ = output
-    ctx.cfg = cfg
-    ctx.need = need
-    ctx.n_state = len(state0)
-    ctx.n_params = len(params)
-    ctx.state_grad = [s.requires_grad for s in state0]
-    ctx.set_materialize_grads(False)
+    _setup(ctx, inputs, x)
     ctx.save_for_backward(kept, *state0, *params)
 
 
@@ -297,7 +343,8 @@ def _exact_backward(ctx, gs, _g_kept, g_stateT):
     if gs is None:
         gs = kept.new_zeros(kept.shape[1:])
     g_state = _g_state(g_stateT, gs)
-    gx, g0, gP = _call(exact_backward_op, gs.contiguous(), g_state, kept, state0, params, ctx.cfg, ctx.need)
+    gx, g0, gP = _call(exact_backward_op, gs.contiguous(), g_state, kept, state0, params, ctx.config, ctx.need,
+                       ctx.backend)
     return gx, _state_grads(ctx, g0), _param_grads(ctx, gP), None, None
 
 

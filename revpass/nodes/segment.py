@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from revpass.nodes.core import is_binary, pack_bits, unpack_bits
+from revpass.nodes.bits import is_binary, pack_bits, unpack_bits
 
 Tensor = torch.Tensor
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import fx
 
-from revpass.nodes.core import is_binary
+from revpass.nodes.bits import is_binary
 
 META = "revpass"
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-import torch
 from torch import fx
 
 from revpass.nodes.segment import RecomputeSegment

@@ -184,37 +184,37 @@ def test_property_snntorch_leaky(T, C, beta, threshold, reset, delay, graded, se
 
 
 # ----------------------------------------------------------------------------------------------
-# the optimized backward in slices (revpass.nodes.core.chunks)
+# the optimized backward in slices (revpass.nodes.slicing.chunks)
 # ----------------------------------------------------------------------------------------------
 
 
 def test_slices_cover_the_sequence():
-    from revpass.nodes import core
+    from revpass.nodes import slicing
 
     P = {"w": torch.zeros(())}
-    assert (core.CHUNK_MAX, core.CHUNK_MIN_ELEMS, core.CHUNK_MIN_ELEMS_FINE) == (8, 1 << 18, 1 << 12)
-    assert core.chunks((4, 2, 6, 10, 3), P) is None  # small: one piece
-    assert core.chunks((4, 16, 64, 16, 16), P) is None  # 2^18 per step: one slice's worth
-    assert core.chunks((4, 64, 64, 16, 16), P) == (1, [(16 * i, 16 * i + 16) for i in range(4)])
+    assert (slicing.CHUNK_MAX, slicing.CHUNK_MIN_ELEMS, slicing.CHUNK_MIN_ELEMS_FINE) == (8, 1 << 18, 1 << 12)
+    assert slicing.chunks((4, 2, 6, 10, 3), P) is None  # small: one piece
+    assert slicing.chunks((4, 16, 64, 16, 16), P) is None  # 2^18 per step: one slice's worth
+    assert slicing.chunks((4, 64, 64, 16, 16), P) == (1, [(16 * i, 16 * i + 16) for i in range(4)])
     # fine: the stem of spiking_resnet18 at batch 2, 32x32 input: 8 slices of its 16 rows, at any
     # T; layer1 (8x8): 2 slices of its batch
-    fine = core.CHUNK_MIN_ELEMS_FINE
+    fine = slicing.CHUNK_MIN_ELEMS_FINE
     for T in (1, 4, 64):
-        assert core.chunks((T, 2, 64, 16, 16), P, fine) == (3, [(2 * i, 2 * i + 2) for i in range(8)])
-        assert core.chunks((T, 2, 64, 8, 8), P, fine) == (1, [(0, 1), (1, 2)])
-    old = core.CHUNK_MIN_ELEMS, core.CHUNK_MAX
+        assert slicing.chunks((T, 2, 64, 16, 16), P, fine) == (3, [(2 * i, 2 * i + 2) for i in range(8)])
+        assert slicing.chunks((T, 2, 64, 8, 8), P, fine) == (1, [(0, 1), (1, 2)])
+    old = slicing.CHUNK_MIN_ELEMS, slicing.CHUNK_MAX
     try:
-        core.CHUNK_MIN_ELEMS, core.CHUNK_MAX = 1, 3
-        assert core.chunks((4, 2, 6, 10, 3), P) == (3, [(0, 3), (3, 6), (6, 10)])  # batch 2 < 3 slices
-        assert core.chunks((4, 5, 6), P) == (1, [(0, 1), (1, 3), (3, 5)])
+        slicing.CHUNK_MIN_ELEMS, slicing.CHUNK_MAX = 1, 3
+        assert slicing.chunks((4, 2, 6, 10, 3), P) == (3, [(0, 3), (3, 6), (6, 10)])  # batch 2 < 3 slices
+        assert slicing.chunks((4, 5, 6), P) == (1, [(0, 1), (1, 3), (3, 5)])
         # a parameter that varies along the spatial dim keeps it whole: the batch dim is taken
-        assert core.chunks((4, 2, 6, 10), {"b": torch.zeros(6, 10)}) == (1, [(0, 1), (1, 2)])
-        assert core.chunks((4, 1, 6), P) is None  # nothing to slice
-        assert core.chunks((4, 1, 6, 2), {"beta": torch.zeros(6, 1)}) == (3, [(0, 1), (1, 2)])  # per channel
-        core.CHUNK_MAX = 1
-        assert core.chunks((4, 2, 6, 10, 3), P) is None
+        assert slicing.chunks((4, 2, 6, 10), {"b": torch.zeros(6, 10)}) == (1, [(0, 1), (1, 2)])
+        assert slicing.chunks((4, 1, 6), P) is None  # nothing to slice
+        assert slicing.chunks((4, 1, 6, 2), {"beta": torch.zeros(6, 1)}) == (3, [(0, 1), (1, 2)])  # per channel
+        slicing.CHUNK_MAX = 1
+        assert slicing.chunks((4, 2, 6, 10, 3), P) is None
     finally:
-        core.CHUNK_MIN_ELEMS, core.CHUNK_MAX = old
+        slicing.CHUNK_MIN_ELEMS, slicing.CHUNK_MAX = old
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -222,7 +222,7 @@ def test_sliced_backward_equals_whole(case, monkeypatch):
     """Sliced (3 uneven slices of the batch or a spatial dim) and whole-sequence optimized
     backwards agree within section 7, with a carried initial state whose gradient is used, for
     both nodes; the forward is the same function."""
-    from revpass.nodes import core
+    from revpass.nodes import slicing
 
     lib = case.make()
     x = input_for(case, 12, shape=(5, 6, 7)).requires_grad_(True)
@@ -230,9 +230,9 @@ def test_sliced_backward_equals_whole(case, monkeypatch):
     for cls in (revpass.ReversibleNode, revpass.ExactNode):
         res = {}
         for n_max in (1, 3):
-            monkeypatch.setattr(core, "CHUNK_MAX", n_max)
-            monkeypatch.setattr(core, "CHUNK_MIN_ELEMS", 1)
-            assert (core.chunks(x.shape, {}) is None) == (n_max == 1)
+            monkeypatch.setattr(slicing, "CHUNK_MAX", n_max)
+            monkeypatch.setattr(slicing, "CHUNK_MIN_ELEMS", 1)
+            assert (slicing.chunks(x.shape, {}) is None) == (n_max == 1)
             node = cls.from_neuron(lib, return_state=True, carry_state=True)
             with torch.no_grad():
                 node(x[:3] * 1.0)
@@ -257,14 +257,14 @@ def test_exact_backward_is_spikingjelly_bit_for_bit_on_large_steps(surrogate):
     SpikingJelly's does."""
     from spikingjelly.activation_based import neuron, surrogate as sj_surrogate
 
-    from revpass.nodes import core
+    from revpass.nodes import slicing
 
     lib = neuron.LIFNode(step_mode="m", surrogate_function=getattr(sj_surrogate, surrogate)())
     x = (torch.randn(3, 8, 6, 37, 29, generator=torch.Generator().manual_seed(0)) * 1.5).requires_grad_(True)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     node = revpass.ExactNode.from_neuron(lib, carry_state=False)
     node.set_slicing(4096)
-    assert core.chunks(x.shape, {}, 4096) is not None  # slices are on offer: they must not be taken
+    assert slicing.chunks(x.shape, {}, 4096) is not None  # slices are on offer: they must not be taken
     (gx,) = torch.autograd.grad(node(x), x, g)
     lib.reset()
     (g_lib,) = torch.autograd.grad(lib(x), x, g)

@@ -32,7 +32,7 @@ def test_reversible_keeps_output_bits_and_nothing_else(case, C):
     spec = spec_from_module(lib)
     fam = family_of(spec)
     B, F, c = 2, 3, C // 2
-    bits = T * math.ceil(fam.n_bits(spec) * B * c * F / 8)
+    bits = T * fam.n_bits(spec) * math.ceil(B * c * F / 8)  # each decision plane starts on a byte
     rem = (C - 2 * c) * B * F * T * 4 * len(fam.exact_keep(spec, [n for n, p in spec.params.items() if p.requires_grad]))
     assert rep.shared_with_output == y.numel() * 4  # Y itself: free when its consumer keeps it
     assert rep.total == y.numel() * 4 + bits + rem
@@ -83,13 +83,13 @@ def test_library_neurons_keep_what_method_md_says():
 
 
 def test_sliced_backward_workspace():
-    """The optimized backward in slices (revpass.nodes.core.chunks) allocates a fraction of what
+    """The optimized backward in slices (revpass.nodes.slicing.chunks) allocates a fraction of what
     the whole-sequence backward does: for the stem of spiking_resnet18 (8 slices), under a
     third, for both nodes; and the whole-sequence one several times the input, as METHOD.md
     section 5's buffers say. (The exact node of a SpikingJelly LIF runs no slices: see below.)"""
     from spikingjelly.activation_based import neuron
 
-    from revpass.nodes import core
+    from revpass.nodes import slicing
     from revpass.passes.annotate import node_workspace
 
     shape = (4, 2, 64, 16, 16)
@@ -97,7 +97,7 @@ def test_sliced_backward_workspace():
     for cls, lif in ((revpass.ReversibleNode, neuron.LIFNode), (revpass.ExactNode, neuron.ParametricLIFNode)):
         node = cls.from_neuron(lif(step_mode="m"))
         whole = node_workspace(node, shape, torch.float32)  # the default: 2^15 per step is one slice
-        node.set_slicing(core.CHUNK_MIN_ELEMS_FINE)  # as convert does at a model's largest activations
+        node.set_slicing(slicing.CHUNK_MIN_ELEMS_FINE)  # as convert does at a model's largest activations
         sliced = node_workspace(node, shape, torch.float32)
         assert whole >= 1.5 * nbytes, (cls.__name__, whole / nbytes)
         assert 0 < sliced < whole / 3, (cls.__name__, sliced / nbytes, whole / nbytes)
@@ -110,14 +110,14 @@ def test_exact_spikingjelly_backward_workspace_is_a_few_steps(surrogate):
     four steps' worth at any T, however it is asked to slice."""
     from spikingjelly.activation_based import neuron, surrogate as sj_surrogate
 
-    from revpass.nodes import core
+    from revpass.nodes import slicing
     from revpass.passes.annotate import node_workspace
 
     lif = neuron.LIFNode(step_mode="m", surrogate_function=getattr(sj_surrogate, surrogate)())
     for T in (4, 16):
         shape = (T, 2, 64, 16, 16)
         step = math.prod(shape[1:]) * 4
-        for min_elems in (None, core.CHUNK_MIN_ELEMS_FINE):
+        for min_elems in (None, slicing.CHUNK_MIN_ELEMS_FINE):
             node = revpass.ExactNode.from_neuron(lif)
             node.set_slicing(min_elems)
             assert node_workspace(node, shape, torch.float32) == 4 * step, (T, min_elems)

@@ -21,12 +21,12 @@ def test_opcheck(C):
     x = torch.randn(5, 2, C, 3, requires_grad=True)
     params = list(node.params().values())
     need = 1
-    torch.library.opcheck(ops.reversible_op, (x, [], params, node._cfg_id, need))
+    torch.library.opcheck(ops.reversible_op, (x, [], params, node._config, need))
     state = [torch.randn(2, C, 3, requires_grad=True)]
-    torch.library.opcheck(ops.reversible_op, (x, state, params, node._cfg_id, need))
+    torch.library.opcheck(ops.reversible_op, (x, state, params, node._config, need))
     ex = revpass.ExactNode.from_neuron(_lif(), carry_state=False)
-    torch.library.opcheck(ops.exact_op, (x, [], list(ex.params().values()), ex._cfg_id, need))
-    torch.library.opcheck(ops.exact_op, (x, state, list(ex.params().values()), ex._cfg_id, need))
+    torch.library.opcheck(ops.exact_op, (x, [], list(ex.params().values()), ex._config, need))
+    torch.library.opcheck(ops.exact_op, (x, state, list(ex.params().values()), ex._config, need))
 
 
 class _Net(nn.Module):
@@ -144,3 +144,52 @@ def test_register_neuron_for_a_hand_written_lif():
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="nn.Module subclass"):
         revpass.register_neuron(int, lambda m: None)
+
+
+_RUN_PROGRAM = """
+import sys, torch
+import revpass  # registers revpass's ops
+ep = torch.export.load(sys.argv[1])
+x = torch.load(sys.argv[2])
+torch.save(ep.module()(x).detach(), sys.argv[3])
+"""
+
+
+def _run_elsewhere(tmp_path, ep, x):
+    import subprocess
+    import sys
+
+    torch.export.save(ep, tmp_path / "p.pt2")
+    torch.save(x, tmp_path / "x.pt")
+    return subprocess.run([sys.executable, "-c", _RUN_PROGRAM, str(tmp_path / "p.pt2"), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cls", [revpass.ReversibleNode, revpass.ExactNode], ids=["reversible", "exact"])
+def test_exported_program_runs_in_another_process(cls, tmp_path):
+    """The ops carry their configuration as an argument (not an index into a registry of this
+    process): a program saved by torch.export runs where it is loaded."""
+    torch.manual_seed(0)
+    net = _Net(cls.from_neuron(_lif(), carry_state=False))
+    x = torch.randn(4, 2, 6)
+    ep = torch.export.export(net, (x,))
+    configs = [a for n in ep.graph.nodes if n.op == "call_function" for a in n.args if isinstance(a, str)]
+    assert len(configs) == 1 and '"family":"spikingjelly"' in configs[0]
+    r = _run_elsewhere(tmp_path, ep, x)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "y.pt"), net(x))
+
+
+def test_a_program_with_a_users_own_surrogate_names_its_site_elsewhere(tmp_path):
+    """A user's own surrogate is a Python function, which cannot travel inside a program: loaded
+    in another process, the program says so, naming the site."""
+    from spikingjelly.activation_based import neuron, surrogate
+
+    lif = neuron.LIFNode(step_mode="m", surrogate_function=surrogate.PiecewiseLeakyReLU())
+    net = _Net(revpass.ReversibleNode.from_neuron(lif, name="blocks.0.sn", carry_state=False))
+    x = torch.randn(4, 2, 6)
+    ep = torch.export.export(net, (x,))
+    assert torch.equal(ep.module()(x), net(x))  # in this process it runs
+    r = _run_elsewhere(tmp_path, ep, x)
+    assert r.returncode != 0
+    assert "blocks.0.sn" in r.stderr and "PiecewiseLeakyReLU" in r.stderr and "cannot travel" in r.stderr

@@ -1,0 +1,62 @@
+"""Spikes as bits: 8 per byte (a reversible node keeps F's spike decisions so, docs/method.md)."""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def is_binary(t: Tensor) -> bool:
+    """Every element is 0 or 1 (spikes): a floating-point tensor with data (not on meta)."""
+    return (t.is_floating_point() and t.numel() > 0 and t.device.type != "meta"
+            and bool(((t == 0) | (t == 1)).all()))
+
+
+def pack_bits(b: Tensor) -> Tensor:
+    """(T, ...) bool -> (T, ceil(n/8)) uint8, n = elements per step."""
+    T = b.shape[0]
+    flat = b.reshape(T, -1)
+    n = flat.shape[1]
+    pad = (-n) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(T, pad)], 1)
+    flat = flat.view(T, -1, 8).to(torch.uint8)
+    out = flat[..., 0].clone()
+    for i in range(1, 8):
+        out |= flat[..., i] << i
+    return out
+
+
+def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of pack_bits; ``shape`` is the (T, ...) shape of the bool tensor."""
+    T = packed.shape[0]
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(T, -1)[:, :n].reshape(shape).bool()
+
+
+def packed_planes_shape(shape: Sequence[int]) -> Tuple[int, int]:
+    """The packed shape of (T, nb, ...) decisions: each of the nb planes of a step starts on a
+    byte, so that a kernel writes whole bytes: (T, nb * ceil(n / 8)), n = elements per plane."""
+    n = 1
+    for s in shape[2:]:
+        n *= s
+    return (shape[0], shape[1] * ((n + 7) // 8))
+
+
+def pack_planes(b: Tensor) -> Tensor:
+    """(T, nb, ...) bool -> (T, nb * ceil(n/8)) uint8 (:func:`packed_planes_shape`)."""
+    T, nb = b.shape[0], b.shape[1]
+    return pack_bits(b.reshape(T * nb, -1)).reshape(packed_planes_shape(b.shape))
+
+
+def unpack_planes(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`pack_planes`; ``shape`` is the (T, nb, ...) shape of the decisions."""
+    T, nb = shape[0], shape[1]
+    return unpack_bits(packed.reshape(T * nb, -1), (T * nb,) + tuple(shape[2:])).reshape(shape)
