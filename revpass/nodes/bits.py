@@ -15,6 +15,9 @@ def is_binary(t: Tensor) -> bool:
             and bool(((t == 0) | (t == 1)).all()))
 
 
+_WEIGHTS = {}
+
+
 def pack_bits(b: Tensor) -> Tensor:
     """(T, ...) bool -> (T, ceil(n/8)) uint8, n = elements per step."""
     T = b.shape[0]
@@ -23,11 +26,11 @@ def pack_bits(b: Tensor) -> Tensor:
     pad = (-n) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(T, pad)], 1)
-    flat = flat.view(T, -1, 8).to(torch.uint8)
-    out = flat[..., 0].clone()
-    for i in range(1, 8):
-        out |= flat[..., i] << i
-    return out
+    weights = _WEIGHTS.get(b.device)
+    if weights is None:
+        weights = _WEIGHTS[b.device] = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=b.device)
+    # each byte's bits are distinct powers of two: their sum is their or (at most 255)
+    return (flat.view(T, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
