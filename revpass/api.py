@@ -196,7 +196,11 @@ def convert(
                                                     "input is not kept: revpass/nodes/batchnorm.py)")
     ends = {r.path for r in report.rows if r.decision == "recompute"}
     if ends:  # exact nodes that end recomputed segments (revpass/passes/segments.py)
+        from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE
         from revpass.passes.segments import form_segments
+
+        for path in ends:  # their transient adds to the segment's rebuilt layers: memory first
+            gm.get_submodule(path).set_slicing(CHUNK_MIN_ELEMS_FINE)
 
         form_segments(gm, _as_tuple(example_inputs), ends)
     _invalidate_reset_cache(gm)

@@ -165,19 +165,27 @@ def _run_elsewhere(tmp_path, ep, x):
                            str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("cls", [revpass.ReversibleNode, revpass.ExactNode], ids=["reversible", "exact"])
-def test_exported_program_runs_in_another_process(cls, tmp_path):
+@pytest.mark.parametrize("mode", ["reversible", "exact"])
+def test_exported_program_runs_in_another_process(mode, tmp_path):
     """The ops carry their configuration as an argument (not an index into a registry of this
-    process): a program saved by torch.export runs where it is loaded."""
+    process): a converted model's program saved by torch.export runs where it is loaded."""
+    from spikingjelly.activation_based import layer, neuron
+
+    from revpass.trace import reset_states
+
     torch.manual_seed(0)
-    net = _Net(cls.from_neuron(_lif(), carry_state=False))
+    net = nn.Sequential(layer.Linear(6, 6, step_mode="m"), _lif(), layer.Linear(6, 5, step_mode="m"),
+                        neuron.LIFNode(tau=3.0, step_mode="m"))
     x = torch.randn(4, 2, 6)
-    ep = torch.export.export(net, (x,))
+    conv = revpass.convert(net, x, mode=mode)
+    reset_states(conv)
+    ep = torch.export.export(conv, (x,))
     configs = [a for n in ep.graph.nodes if n.op == "call_function" for a in n.args if isinstance(a, str)]
-    assert len(configs) == 1 and '"family":"spikingjelly"' in configs[0]
+    assert len(configs) == 2 and all('"family":"spikingjelly"' in c for c in configs)
     r = _run_elsewhere(tmp_path, ep, x)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert torch.equal(torch.load(tmp_path / "y.pt"), net(x))
+    reset_states(conv)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), conv(x))
 
 
 def test_a_program_with_a_users_own_surrogate_names_its_site_elsewhere(tmp_path):
