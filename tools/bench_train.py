@@ -149,15 +149,17 @@ def main(argv=None) -> int:
     m = res["mlp"]["backward_s"]
     md += [f"| MLP | backward ms: original / optimized / recompute / autograd | {m['original'] * 1e3:.1f} / "
            f"{m['optimized'] * 1e3:.1f} / {m['recompute'] * 1e3:.1f} / {m['autograd'] * 1e3:.1f} |",
-           f"| spiking_resnet18 | step ms: original / reversible | {res['spiking_resnet18']['step_s']['original'] * 1e3:.0f}"
-           f" / {res['spiking_resnet18']['step_s']['reversible'] * 1e3:.0f} |",
+           f"| spiking_resnet18 | step ms: original / reversible | "
+           f"{res['spiking_resnet18']['step_s']['original'] * 1e3:.0f} / "
+           f"{res['spiking_resnet18']['step_s']['reversible'] * 1e3:.0f} |",
            f"| spiking_resnet18 | measured peak MiB: original / reversible | "
            f"{res['spiking_resnet18']['peak_bytes']['original'] / 2**20:.2f} / "
            f"{res['spiking_resnet18']['peak_bytes']['reversible'] / 2**20:.2f} |",
            f"| spiking_resnet18 | nodes given backward slices | {', '.join(res['spiking_resnet18']['sliced'])} |"]
     for name in ("digits", "fashion_mnist_8ch"):
         s = res[name]["step_s"]
-        md.append(f"| {name} | step ms: original / reversible | {s['original'] * 1e3:.1f} / {s['reversible'] * 1e3:.1f} |")
+        md.append(f"| {name} | step ms: original / reversible | {s['original'] * 1e3:.1f} / "
+                  f"{s['reversible'] * 1e3:.1f} |")
     md += ["", "## Targets (reported, not asserted)", ""]
     md += [f"- {'PASS' if ok else 'MISS'} {what}: {value:.2f}x" for what, value, ok in targets]
     text = "\n".join(md) + "\n"
