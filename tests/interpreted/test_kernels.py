@@ -4,7 +4,6 @@ against the PyTorch path: forward bit for bit, every gradient within docs/method
 Run by tests/test_interpreted.py in a process of its own (triton reads TRITON_INTERPRET when a
 kernel is defined). Tensors are small: the interpreter runs numpy program by program."""
 
-import copy
 import os
 
 import pytest
@@ -284,7 +283,7 @@ def test_folded_batch_norm(kind, dtype, small_gamma, backend, monkeypatch):
     """The folded batch norm runs the kernels (its first pass is the node's backward kernel,
     then one kernel for the input gradient): outputs equal the PyTorch path's, gradients within
     tolerance, two calls carrying state."""
-    from nodes.test_batchnorm import _bn, _node, _run
+    from nodes.test_batchnorm import _bn, _node, _run, assert_grads_close
 
     shape = (3, 2, 8, 4, 5)
     gen = torch.Generator().manual_seed(1)
@@ -302,18 +301,7 @@ def test_folded_batch_norm(kind, dtype, small_gamma, backend, monkeypatch):
     assert launches.names.count("_input_grad") == 2 and launches.names.count("_rev_backward") == 2
     assert all(torch.equal(a, b) for a, b in zip(ys_t, ys_k))
     assert torch.equal(bn_t.running_mean, bn_k.running_mean)
-    truth = None
-    for i, (a, b) in enumerate(zip(gr_t, gr_k)):
-        if i == 0 or close(b, a, dtype):
-            assert close(b, a, dtype), (i, worst(b, a, dtype))
-            continue
-        # a parameter's gradient is a sum over the whole batch: it passes if no farther from
-        # float64 than the PyTorch path's (tests/nodes/test_batchnorm.py)
-        if truth is None:
-            node64, bn64 = copy.deepcopy(node).double(), copy.deepcopy(bn).double()
-            node64.backward_mode = "autograd"
-            truth = _run(node64, bn64, c.detach().double().requires_grad_(True), g.double(), fold=False)[1]
-        assert reduction_close(b, a, lambda i=i: truth[i], dtype), (i, worst(b, a, dtype))
+    assert_grads_close(gr_k, gr_t, node, bn, c, g, dtype)
 
 
 def test_zoo_model_converts_and_verifies(backend):

@@ -62,13 +62,18 @@ def test_folded_equals_unfolded(kind, dtype, shape):
         assert torch.equal(a, b)  # the batch norm module's own forward, then the same node
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(bn_f, name), getattr(bn_u, name)), name
+    assert_grads_close(gr_f, gr_u, node, bn, c, g, dtype)
+
+
+def assert_grads_close(got, ref, node, bn, c, g, dtype):
+    """The input gradient within section 7; a parameter's gradient is a sum over the whole batch:
+    as in tests/nodes, one that misses the tolerance passes if it is no farther from float64 than
+    the reference is (the float64 value from the unfolded node under autograd)."""
     truth = None
-    for i, (a, b) in enumerate(zip(gr_f, gr_u)):
+    for i, (a, b) in enumerate(zip(got, ref)):
         if i == 0 or close(a, b, dtype):
             assert close(a, b, dtype), (i, worst(a, b, dtype))
             continue
-        # a parameter gradient is a sum over the whole batch: as in tests/nodes, one that misses
-        # the tolerance passes if it is no farther from float64 than the unfolded one is
         if truth is None:
             node64, bn64 = copy.deepcopy(node).double(), copy.deepcopy(bn).double()
             node64.backward_mode = "autograd"

@@ -20,7 +20,17 @@ import triton.language as tl
 from revpass.neurons.spec import NeuronSpec, Params, State, family_of
 from revpass.nodes.kernels import common
 from revpass.nodes.kernels.surrogates import div
-from revpass.nodes.kernels.neuron import bwd_step, decide, fwd_step, init_state, sj_reset, snn_unext
+from revpass.nodes.kernels.neuron import (
+    block_window,
+    bwd_step,
+    decide,
+    fwd_step,
+    load_consts,
+    load_state,
+    sj_reset,
+    snn_unext,
+    store_state,
+)
 
 Tensor = torch.Tensor
 
@@ -37,27 +47,15 @@ def _exact_forward(x_ptr, y_ptr, kept_ptr, i0, i1, i2, o0, o1, o2, sc_ptr,
                    FAM: tl.constexpr, KIND: tl.constexpr, RESET: tl.constexpr, DECAY: tl.constexpr,
                    DETACH: tl.constexpr, DELAY: tl.constexpr, FIRE_GE: tl.constexpr, SURR: tl.constexpr,
                    HAS_STATE: tl.constexpr, KEEP_SYN: tl.constexpr, BLOCK: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = n < NW
-    b = n // WS
-    a = b * CS + LO + (n - b * WS)
-    c0 = tl.load(sc_ptr)
-    c1 = tl.load(sc_ptr + 1)
-    c2 = tl.load(sc_ptr + 2)
-    c3 = tl.load(sc_ptr + 3)
-    c4 = tl.load(sc_ptr + 4)
+    n, mask, a = block_window(NW, WS, CS, LO, BLOCK)
+    c0, c1, c2, c3, c4, _ = load_consts(sc_ptr)
     xs = x_ptr + a
     ys = y_ptr + a
     ks = kept_ptr + n
     NS64 = NS.to(tl.int64)
     NW64 = NW.to(tl.int64)
     like = tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty)
-    if HAS_STATE:
-        v0 = tl.load(i0 + a, mask=mask, other=0.0)
-        v1 = tl.load(i1 + a, mask=mask, other=0.0)
-        v2 = tl.load(i2 + a, mask=mask, other=0.0)
-    else:
-        v0, v1, v2 = init_state(like, c1, c2, FAM)
+    v0, v1, v2 = load_state(i0, i1, i2, a, mask, like, c1, c2, FAM, HAS_STATE)
     for _ in range(T):
         x = tl.load(xs, mask=mask, other=0.0)
         s, sp, h, v0, v1, v2, rn = fwd_step(x, v0, v1, v2, c0, c1, c2, c3, c4, x, x,
@@ -69,9 +67,7 @@ def _exact_forward(x_ptr, y_ptr, kept_ptr, i0, i1, i2, o0, o1, o2, sc_ptr,
         xs += NS64
         ys += NS64
         ks += NW64
-    tl.store(o0 + a, v0, mask=mask)
-    tl.store(o1 + a, v1, mask=mask)
-    tl.store(o2 + a, v2, mask=mask)
+    store_state(o0, o1, o2, a, v0, v1, v2, mask)
 
 
 @triton.jit(do_not_specialize=_INTS)
@@ -81,25 +77,12 @@ def _exact_backward(gs_ptr, gx_ptr, kept_ptr, gi0, gi1, gi2, i0, i1, i2, o0, o1,
                     DETACH: tl.constexpr, DELAY: tl.constexpr, FIRE_GE: tl.constexpr, SURR: tl.constexpr,
                     HAS_STATE: tl.constexpr, HAS_GSTATE: tl.constexpr, KEEP_SYN: tl.constexpr,
                     NEED_PREV: tl.constexpr, NEED_PG: tl.constexpr, BLOCK: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = n < NW
-    b = n // WS
-    a = b * CS + LO + (n - b * WS)
-    c0 = tl.load(sc_ptr)
-    c1 = tl.load(sc_ptr + 1)
-    c2 = tl.load(sc_ptr + 2)
-    c3 = tl.load(sc_ptr + 3)
-    c4 = tl.load(sc_ptr + 4)
-    c5 = tl.load(sc_ptr + 5)
+    n, mask, a = block_window(NW, WS, CS, LO, BLOCK)
+    c0, c1, c2, c3, c4, c5 = load_consts(sc_ptr)
     NS64 = NS.to(tl.int64)
     NW64 = NW.to(tl.int64)
     like = tl.zeros([BLOCK], dtype=kept_ptr.dtype.element_ty)
-    if HAS_STATE:
-        s0 = tl.load(i0 + a, mask=mask, other=0.0)
-        s1 = tl.load(i1 + a, mask=mask, other=0.0)
-        s2 = tl.load(i2 + a, mask=mask, other=0.0)
-    else:
-        s0, s1, s2 = init_state(like, c1, c2, FAM)
+    s0, s1, s2 = load_state(i0, i1, i2, a, mask, like, c1, c2, FAM, HAS_STATE)
     if FAM == 1:
         if not DELAY:  # the reset signal, a recurrence: forward once, into gx's buffer
             r = s2
@@ -113,14 +96,7 @@ def _exact_backward(gs_ptr, gx_ptr, kept_ptr, gi0, gi1, gi2, i0, i1, i2, o0, o1,
                 r = (u - c1 > 0).to(h.dtype)
                 ks += NW64
                 gxs += NS64
-    if HAS_GSTATE:
-        g0 = tl.load(gi0 + a, mask=mask, other=0.0)
-        g1 = tl.load(gi1 + a, mask=mask, other=0.0)
-        g2 = tl.load(gi2 + a, mask=mask, other=0.0)
-    else:
-        g0 = like
-        g1 = like
-        g2 = like
+    g0, g1, g2 = load_state(gi0, gi1, gi2, a, mask, like, c1, c2, -1, HAS_GSTATE)
     acc_a = like
     acc_b = like
     acc_c = like
@@ -177,9 +153,7 @@ def _exact_backward(gs_ptr, gx_ptr, kept_ptr, gi0, gi1, gi2, i0, i1, i2, o0, o1,
         gss -= NS64
         gxs -= NS64
     if HAS_STATE:
-        tl.store(o0 + a, g0, mask=mask)
-        tl.store(o1 + a, g1, mask=mask)
-        tl.store(o2 + a, g2, mask=mask)
+        store_state(o0, o1, o2, a, g0, g1, g2, mask)
     if NEED_PG:
         tl.store(gp_ptr + n, acc_a, mask=mask)
         tl.store(gp_ptr + NW64 + n, acc_b, mask=mask)

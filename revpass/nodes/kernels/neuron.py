@@ -28,6 +28,46 @@ from revpass.nodes.kernels.surrogates import div, surrogate_grad
 
 
 @triton.jit
+def block_window(N, WS, CS, LO, BLOCK: tl.constexpr):
+    """This program's elements n of a channel window (revpass.nodes.kernels.common.window), the
+    mask of those that exist, and their offsets in a (B, C, ...) step."""
+    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    b = n // WS
+    return n, n < N, b * CS + LO + (n - b * WS)
+
+
+@triton.jit
+def load_consts(sc_ptr):
+    """The neuron's constants c0..c5 (see above)."""
+    return (tl.load(sc_ptr), tl.load(sc_ptr + 1), tl.load(sc_ptr + 2), tl.load(sc_ptr + 3), tl.load(sc_ptr + 4),
+            tl.load(sc_ptr + 5))
+
+
+@triton.jit
+def load_state(i0, i1, i2, a, mask, like, c1, c2, FAM: tl.constexpr, HAS_STATE: tl.constexpr):
+    """The three state slots at offsets ``a``, or, without them, the reset state (FAM -1: zeros,
+    for a state's gradient)."""
+    if HAS_STATE:
+        v0 = tl.load(i0 + a, mask=mask, other=0.0)
+        v1 = tl.load(i1 + a, mask=mask, other=0.0)
+        v2 = tl.load(i2 + a, mask=mask, other=0.0)
+    elif FAM < 0:
+        v0 = like
+        v1 = like
+        v2 = like
+    else:
+        v0, v1, v2 = init_state(like, c1, c2, FAM)
+    return v0, v1, v2
+
+
+@triton.jit
+def store_state(o0, o1, o2, a, v0, v1, v2, mask):
+    tl.store(o0 + a, v0, mask=mask)
+    tl.store(o1 + a, v1, mask=mask)
+    tl.store(o2 + a, v2, mask=mask)
+
+
+@triton.jit
 def decide(d, bit, PIN: tl.constexpr, FIRE_GE: tl.constexpr):
     """The Heaviside step of ``d`` (>= 0 or > 0), or the stored ``bit`` when pinned."""
     if PIN:

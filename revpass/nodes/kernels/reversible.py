@@ -29,7 +29,16 @@ from revpass.neurons.spec import NeuronSpec, Params, State, family_of
 from revpass.nodes import layout
 from revpass.nodes.bits import packed_planes_shape
 from revpass.nodes.kernels import common, exact
-from revpass.nodes.kernels.neuron import bwd_step, decide, fwd_step, init_state, sj_reset
+from revpass.nodes.kernels.neuron import (
+    block_window,
+    bwd_step,
+    decide,
+    fwd_step,
+    load_consts,
+    load_state,
+    sj_reset,
+    store_state,
+)
 from revpass.nodes.kernels.surrogates import div
 
 Tensor = torch.Tensor
@@ -61,27 +70,12 @@ def _rev_forward(x_ptr, y_ptr, bits_ptr, i0, i1, i2, o0, o1, o2, sc_ptr,
                  DETACH: tl.constexpr, DELAY: tl.constexpr, FIRE_GE: tl.constexpr, SURR: tl.constexpr,
                  NB: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    n = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = n < NH
-    b = n // CSH
-    aG = b * CS + (n - b * CSH)  # channel ch of G's half, and ch + c of F's
+    n, mask, aG = block_window(NH, CSH, CS, 0, BLOCK)  # channel ch of G's half, and ch + c of F's
     aF = aG + CSH
-    c0 = tl.load(sc_ptr)
-    c1 = tl.load(sc_ptr + 1)
-    c2 = tl.load(sc_ptr + 2)
-    c3 = tl.load(sc_ptr + 3)
-    c4 = tl.load(sc_ptr + 4)
+    c0, c1, c2, c3, c4, _ = load_consts(sc_ptr)
     like = tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty)
-    if HAS_STATE:
-        A0 = tl.load(i0 + aF, mask=mask, other=0.0)
-        A1 = tl.load(i1 + aF, mask=mask, other=0.0)
-        A2 = tl.load(i2 + aF, mask=mask, other=0.0)
-        B0 = tl.load(i0 + aG, mask=mask, other=0.0)
-        B1 = tl.load(i1 + aG, mask=mask, other=0.0)
-        B2 = tl.load(i2 + aG, mask=mask, other=0.0)
-    else:
-        A0, A1, A2 = init_state(like, c1, c2, FAM)
-        B0, B1, B2 = init_state(like, c1, c2, FAM)
+    A0, A1, A2 = load_state(i0, i1, i2, aF, mask, like, c1, c2, FAM, HAS_STATE)
+    B0, B1, B2 = load_state(i0, i1, i2, aG, mask, like, c1, c2, FAM, HAS_STATE)
     NS64 = NS.to(tl.int64)
     xs = x_ptr + aG
     ys = y_ptr + aG
@@ -102,12 +96,8 @@ def _rev_forward(x_ptr, y_ptr, bits_ptr, i0, i1, i2, o0, o1, o2, sc_ptr,
         xs += NS64
         ys += NS64
         bp += NB * NBP
-    tl.store(o0 + aF, A0, mask=mask)
-    tl.store(o1 + aF, A1, mask=mask)
-    tl.store(o2 + aF, A2, mask=mask)
-    tl.store(o0 + aG, B0, mask=mask)
-    tl.store(o1 + aG, B1, mask=mask)
-    tl.store(o2 + aG, B2, mask=mask)
+    store_state(o0, o1, o2, aF, A0, A1, A2, mask)
+    store_state(o0, o1, o2, aG, B0, B1, B2, mask)
 
 
 @triton.jit
@@ -152,27 +142,12 @@ def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0
     output gradient dL/dz and of dL/dz * x^, x^ rebuilt from z (the node's input, rebuilt) or from
     the kept batch-norm input (KEEP_INPUT)."""
     pid = tl.program_id(0).to(tl.int64)
-    n = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = n < NH
+    n, mask, aG = block_window(NH, CSH, CS, 0, BLOCK)
     b = n // CSH
-    aG = b * CS + (n - b * CSH)
-    c0 = tl.load(sc_ptr)
-    c1 = tl.load(sc_ptr + 1)
-    c2 = tl.load(sc_ptr + 2)
-    c3 = tl.load(sc_ptr + 3)
-    c4 = tl.load(sc_ptr + 4)
-    c5 = tl.load(sc_ptr + 5)
+    c0, c1, c2, c3, c4, c5 = load_consts(sc_ptr)
     like = tl.zeros([BLOCK], dtype=y_ptr.dtype.element_ty)
-    if HAS_STATE:
-        A0 = tl.load(i0 + aG + CSH, mask=mask, other=0.0)
-        A1 = tl.load(i1 + aG + CSH, mask=mask, other=0.0)
-        A2 = tl.load(i2 + aG + CSH, mask=mask, other=0.0)
-        B0 = tl.load(i0 + aG, mask=mask, other=0.0)
-        B1 = tl.load(i1 + aG, mask=mask, other=0.0)
-        B2 = tl.load(i2 + aG, mask=mask, other=0.0)
-    else:
-        A0, A1, A2 = init_state(like, c1, c2, FAM)
-        B0, B1, B2 = init_state(like, c1, c2, FAM)
+    A0, A1, A2 = load_state(i0, i1, i2, aG + CSH, mask, like, c1, c2, FAM, HAS_STATE)
+    B0, B1, B2 = load_state(i0, i1, i2, aG, mask, like, c1, c2, FAM, HAS_STATE)
     a0, a1, a2 = A0, A1, A2  # the initial states, for the records of step 0
     b0, b1, b2 = B0, B1, B2
     NS64 = NS.to(tl.int64)
@@ -209,16 +184,8 @@ def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0
         gxs += NS64
         bp += NB * NBP
     # the reverse sweep
-    if HAS_GSTATE:
-        gB0 = tl.load(gi0 + aG, mask=mask, other=0.0)
-        gB1 = tl.load(gi1 + aG, mask=mask, other=0.0)
-        gB2 = tl.load(gi2 + aG, mask=mask, other=0.0)
-        gA0 = tl.load(gi0 + aG + CSH, mask=mask, other=0.0)
-        gA1 = tl.load(gi1 + aG + CSH, mask=mask, other=0.0)
-        gA2 = tl.load(gi2 + aG + CSH, mask=mask, other=0.0)
-    else:
-        gB0, gB1, gB2 = like, like, like
-        gA0, gA1, gA2 = like, like, like
+    gB0, gB1, gB2 = load_state(gi0, gi1, gi2, aG, mask, like, c1, c2, -1, HAS_GSTATE)
+    gA0, gA1, gA2 = load_state(gi0, gi1, gi2, aG + CSH, mask, like, c1, c2, -1, HAS_GSTATE)
     acc_a = like
     acc_b = like
     acc_c = like
@@ -316,12 +283,8 @@ def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0
         bp -= NB * NBP
         cins -= NS64
     if HAS_STATE:
-        tl.store(o0 + aG, gB0, mask=mask)
-        tl.store(o1 + aG, gB1, mask=mask)
-        tl.store(o2 + aG, gB2, mask=mask)
-        tl.store(o0 + aG + CSH, gA0, mask=mask)
-        tl.store(o1 + aG + CSH, gA1, mask=mask)
-        tl.store(o2 + aG + CSH, gA2, mask=mask)
+        store_state(o0, o1, o2, aG, gB0, gB1, gB2, mask)
+        store_state(o0, o1, o2, aG + CSH, gA0, gA1, gA2, mask)
     if FOLD:
         NC = (CS * (NH // CSH)).to(tl.int64)  # elements of a (B, C, ...) step
         tl.store(sums_ptr + aG, fold_g1, mask=mask)
