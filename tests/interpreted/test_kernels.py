@@ -391,3 +391,29 @@ def test_node_benchmark_runs_the_kernels(tmp_path):
     assert r["checks"]["triton_forward_identical"] and r["checks"]["exact_triton_spikes_equal_library"]
     assert r["checks"]["grads_triton_vs_autograd"]["section7"] <= 1
     assert "## The Triton kernels" in (tmp_path / "bench_nodes.md").read_text()
+
+
+@pytest.mark.parametrize("kind", sorted(__import__("revpass.neurons.surrogate", fromlist=["BUILTIN"]).BUILTIN))
+def test_every_builtin_surrogate_in_the_kernels(kind):
+    """Each built-in surrogate's derivative inside the kernels agrees with its PyTorch formula
+    (tests/neurons/test_families.py checks that against the framework's own), in the exact and
+    the reversible node's backward, float32 and float64."""
+    from revpass.neurons import lif_spec
+    from revpass.neurons.surrogate import builtin
+    from revpass.nodes.kernels import exact as KE
+    from revpass.nodes.kernels import reversible as KR
+
+    spec = lif_spec(tau=2.0, surrogate=builtin(kind, 2.0, kind.startswith("spikingjelly")))
+    gen = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        x = (torch.randn(6, 2, 6, 5, generator=gen, dtype=torch.float64) + 0.6).to(dtype)
+        g = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+        with torch.no_grad():
+            y, kept, _ = torch_exact.exact_forward(spec, x, None, {}, ())
+            r = torch_exact.exact_backward(spec, g, None, kept, None, {}, ())
+            k = KE.backward(spec, g, None, kept, None, {}, ())
+            assert close(k[0], r[0], dtype), (dtype, worst(k[0], r[0], dtype))
+            y, bits, kept, _ = torch_rev.reversible_forward(spec, x, None, {}, ())
+            r = torch_rev.reversible_backward(spec, g, None, y, bits, kept, None, {}, ())
+            k = KR.backward(spec, g, None, y, bits, kept, None, {}, ())
+            assert close(k[0], r[0], dtype), (dtype, worst(k[0], r[0], dtype))

@@ -41,3 +41,52 @@ def test_spec_step_reproduces_library(case, dtype):
     assert close(gx, refs[0].to(dtype), dtype), f"input grad: worst {worst(gx, refs[0].to(dtype), dtype):.3g}"
     for k, ref in zip(learn, refs[1:]):
         assert close(gP[k].reshape(ref.shape), ref.to(dtype), dtype), f"grad of {k}"
+
+
+def _framework_spike_fn(kind: str, alpha: float):
+    """The framework's own spike function for a built-in surrogate kind."""
+    framework, name = kind.split(".")
+    if framework == "spikingjelly":
+        from spikingjelly.activation_based import surrogate
+
+        return getattr(surrogate, name)(alpha=alpha)
+    if framework == "snntorch":
+        from snntorch import surrogate
+
+        arg = {"atan": "alpha", "fast_sigmoid": "slope", "sigmoid": "slope", "triangular": "threshold"}[name]
+        return getattr(surrogate, name)(**{arg: alpha})
+    from norse.torch.functional.threshold import threshold
+
+    return lambda x: threshold(x, "super", alpha)
+
+
+@pytest.mark.parametrize("kind", sorted(__import__("revpass.neurons.surrogate", fromlist=["BUILTIN"]).BUILTIN))
+def test_builtin_surrogates_are_the_frameworks_formulas(kind):
+    """Each built-in surrogate (its closed form, the formula the kernels compute too) equals the
+    derivative the framework's own spike function gives under autograd; and the adapters read the
+    framework's objects into that built-in."""
+    from revpass.neurons.surrogate import builtin, derivative_from_function
+
+    alpha = {"spikingjelly.SoftSign": 2.0, "snntorch.triangular": 1.0}.get(kind, 3.0)
+    sg = builtin(kind, alpha, kind.startswith("spikingjelly"))
+    x = torch.linspace(-1.5, 1.5, 301, dtype=torch.float64)
+    x = x[x != 0]  # the kink of the piecewise surrogates
+    ref = derivative_from_function(_framework_spike_fn(kind, alpha))(x)
+    assert close(sg.deriv(x), ref, torch.float64), worst(sg.deriv(x), ref, torch.float64)
+    assert close(sg.deriv_(x.clone()), ref, torch.float64)
+    assert sg.kernel_id is not None and sg.key == (kind, alpha)
+    framework, name = kind.split(".")
+    if framework == "spikingjelly":
+        from spikingjelly.activation_based import neuron
+
+        from revpass.neurons import spec_from_module
+
+        spec = spec_from_module(neuron.LIFNode(surrogate_function=_framework_spike_fn(kind, alpha)))
+        assert spec.surrogate.key == (kind, alpha)
+    elif framework == "snntorch":
+        import snntorch as snn
+
+        from revpass.neurons import spec_from_module
+
+        spec = spec_from_module(snn.Leaky(beta=0.9, spike_grad=_framework_spike_fn(kind, alpha)))
+        assert spec.surrogate.key == (kind, alpha)

@@ -82,7 +82,7 @@ def decide(d, bit, PIN: tl.constexpr, FIRE_GE: tl.constexpr):
 @triton.jit
 def init_state(like, c1, c2, FAM: tl.constexpr):
     """The reset state (v0, v1, v2) for a block shaped like ``like``."""
-    zero = like * 0.0
+    zero = tl.zeros_like(like)
     if FAM == 0:
         v0 = zero + c2  # v_reset (0 for a soft reset)
         v1 = zero
@@ -215,7 +215,7 @@ def bwd_step(gs, g0, g1, g2, h, sp, r, uprev, synprev, dq, c0, c1, c2, c3, c4, c
 
     Records: h, the unit decision sp, and where the family needs them the reset signal r of the
     previous step, the previous membrane ``uprev``, current ``synprev``, and PLIF's ``dq``."""
-    zero = h * 0.0
+    zero = tl.zeros_like(h)
     ta = zero
     tb = zero
     tc = zero

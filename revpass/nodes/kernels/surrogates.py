@@ -51,7 +51,7 @@ def surrogate_grad(x, alpha, SURR: tl.constexpr):
         e = tl.exp(-alpha * x)
         return div(alpha * e, (e + 1.0) * (e + 1.0))
     elif SURR == 10:  # snnTorch triangular (alpha = threshold), as snnTorch writes it
-        return tl.where(x >= 0, -alpha, alpha) + 0.0 * x
+        return tl.where(x >= 0, -alpha + tl.zeros_like(x), alpha + tl.zeros_like(x))
     else:  # norse SuperSpike (its alpha is unused in norse 1.1.0)
         z = tl.abs(x) + 1.0
         return div(1.0, z * z)
