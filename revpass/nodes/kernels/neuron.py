@@ -212,6 +212,8 @@ def bwd_step(gs, g0, g1, g2, h, sp, r, uprev, synprev, dq, c0, c1, c2, c3, c4, c
     """The gradients of one step, from the gradient ``gs`` of its spike and (g0, g1, g2) of its
     next state: (gradient of its input, of its previous state (3), and four per-step terms of the
     parameter gradients: PLIF's dL/dq; snnTorch's beta, threshold, graded factor and alpha).
+    SpikingJelly's LIF and IF are written as SpikingJelly's own Triton kernels write them (so an
+    exact node's gradients can equal SpikingJelly's CUDA neuron's bit for bit).
 
     Records: h, the unit decision sp, and where the family needs them the reset signal r of the
     previous step, the previous membrane ``uprev``, current ``synprev``, and PLIF's ``dq``."""
@@ -222,7 +224,21 @@ def bwd_step(gs, g0, g1, g2, h, sp, r, uprev, synprev, dq, c0, c1, c2, c3, c4, c
     td = zero
     n1 = zero
     n2 = zero
-    if FAM == 0:
+    if FAM == 0 and KIND == 1:  # IF: as SpikingJelly's Triton IF kernel writes it (no fma)
+        sg = surrogate_grad(h - c1, c5, SURR)
+        if RESET == 1:
+            reset_grad = zero + 1.0
+        else:
+            reset_grad = 1.0 - sp
+        if not DETACH:
+            if RESET == 1:
+                reset_grad = reset_grad - c1 * sg
+            else:
+                reset_grad = reset_grad + (c2 - h) * sg
+        gh = gs * sg + g0 * reset_grad
+        gx = gh
+        n0 = gh
+    elif FAM == 0:
         sg = surrogate_grad(h - c1, c5, SURR)
         if RESET == 1:
             if DETACH:
@@ -234,10 +250,7 @@ def bwd_step(gs, g0, g1, g2, h, sp, r, uprev, synprev, dq, c0, c1, c2, c3, c4, c
                 gh = tl.fma(gs, sg, g0 * (1.0 - sp))
             else:
                 gh = tl.fma(tl.fma(g0, c2 - h, gs), sg, g0 * (1.0 - sp))
-        if KIND == 1:
-            gx = gh
-            n0 = gh
-        elif KIND == 3:
+        if KIND == 3:
             gx = gh
             n0 = gh * c0
         elif KIND == 0:
