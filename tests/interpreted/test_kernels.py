@@ -417,3 +417,30 @@ def test_every_builtin_surrogate_in_the_kernels(kind):
             r = torch_rev.reversible_backward(spec, g, None, y, bits, kept, None, {}, ())
             k = KR.backward(spec, g, None, y, bits, kept, None, {}, ())
             assert close(k[0], r[0], dtype), (dtype, worst(k[0], r[0], dtype))
+
+
+@pytest.mark.parametrize("case_id", ["snn-leaky-learn-nodelay", "snn-synaptic-learn"])
+def test_recurrences_scratch_is_bounded(case_id, monkeypatch):
+    """snnTorch neurons whose backward records their recurrences (no reset_delay, a learnable
+    alpha) run it over groups of pairs (revpass.nodes.kernels.reversible.SCRATCH_PARTS), so that
+    the record holds a fraction of them: launches then depend on the size, not on T, and the
+    gradients are the PyTorch path's."""
+    from revpass.nodes.kernels import common
+    from revpass.nodes.kernels import reversible as K
+
+    case = next(c for c in CASES if c.id == case_id)
+    spec = spec_from_module(case.make())
+    P = _params(spec, torch.float32)
+    need = _need(spec)
+    monkeypatch.setattr(common, "BLOCK_INTERPRETER", 64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x = input_for(case, 3, shape=(4, 6, 50))  # 600 pairs: 10 blocks, in groups of 2
+        y, bits, kept, _ = torch_rev.reversible_forward(spec, x, None, P, need)
+        gy = torch.randn_like(x)
+        r = torch_rev.reversible_backward(spec, gy, None, y, bits, kept, None, P, need)
+        launches = Launches(monkeypatch)
+        k = K.backward(spec, gy, None, y, bits, kept, None, P, need)
+    assert launches.names == ["_rev_backward"] * 5
+    assert close(k[0], r[0]), worst(k[0], r[0])
+    assert all(close(k[2][n], r[2][n]) for n in need)

@@ -47,7 +47,7 @@ def _exact_forward(x_ptr, y_ptr, kept_ptr, i0, i1, i2, o0, o1, o2, sc_ptr,
                    FAM: tl.constexpr, KIND: tl.constexpr, RESET: tl.constexpr, DECAY: tl.constexpr,
                    DETACH: tl.constexpr, DELAY: tl.constexpr, FIRE_GE: tl.constexpr, SURR: tl.constexpr,
                    HAS_STATE: tl.constexpr, KEEP_SYN: tl.constexpr, BLOCK: tl.constexpr):
-    n, mask, a = block_window(NW, WS, CS, LO, BLOCK)
+    n, mask, a = block_window(NW, WS, CS, LO, 0, BLOCK)
     c0, c1, c2, c3, c4, _ = load_consts(sc_ptr)
     xs = x_ptr + a
     ys = y_ptr + a
@@ -77,7 +77,7 @@ def _exact_backward(gs_ptr, gx_ptr, kept_ptr, gi0, gi1, gi2, i0, i1, i2, o0, o1,
                     DETACH: tl.constexpr, DELAY: tl.constexpr, FIRE_GE: tl.constexpr, SURR: tl.constexpr,
                     HAS_STATE: tl.constexpr, HAS_GSTATE: tl.constexpr, KEEP_SYN: tl.constexpr,
                     NEED_PREV: tl.constexpr, NEED_PG: tl.constexpr, BLOCK: tl.constexpr):
-    n, mask, a = block_window(NW, WS, CS, LO, BLOCK)
+    n, mask, a = block_window(NW, WS, CS, LO, 0, BLOCK)
     c0, c1, c2, c3, c4, c5 = load_consts(sc_ptr)
     NS64 = NS.to(tl.int64)
     NW64 = NW.to(tl.int64)

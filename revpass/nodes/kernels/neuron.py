@@ -28,10 +28,11 @@ from revpass.nodes.kernels.surrogates import div, surrogate_grad
 
 
 @triton.jit
-def block_window(N, WS, CS, LO, BLOCK: tl.constexpr):
+def block_window(N, WS, CS, LO, FIRST, BLOCK: tl.constexpr):
     """This program's elements n of a channel window (revpass.nodes.kernels.common.window), the
-    mask of those that exist, and their offsets in a (B, C, ...) step."""
-    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask of those that exist, and their offsets in a (B, C, ...) step. A launch over a part of
+    the elements starts at block FIRST."""
+    n = (tl.program_id(0).to(tl.int64) + FIRST) * BLOCK + tl.arange(0, BLOCK)
     b = n // WS
     return n, n < N, b * CS + LO + (n - b * WS)
 

@@ -12,7 +12,8 @@ of its own: what it keeps between the sweeps lives where its output goes. What a
 needs of the step before (PLIF's previous membrane, snnTorch's reset signal) comes from the
 previous step's slots, which the reverse sweep has not reached yet. snnTorch neurons without
 reset_delay, or with a learnable alpha, carry a recurrence those slots cannot give back; for them
-the sweep records the states entering each step in a buffer (three floats per element and step).
+the sweep records the states entering each step in a buffer (three floats per element and step),
+for an eighth of the pairs at a time (SCRATCH_PARTS launches, whatever T).
 
 The unpaired channel of an odd channel count runs through the exact node's kernels.
 """
@@ -43,7 +44,11 @@ from revpass.nodes.kernels.surrogates import div
 
 Tensor = torch.Tensor
 
-_INTS = ["T", "NH", "NS", "CS", "CSH", "NBP", "S", "CH"]
+_INTS = ["T", "NH", "NS", "CS", "CSH", "NBP", "S", "CH", "FIRST", "SW"]
+
+#: snnTorch's recurrences in the backward need a scratch of 3 floats per element and step: the
+#: pairs are processed in this many launches, so that it holds a fraction of them at a time
+SCRATCH_PARTS = 8
 
 
 @triton.jit
@@ -70,7 +75,7 @@ def _rev_forward(x_ptr, y_ptr, bits_ptr, i0, i1, i2, o0, o1, o2, sc_ptr,
                  DETACH: tl.constexpr, DELAY: tl.constexpr, FIRE_GE: tl.constexpr, SURR: tl.constexpr,
                  NB: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    n, mask, aG = block_window(NH, CSH, CS, 0, BLOCK)  # channel ch of G's half, and ch + c of F's
+    n, mask, aG = block_window(NH, CSH, CS, 0, 0, BLOCK)  # channel ch of G's half, and ch + c of F's
     aF = aG + CSH
     c0, c1, c2, c3, c4, _ = load_consts(sc_ptr)
     like = tl.zeros([BLOCK], dtype=x_ptr.dtype.element_ty)
@@ -101,7 +106,7 @@ def _rev_forward(x_ptr, y_ptr, bits_ptr, i0, i1, i2, o0, o1, o2, sc_ptr,
 
 
 @triton.jit
-def _records(h, hp, has_prev, sp, spp, x, s0, s1, s2, scr, NH64, mask, c0, c1, c2, RESET: tl.constexpr,
+def _records(h, hp, has_prev, sp, spp, x, s0, s1, s2, scr, stride, mask, c0, c1, c2, RESET: tl.constexpr,
              DECAY: tl.constexpr, FAM: tl.constexpr, SCRATCH: tl.constexpr, NEED_PREV: tl.constexpr, like):
     """One neuron's records for the backward of step t (see neuron.bwd_step), from its previous
     step's membrane ``hp`` and decision ``spp`` (or its initial state s0..s2 at t = 0), and, for
@@ -120,8 +125,8 @@ def _records(h, hp, has_prev, sp, spp, x, s0, s1, s2, scr, NH64, mask, c0, c1, c
         elif FAM == 1:
             if SCRATCH:
                 synp = tl.load(scr, mask=mask, other=0.0)
-                up = tl.load(scr + NH64, mask=mask, other=0.0)
-                r = tl.load(scr + 2 * NH64, mask=mask, other=0.0)
+                up = tl.load(scr + stride, mask=mask, other=0.0)
+                r = tl.load(scr + 2 * stride, mask=mask, other=0.0)
             else:
                 r = tl.where(has_prev, spp, s2)
                 up = tl.where(has_prev, hp, s1)
@@ -131,7 +136,7 @@ def _records(h, hp, has_prev, sp, spp, x, s0, s1, s2, scr, NH64, mask, c0, c1, c
 @triton.jit(do_not_specialize=_INTS)
 def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0, o1, o2, gp_ptr, scr_ptr, sc_ptr,
                   gbits_ptr, sums_ptr, gamma_ptr, beta_ptr, cin_ptr, mean_ptr, invstd_ptr,
-                  T, NH, NS, CS, CSH, NBP, S, CH,
+                  T, NH, NS, CS, CSH, NBP, S, CH, FIRST, SW,
                   FAM: tl.constexpr, KIND: tl.constexpr, RESET: tl.constexpr, DECAY: tl.constexpr,
                   DETACH: tl.constexpr, DELAY: tl.constexpr, FIRE_GE: tl.constexpr, SURR: tl.constexpr,
                   NB: tl.constexpr, HAS_STATE: tl.constexpr, HAS_GSTATE: tl.constexpr, NEED_PREV: tl.constexpr,
@@ -140,9 +145,10 @@ def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0
     """The backward; with FOLD (a batch norm folded into the node, revpass/nodes/batchnorm.py)
     it also writes G's decisions as bits and, per element, the sums over T of the batch norm's
     output gradient dL/dz and of dL/dz * x^, x^ rebuilt from z (the node's input, rebuilt) or from
-    the kept batch-norm input (KEEP_INPUT)."""
-    pid = tl.program_id(0).to(tl.int64)
-    n, mask, aG = block_window(NH, CSH, CS, 0, BLOCK)
+    the kept batch-norm input (KEEP_INPUT). With SCRATCH a launch covers SW elements from block
+    FIRST (the scratch holds theirs)."""
+    pid = tl.program_id(0).to(tl.int64) + FIRST
+    n, mask, aG = block_window(NH, CSH, CS, 0, FIRST, BLOCK)
     b = n // CSH
     c0, c1, c2, c3, c4, c5 = load_consts(sc_ptr)
     like = tl.zeros([BLOCK], dtype=y_ptr.dtype.element_ty)
@@ -152,22 +158,23 @@ def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0
     b0, b1, b2 = B0, B1, B2
     NS64 = NS.to(tl.int64)
     NH64 = NH.to(tl.int64)
+    SW64 = SW.to(tl.int64)
     # the forward sweep: G from Y1, X2 = Y2 - S^G, F from X2 with its decisions pinned
     ys = y_ptr + aG
     gxs = gx_ptr + aG
-    scr = scr_ptr + n
+    scr = scr_ptr + (n - FIRST * BLOCK)
     bp = bits_ptr
     for t in range(T):
         y1 = tl.load(ys, mask=mask, other=0.0)
         y2 = tl.load(ys + CSH, mask=mask, other=0.0)
         if SCRATCH:
             tl.store(scr, B0, mask=mask)
-            tl.store(scr + NH64, B1, mask=mask)
-            tl.store(scr + 2 * NH64, B2, mask=mask)
-            tl.store(scr + 3 * NH64, A0, mask=mask)
-            tl.store(scr + 4 * NH64, A1, mask=mask)
-            tl.store(scr + 5 * NH64, A2, mask=mask)
-            scr += 6 * NH64
+            tl.store(scr + SW64, B1, mask=mask)
+            tl.store(scr + 2 * SW64, B2, mask=mask)
+            tl.store(scr + 3 * SW64, A0, mask=mask)
+            tl.store(scr + 4 * SW64, A1, mask=mask)
+            tl.store(scr + 5 * SW64, A2, mask=mask)
+            scr += 6 * SW64
         sG, spG, hG, B0, B1, B2, rG = fwd_step(y1, B0, B1, B2, c0, c1, c2, c3, c4, y1, y1,
                                                FAM, KIND, RESET, DECAY, DELAY, FIRE_GE, False)
         bit0 = _load_bit(bp, n, mask)
@@ -212,7 +219,7 @@ def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0
     gxs = gx_ptr + aG + last * NS64
     gys = gy_ptr + aG + last * NS64
     ys = y_ptr + aG + last * NS64
-    scr = scr_ptr + n + last * (6 * NH64)
+    scr = scr_ptr + (n - FIRST * BLOCK) + last * (6 * SW64)
     bp = bits_ptr + last * (NB * NBP)
     cins = cin_ptr + aG + last * NS64
     hG_next = tl.load(gxs, mask=mask & (T > 0), other=0.0)
@@ -238,9 +245,9 @@ def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0
             if FAM == 0:
                 x1 = tl.load(ys, mask=mask, other=0.0)  # G's input, Y1
                 x2 = tl.load(ys + CSH, mask=mask, other=0.0) - spG  # F's, X2 = Y2 - S^G
-        rG, upG, synG, dqG = _records(hG, hG_next, has_prev, spG, spGp, x1, b0, b1, b2, scr, NH64,
+        rG, upG, synG, dqG = _records(hG, hG_next, has_prev, spG, spGp, x1, b0, b1, b2, scr, SW64,
                                       mask, c0, c1, c2, RESET, DECAY, FAM, SCRATCH, NEED_PREV, like)
-        rF, upF, synF, dqF = _records(hF, hF_next, has_prev, spF, spFp, x2, a0, a1, a2, scr + 3 * NH64, NH64,
+        rF, upF, synF, dqF = _records(hF, hF_next, has_prev, spF, spFp, x2, a0, a1, a2, scr + 3 * SW64, SW64,
                                       mask, c0, c1, c2, RESET, DECAY, FAM, SCRATCH, NEED_PREV, like)
         gy1 = tl.load(gys, mask=mask, other=0.0)
         gy2 = tl.load(gys + CSH, mask=mask, other=0.0)
@@ -279,7 +286,7 @@ def _rev_backward(gy_ptr, gx_ptr, y_ptr, bits_ptr, gi0, gi1, gi2, i0, i1, i2, o0
         gxs -= NS64
         gys -= NS64
         ys -= NS64
-        scr -= 6 * NH64
+        scr -= 6 * SW64
         bp -= NB * NBP
         cins -= NS64
     if HAS_STATE:
@@ -369,20 +376,26 @@ def backward(spec: NeuronSpec, gy: Tensor, g_state: Optional[State], y: Tensor, 
         gi = common.state_slots(spec, g_state, out[0])
         gp = gy.new_empty((exact.N_TERMS, NH)) if need else None
         use_scratch = scratch(spec, need)
-        scr = gy.new_empty((T, 6, NH)) if use_scratch else gy
+        blk = common.block()
+        blocks = -(-NH // blk)
+        # the scratch's recurrences are a transient of 3 floats per element and step: bounded by
+        # launching over groups of at most 1/SCRATCH_PARTS of the pairs (a fixed count, whatever T)
+        per = max(1, -(-blocks // SCRATCH_PARTS) if use_scratch else blocks)
+        scr = gy.new_empty((T, 6, per * blk)) if use_scratch else gy
         S = CSH // L.c
         f = fold or {}
         if fold is not None:
             f["gbits"] = y.new_zeros((T, bits.shape[1] // nb), dtype=torch.uint8)
             f["sums"] = y.new_empty((2,) + tuple(y.shape[1:]))
-        common.launch(_rev_backward, NH, gy, gx, y, bits, *gi, *i, *out, gp if gp is not None else gy, scr, sc,
-                      f.get("gbits", bits), f.get("sums", gy), _or(f.get("gamma"), y), _or(f.get("beta"), y),
-                      _or(f.get("input"), y), _or(f.get("mean"), y), _or(f.get("invstd"), y),
-                      T, NH, NS, CS, CSH, bits.shape[1] // nb, S, L.c, NB=nb, HAS_STATE=state0 is not None,
-                      HAS_GSTATE=g_state is not None, NEED_PREV=exact.need_prev(spec, need), NEED_PG=bool(need),
-                      SCRATCH=use_scratch, FOLD=fold is not None, HAS_GAMMA=f.get("gamma") is not None,
-                      HAS_BETA=f.get("beta") is not None, KEEP_INPUT=f.get("input") is not None,
-                      **common.options(spec))
+        for first in range(0, blocks, per):
+            _rev_backward[(min(per, blocks - first),)](
+                gy, gx, y, bits, *gi, *i, *out, gp if gp is not None else gy, scr, sc, f.get("gbits", bits),
+                f.get("sums", gy), _or(f.get("gamma"), y), _or(f.get("beta"), y), _or(f.get("input"), y),
+                _or(f.get("mean"), y), _or(f.get("invstd"), y), T, NH, NS, CS, CSH, bits.shape[1] // nb, S, L.c,
+                first, per * blk, NB=nb, HAS_STATE=state0 is not None, HAS_GSTATE=g_state is not None,
+                NEED_PREV=exact.need_prev(spec, need), NEED_PG=bool(need), SCRATCH=use_scratch,
+                FOLD=fold is not None, HAS_GAMMA=f.get("gamma") is not None, HAS_BETA=f.get("beta") is not None,
+                KEEP_INPUT=f.get("input") is not None, BLOCK=blk, enable_fp_fusion=False, **common.options(spec))
         terms.append(gp)
     if L.n_rem != 0:
         lo, width = (2 * L.c, L.C - 2 * L.c) if L.C else (0, 1)
