@@ -76,12 +76,7 @@ class FoldedBatchNorm(torch.autograd.Function):
             var, mean = torch.var_mean(c, dim=dims, correction=0)
             invstd = (var + bn.eps).rsqrt()
             backend = kernels.choose(z, node.spec, P)
-            if backend == "triton":
-                from revpass.nodes.kernels import reversible as K
-
-                y, packed_f, kept, stateT = K.forward(node.spec, z, state0, P, need)
-            else:
-                y, packed_f, kept, stateT = reversible.reversible_forward(node.spec, z, state0, P, need)
+            y, packed_f, kept, stateT = kernels.reversible_forward(backend, node.spec, z, state0, P, need)
         keep_input = bn.weight is not None and bool((bn.weight.detach().abs() < GAMMA_MIN).any())
         del z
         ctx.node, ctx.bn, ctx.n_state, ctx.need, ctx.keep_input = node, bn, n_state, tuple(need), keep_input
@@ -131,8 +126,8 @@ class FoldedBatchNorm(torch.autograd.Function):
             sums.append((gz.sum(dim=dims), (gz * xhat).sum(dim=dims)))
 
         min_elems = getattr(node, "slice_min_elems", None)
-        gz, g0, gP = reversible.reversible_backward(node.spec, gy.contiguous(), g_state, y, packed_f, kept, state0, P,
-                                              ctx.need, on_slice=on_slice, min_elems=min_elems)
+        gz, g0, gP = reversible.reversible_backward(node.spec, gy.contiguous(), g_state, y, packed_f, kept, state0,
+                                                    P, ctx.need, on_slice=on_slice, min_elems=min_elems)
         M = y.numel() // y.shape[2]
         dbeta = sum(a for a, _ in sums)
         dgamma = sum(b for _, b in sums)

@@ -66,8 +66,8 @@ class _Node(nn.Module):
     # -- copying and pickling --------------------------------------------------------------------
     def __getstate__(self):
         """The carried state is copied detached (after a forward it is part of an autograd graph,
-        which deepcopy and pickle cannot take); the op's configuration is registered again on
-        load (its id is per process)."""
+        which deepcopy and pickle cannot take); the op's configuration is made again on load (a
+        user's own surrogate is known to its process by a token)."""
         d = dict(self.__dict__)
         d.pop("_config", None)  # made again on load: a user's surrogate is known per process
         if d.get("state") is not None:

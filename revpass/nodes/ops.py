@@ -102,13 +102,8 @@ def _both_devices(op, impl):
 def _rev_forward(x, state0, params, config, need):
     spec, names, _, _, _ = _decode(config)
     P = _P(names, params)
-    backend = kernels.choose(x, spec, P)
-    if backend == "triton":
-        from revpass.nodes.kernels import reversible as K
-
-        y, bits, kept, stateT = K.forward(spec, x, _state(state0), P, _need(names, need))
-    else:
-        y, bits, kept, stateT = reversible.reversible_forward(spec, x, _state(state0), P, _need(names, need))
+    y, bits, kept, stateT = kernels.reversible_forward(kernels.choose(x, spec, P), spec, x, _state(state0), P,
+                                                       _need(names, need))
     return y, bits, kept, _own(stateT, x)
 
 

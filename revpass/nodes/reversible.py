@@ -15,6 +15,20 @@ from revpass.nodes.slicing import in_chunks
 Tensor = torch.Tensor
 
 
+def _pair(spec: NeuronSpec, x: Tensor, state0: Optional[State], P: Params):
+    """What every pass over the pairs starts from: (family, layout, one step of ``x`` for
+    shapes, the initial state (the reset state if None), G's and F's prepared parameters, G's
+    and F's initial states)."""
+    fam = family_of(spec)
+    L = Layout(x.shape)
+    x0 = x[0] if x.shape[0] else x.new_empty(x.shape[1:])
+    if state0 is None:
+        state0 = init_state(spec, x, P)
+    PG = fam.prepare(spec, L.params(P, "g"))
+    PF = fam.prepare(spec, L.params(P, "f"))
+    return fam, L, x0, state0, PG, PF, state_part(L, state0, "g", x0), state_part(L, state0, "f", x0)
+
+
 def reversible_forward(
     spec: NeuronSpec,
     x: Tensor,
@@ -24,17 +38,9 @@ def reversible_forward(
 ) -> Tuple[Tensor, Tensor, Tensor, State]:
     """Forward without autograd. Returns (Y, packed F bits, kept tensors of the unpaired
     channel (K, T, ...), final state)."""
-    fam = family_of(spec)
-    L = Layout(x.shape)
+    fam, L, x0, state0, PG, PF, B, A = _pair(spec, x, state0, P)
     T = x.shape[0]
-    x0 = x[0] if T else x.new_empty(x.shape[1:])
-    if state0 is None:
-        state0 = init_state(spec, x, P)
     y = torch.empty_like(x)
-    PG = fam.prepare(spec, L.params(P, "g"))
-    PF = fam.prepare(spec, L.params(P, "f"))
-    A = state_part(L, state0, "f", x0)
-    B = state_part(L, state0, "g", x0)
     X1, X2 = L.seq(x, "g"), L.seq(x, "f")
     Y1, Y2 = L.seq(y, "g"), L.seq(y, "f")
     nb = fam.n_bits(spec)
@@ -75,16 +81,8 @@ def reversible_forward_autograd(
     include_rem: bool = True,
 ) -> Tuple[Tensor, State]:
     """The same forward under plain autograd (the oracle), optionally with F's spikes pinned."""
-    fam = family_of(spec)
-    L = Layout(x.shape)
+    fam, L, x0, state0, PG, PF, B, A = _pair(spec, x, state0, P)
     T = x.shape[0]
-    x0 = x[0] if T else x.new_empty(x.shape[1:])
-    if state0 is None:
-        state0 = init_state(spec, x, P)
-    PG = fam.prepare(spec, L.params(P, "g"))
-    PF = fam.prepare(spec, L.params(P, "f"))
-    A = state_part(L, state0, "f", x0)
-    B = state_part(L, state0, "g", x0)
     X1, X2 = L.seq(x, "g"), L.seq(x, "f")
     y1s, y2s = [], []
     for t in range(T if L.c else 0):
@@ -135,7 +133,7 @@ def _rebuild_f(spec, L: Layout, y: Tensor, bits: Tensor, X2: Tensor, state0: Sta
     return PF, recsF, sF
 
 
-def _rebuild(spec, L: Layout, y: Tensor, bits: Tensor, state0: State, P: Params, hG: Tensor, hF: Tensor,
+def _rebuild(spec, y: Tensor, bits: Tensor, state0: State, P: Params, hG: Tensor, hF: Tensor,
              x_out: Optional[Tensor] = None):
     """G and F rebuilt step by step: G from Y1 (bit-exactly: the same inputs and operations),
     X2 = Y2 - S^G (one rounding step from the true X2 at most), F from X2 with its stored
@@ -143,12 +141,8 @@ def _rebuild(spec, L: Layout, y: Tensor, bits: Tensor, state0: State, P: Params,
     gradient's slots for those channels: docs/method.md) and X2 into ``x_out``'s F channels if
     given; returns the parts' prepared parameters and their other records, stacked, with the
     membrane views as records 'h'."""
-    fam = family_of(spec)
+    fam, L, _, _, PG, PF, B, A = _pair(spec, y, state0, P)
     T = y.shape[0]
-    x0 = y[0] if T else y.new_empty(y.shape[1:])
-    PG = fam.prepare(spec, L.params(P, "g"))
-    PF = fam.prepare(spec, L.params(P, "f"))
-    B, A = state_part(L, state0, "g", x0), state_part(L, state0, "f", x0)
     Y1, Y2 = L.seq(y, "g"), L.seq(y, "f")
     X2 = None if x_out is None else L.seq(x_out, "f")
     rg: Dict[str, list] = {}
@@ -235,7 +229,7 @@ def _reversible_backward(spec, gy, g_state, y, bits, kept, state0, P, need_param
             gY1, gY2 = L.seq(gy, "g"), L.seq(gy, "f")
             # the membranes go where their channels' gradients will: no buffer of their own
             hG, hF = L.seq(gx, "g"), L.seq(gx, "f")
-            PG, PF, recs, recsF = _rebuild(spec, L, y, bits, state0, P, hG, hF, x_out)
+            PG, PF, recs, recsF = _rebuild(spec, y, bits, state0, P, hG, hF, x_out)
             gY1_G, gB0, grads["g"] = fam.vjp(spec, recs, gY2, split_state(L, g_state, "g", x0), PG, need_params)
             del recs
             gX1 = torch.add(gY1, gY1_G, out=hG)  # G's membranes are read: its slots take dL/dX1

@@ -96,3 +96,13 @@ def choose(x: Tensor, spec: NeuronSpec, P: Dict[str, Tensor]) -> str:
 
 #: family name -> the kernels' family id (revpass/nodes/kernels/neuron.py)
 FAMILY_IDS = {"spikingjelly": 0, "snntorch": 1, "norse_lif": 2, "norse_lif_box": 3}
+
+
+def reversible_forward(backend: str, spec: NeuronSpec, x: Tensor, state0, P: Dict[str, Tensor], need):
+    """The reversible node's forward on ``backend`` ("triton" or "torch"): (Y, F's packed bits,
+    the unpaired channel's kept tensors, final state)."""
+    if backend == "triton":
+        from revpass.nodes.kernels.reversible import forward
+    else:
+        from revpass.nodes.reversible import reversible_forward as forward
+    return forward(spec, x, state0, P, need)
