@@ -13,7 +13,7 @@ def summarize(net, x, modes=("reversible", "exact"), show: bool = True) -> Dict[
     """Convert ``net`` in each mode, verify, plan, measure a training step's peak (MemTracker,
     revpass.memory.step_peak); print it all unless ``show`` is False."""
     from revpass.memory import step_peak
-    from revpass.plan import plan_of
+    from revpass.planning.memory_plan import plan_of
 
     out: Dict[str, Any] = {}
     measured_before = step_peak(net, x)

@@ -42,7 +42,7 @@ def main(argv=None):
     reversible = revpass.convert(net, x, mode="reversible")
     print(reversible.revpass_report, "\n")
 
-    from revpass.plan import plan_of
+    from revpass.planning.memory_plan import plan_of
 
     plan = plan_of(reversible, "reversible")
     print(str(plan).split("\n")[0])
@@ -52,7 +52,7 @@ def main(argv=None):
     print(revpass.verify(net, reversible, x).__str__().split("\n")[0], "\n")
 
     with torch.no_grad():
-        from revpass.trace import reset_states
+        from revpass.state import reset_states
 
         reset_states(net)
         same = torch.equal(exact(x), net(x))

@@ -26,7 +26,7 @@ from torch import nn
 import revpass
 from revpass.memory import kept_bytes
 from revpass.progress import Progress
-from revpass.trace import reset_states
+from revpass.state import reset_states
 
 
 def digits(encoding: str, T: int, limit: int = 0):
@@ -123,7 +123,7 @@ def main(argv=None) -> Dict[str, Dict]:
     original = DigitsSNN(a.channels)
     example = data[0][0][:, :a.batch]
     models = {
-        "original": revpass.api.safe_deepcopy(original),
+        "original": revpass.utils.safe_deepcopy(original),
         "reversible": revpass.convert(original, example),
         "exact": revpass.convert(original, example, mode="exact"),
         # the same exact nodes with the autograd backward (the reference the optimized one is tested against)

@@ -93,11 +93,11 @@ def build(args) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise CliError(f"{args.model} returned {type(model).__name__}, not a torch.nn.Module")
     if args.step_mode:
-        try:
-            from spikingjelly.activation_based import functional
-        except ImportError as exc:
-            raise CliError("--step-mode sets SpikingJelly's step mode, but spikingjelly is not installed") from exc
-        functional.set_step_mode(model, args.step_mode)
+        from revpass.neurons import set_step_mode
+
+        if not set_step_mode(model, args.step_mode):
+            raise CliError(f"--step-mode {args.step_mode}: no module of {args.model}'s frameworks has a step mode "
+                           "(SpikingJelly's modules do)")
     return model
 
 
@@ -114,7 +114,7 @@ def example_input(args) -> torch.Tensor:
 
 def _run_checked(model, x):
     """One forward, so that a shape that does not fit fails here with the model's own words."""
-    from revpass.trace import reset_states
+    from revpass.state import reset_states
 
     try:
         with torch.no_grad():
@@ -145,7 +145,7 @@ def converted(args, model, x):
 
 
 def cmd_inspect(args) -> int:
-    from revpass.plan import plan_of
+    from revpass.planning.memory_plan import plan_of
 
     model, x = _prepared(args)
     gm = converted(args, model, x)

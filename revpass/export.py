@@ -1,7 +1,7 @@
 """Export: ONNX checked by onnx.checker and onnxruntime, and the annotated graph as files.
 
 ONNX (:func:`export_onnx`). revpass nodes export as standard ONNX operators: for export each node
-runs its forward in plain tensor ops (``_Node.plain``: the neuron's step, unrolled over the T of
+runs its forward in plain tensor ops (``Node.plain``: the neuron's step, unrolled over the T of
 the example input; the reversible coupling Y1 = X1 + S^F(X2), Y2 = X2 + S^G(Y1) as the adds and
 concatenation it is), and torch.onnx's exporter (torch.export based) writes those. No custom
 domain: any ONNX runtime runs the file, and the graph shows what a node computes. The price is a
@@ -37,17 +37,22 @@ import ast
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import fx, nn
 
+from revpass import meta
+from revpass.api import convert
 from revpass.errors import RevpassError
+from revpass.neurons import is_neuron
+from revpass.nodes import Node
 from revpass.nodes.bits import is_binary
-from revpass.nodes.modules import _Node
-from revpass.passes.annotate import META
-from revpass.trace import reset_states
-from revpass.verify import _flatten
+from revpass.nodes.segment import RecomputeSegment
+from revpass.passes.graph import to_networkx
+from revpass.planning.memory_plan import plan_of
+from revpass.state import reset_states
+from revpass.utils import as_tuple, flatten, safe_deepcopy
 
 
 class ExportError(RevpassError, RuntimeError):
@@ -88,16 +93,10 @@ class OnnxReport:
     __repr__ = __str__
 
 
-def _inputs(example_inputs) -> Tuple[Any, ...]:
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
 def _plain(gm: nn.Module, on: bool) -> None:
     """Nodes and segments in plain tensor ops (for the exporter), or back."""
-    from revpass.nodes.segment import RecomputeSegment
-
     for m in gm.modules():
-        if isinstance(m, (_Node, RecomputeSegment)):
+        if isinstance(m, (Node, RecomputeSegment)):
             m.plain = on
 
 
@@ -116,9 +115,7 @@ def export_onnx(
     the check fails. ``model`` is not changed."""
     import onnx
 
-    from revpass.api import convert, safe_deepcopy
-
-    inputs = _inputs(example_inputs)
+    inputs = as_tuple(example_inputs)
     if getattr(model, "revpass_report", None) is None:
         gm = convert(model, inputs, mode="exact")
     else:
@@ -130,7 +127,7 @@ def export_onnx(
     sites = _site_outputs(gm, inputs)
     reset_states(gm)
     with torch.no_grad():
-        ref = [t.detach().clone() for t in _flatten(gm(*inputs))]
+        ref = [t.detach().clone() for t in flatten(gm(*inputs))]
     reset_states(gm)
     try:
         program = torch.onnx.export(gm, inputs, dynamo=True, verbose=False)
@@ -156,8 +153,6 @@ def export_onnx(
 def _site_outputs(gm: fx.GraphModule, inputs) -> Dict[str, torch.Tensor]:
     """The output of every neuron site (revpass node or left unchanged) on the example inputs,
     by module path (the first call's)."""
-    from revpass.neurons import is_neuron
-
     paths = {r.path for r in gm.revpass_report}
     out: Dict[str, torch.Tensor] = {}
     hooks = []
@@ -166,7 +161,7 @@ def _site_outputs(gm: fx.GraphModule, inputs) -> Dict[str, torch.Tensor]:
             m = gm.get_submodule(path)
         except AttributeError:
             continue
-        if isinstance(m, _Node) or is_neuron(m):
+        if isinstance(m, Node) or is_neuron(m):
             def hook(mod, args, res, path=path):
                 if path not in out and isinstance(res, torch.Tensor):
                     out[path] = res.detach().clone()
@@ -213,29 +208,25 @@ def _annotate_onnx(proto, gm: fx.GraphModule, exported=None) -> int:
     of the converted graph gets that module's; any other (an add or a reshape of the graph itself)
     the annotations torch.export carried over from its fx node (``node.meta["custom"]``, kept
     through export for this); the model gets the plan's totals. Returns the nodes annotated."""
-    from revpass.plan import plan_of
-
-    meta: Dict[str, Dict[str, Any]] = {}
+    annotations: Dict[str, Dict[str, Any]] = {}
     for n in gm.graph.nodes:
-        info = n.meta.get("revpass")
-        if info is not None and n.op == "call_module" and str(n.target) not in meta:
-            meta[str(n.target)] = dict(info, fx_node=n.name)
-    from revpass.nodes.segment import RecomputeSegment
-
+        info = meta.info(n)
+        if info is not None and n.op == "call_module" and str(n.target) not in annotations:
+            annotations[str(n.target)] = dict(info, fx_node=n.name)
     for name, seg in gm.named_children():  # modules inside a segment: their own annotations are gone
         if isinstance(seg, RecomputeSegment):
             for n in seg.body.graph.nodes:
-                if n.op == "call_module" and str(n.target) not in meta:
-                    meta[str(n.target)] = dict(meta.get(name, {}), fx_node=n.name, segment=name)
+                if n.op == "call_module" and str(n.target) not in annotations:
+                    annotations[str(n.target)] = dict(annotations.get(name, {}), fx_node=n.name, segment=name)
     carried = {}
     if exported is not None:
-        carried = {n.name: n.meta["custom"][META] for n in exported.graph.nodes
-                   if META in n.meta.get("custom", {})}
+        carried = {n.name: n.meta[meta.CUSTOM][meta.KEY] for n in exported.graph.nodes
+                   if meta.KEY in n.meta.get(meta.CUSTOM, {})}
     count = 0
     for node in proto.graph.node:
-        mod = _module_of(_scopes(node), meta)
+        mod = _module_of(_scopes(node), annotations)
         if mod is not None:
-            info, extra = meta[mod], {"module": mod}
+            info, extra = annotations[mod], {"module": mod}
         elif _fx_node(node) in carried:
             info, extra = carried[_fx_node(node)], {}
         else:
@@ -244,7 +235,7 @@ def _annotate_onnx(proto, gm: fx.GraphModule, exported=None) -> int:
         for k, v in {**info, **extra}.items():
             p = node.metadata_props.add()
             p.key, p.value = f"revpass.{k}", json.dumps(v) if not isinstance(v, str) else v
-    if any("revpass" in n.meta for n in gm.graph.nodes):
+    if any(meta.info(n) is not None for n in gm.graph.nodes):
         plan = plan_of(gm, gm.revpass_report.mode)
         for k, v in (("revpass.kept_bytes_before", plan.kept_before), ("revpass.kept_bytes_after", plan.kept_after),
                      ("revpass.estimated_peak_after", plan.peak_after), ("revpass.mode", gm.revpass_report.mode)):
@@ -318,19 +309,14 @@ def _site_exits(proto, paths) -> Dict[str, str]:
 
 
 def graph_to_networkx(gm: fx.GraphModule):
-    """The torch.fx graph as a networkx DiGraph, with op, target and revpass annotations
-    (``revpass_<key>``) as node attributes; edges from producer to consumer."""
-    import networkx as nx
+    """The torch.fx graph as a networkx DiGraph of node names, with op, target and revpass
+    annotations (``revpass_<key>``) as node attributes; edges from producer to consumer."""
+    def attrs(n: fx.Node) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"op": n.op, "target": _target(n)}
+        out.update({f"revpass_{k}": v for k, v in (meta.info(n) or {}).items()})
+        return out
 
-    g = nx.DiGraph(name=type(gm).__name__)
-    for n in gm.graph.nodes:
-        attrs: Dict[str, Any] = {"op": n.op, "target": _target(n)}
-        for k, v in n.meta.get("revpass", {}).items():
-            attrs[f"revpass_{k}"] = v
-        g.add_node(n.name, **attrs)
-        for a in n.all_input_nodes:
-            g.add_edge(a.name, n.name)
-    return g
+    return to_networkx(gm.graph, by_name=True, attrs=attrs, name=type(gm).__name__)
 
 
 def _target(n: fx.Node) -> str:

@@ -17,6 +17,10 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
+from revpass.nodes.ops import visible_internals
+from revpass.state import reset_states
+from revpass.utils import flatten
+
 Tensor = torch.Tensor
 
 
@@ -95,16 +99,12 @@ def saved_bytes(
 
 def _loss(out) -> Tensor:
     """The sum of every tensor in ``out`` (nested tuples, lists, dicts)."""
-    from revpass.verify import _flatten
-
-    return sum((t.float().sum() for t in _flatten(out)), torch.zeros(()))
+    return sum((t.float().sum() for t in flatten(out)), torch.zeros(()))
 
 
 def kept_bytes(model: torch.nn.Module, *inputs) -> int:
     """Bytes ``model`` keeps for backward at the end of its forward (storage-deduplicated; its
     parameters, buffers and the inputs excluded), from the reset state."""
-    from revpass.trace import reset_states
-
     reset_states(model)
     _, rep = saved_bytes(lambda: model(*inputs), exclude=[*inputs, *model.parameters(), *model.buffers()])
     reset_states(model)
@@ -117,9 +117,6 @@ def step_peak(model: torch.nn.Module, *inputs) -> int:
     temporaries, recompute buffers and the revpass nodes' backward workspaces included
     (:func:`revpass.nodes.ops.visible_internals`)."""
     from torch.distributed._tools.mem_tracker import MemTracker
-
-    from revpass.nodes.ops import visible_internals
-    from revpass.trace import reset_states
 
     reset_states(model)
     model.zero_grad(set_to_none=True)
@@ -137,8 +134,6 @@ def cuda_step_peak(model: torch.nn.Module, *inputs) -> int:
     """On CUDA: the peak of one training step from torch.cuda's allocator, less what existed
     before it (parameters, inputs) and the parameters' gradients: activations and temporaries,
     as :func:`step_peak` measures them on the CPU."""
-    from revpass.trace import reset_states
-
     device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
     reset_states(model)
     model.zero_grad(set_to_none=True)
@@ -168,8 +163,6 @@ def step_time(model: torch.nn.Module, *inputs, repeat: int = 3) -> float:
     """Median seconds of a training step over ``repeat`` runs, after one warm-up run."""
     import statistics
     import time
-
-    from revpass.trace import reset_states
 
     cuda = [t.device for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda]
 

@@ -1,15 +1,14 @@
-"""The tracer: torch.fx with every framework's neurons kept as leaves, and the framework pitfalls
-(FRAMEWORKS.md) handled so that the traced model behaves like the original over repeated calls.
+"""The tracer: torch.fx with every framework's neurons kept as leaves, and the frameworks'
+pitfalls (docs/frameworks/) handled so that the traced model behaves like the original over
+repeated calls.
 
-* Neurons of SpikingJelly (``MemoryModule`` and ``StepModule``), snnTorch (``SpikingNeuron``),
-  norse (``SNN``/``SNNCell`` and recurrent ones), registered neuron classes and revpass's own
-  nodes are leaves: one ``call_module`` node per call.
-* ``functional.reset_net(self)`` inside ``forward`` runs once at trace time and would leave no
-  node: while tracing it is replaced by a node that resets every stateful module of the traced
-  model at that point of each call.
-* snnTorch's ``init_leaky()`` / ``init_synaptic()`` / ``reset_mem()`` inside ``forward`` would
-  become reads of the module's current state: while tracing they return a fresh empty state,
-  which the neuron (and revpass's node) reads as "start from the reset state".
+* The modules the adapters name as leaves (neurons and the frameworks' stateful modules),
+  registered neuron classes and revpass's own nodes are leaves: one ``call_module`` node per call.
+* Each loaded framework's adapter patches what would misbehave while tracing
+  (:meth:`revpass.neurons.adapter.Adapter.trace_patches`): a state reset inside ``forward``
+  becomes a node that resets every stateful module at that point of each call (``"reset"``); a
+  state initialiser becomes a fresh empty tensor made in the graph, which the neuron (and
+  revpass's node) reads as "start from the reset state" (``"fresh_state"``).
 * A model that cannot be traced raises :class:`TraceError`, which names the module and line and
   says what to do (register a leaf, pass ``concrete_args``).
 """
@@ -17,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import traceback
 import weakref
 from typing import Any, Callable, Dict, List, Optional
@@ -26,8 +24,12 @@ import torch
 from torch import fx, nn
 
 from revpass.errors import RevpassError
+from revpass.neurons import is_leaf, loaded_adapters
+from revpass.nodes import Node
+from revpass.state import StateReset
+from revpass.utils import detached_memo
 
-__all__ = ["trace", "RevpassTracer", "TraceError", "StateReset", "reset_states"]
+__all__ = ["trace", "RevpassTracer", "TraceError", "register_leaf"]
 
 
 class TraceError(RevpassError, RuntimeError):
@@ -43,15 +45,7 @@ def register_leaf(cls: type) -> None:
 
 
 def _framework_leaf(m: nn.Module) -> bool:
-    from revpass.neurons import adapter_for, registered
-    from revpass.nodes.modules import _Node
-
-    if isinstance(m, _Node) or isinstance(m, StateReset) or registered(m) is not None:
-        return True
-    if any(isinstance(m, c) for c in _EXTRA_LEAVES):
-        return True
-    ad = adapter_for(m)
-    return bool(ad is not None and ad.is_leaf(m))
+    return isinstance(m, (Node, StateReset, *_EXTRA_LEAVES)) or is_leaf(m)
 
 
 class RevpassTracer(fx.Tracer):
@@ -122,39 +116,6 @@ def function_apply(cls: type) -> Callable:
     return fn
 
 
-class StateReset(nn.Module):
-    """Resets every stateful module of the model it belongs to (what ``reset_net(self)`` did in
-    the original forward). Holds its model by weak reference; set by :func:`trace`."""
-
-    def __init__(self):
-        super().__init__()
-        self._owner: Callable[[], Optional[nn.Module]] = lambda: None
-
-    def forward(self) -> None:
-        owner = self._owner()
-        if owner is not None:
-            reset_states(owner)
-
-    def __deepcopy__(self, memo):
-        return StateReset()
-
-
-def reset_states(model: nn.Module) -> None:
-    """Reset every stateful module of ``model``: revpass nodes and the frameworks' neurons."""
-    for m in model.modules():
-        if m is model or isinstance(m, StateReset):
-            continue
-        fn = getattr(m, "reset", None)
-        if callable(fn) and not isinstance(fn, torch.Tensor):
-            try:
-                fn()
-            except TypeError:
-                pass
-        init = getattr(m, "reset_mem", None)  # snnTorch
-        if callable(init):
-            init()
-
-
 _RESET_MARK = "_revpass_reset"
 
 
@@ -178,37 +139,15 @@ def _patched_frameworks(tracer: "RevpassTracer"):
 
     patch(Function, "apply", classmethod(apply), base_apply)
 
-    if "spikingjelly" in sys.modules:
-        from spikingjelly.activation_based import functional as sjf
+    def make_node(kind: str):
+        if kind == "reset":  # every stateful module reset at this point of each call
+            return tracer.create_proxy("call_module", _RESET_MARK, (), {})
+        if kind == "fresh_state":  # "start from the reset state"
+            return tracer.create_proxy("call_function", torch.zeros, (0,), {})
+        raise ValueError(f"trace: unknown node kind {kind!r}")
 
-        def reset_net(net):
-            tracer.create_proxy("call_module", _RESET_MARK, (), {})
-
-        patch(sjf, "reset_net", reset_net)
-        try:
-            from spikingjelly.activation_based.functional import net_config
-
-            patch(net_config, "reset_net", reset_net)
-        except ImportError:  # pragma: no cover
-            pass
-    if "snntorch" in sys.modules:
-        import snntorch as snn
-
-        def fresh_like(original):
-            """Returns what ``original`` returns, as fresh empty tensors made in the graph."""
-
-            def fresh(self, *args, **kwargs):
-                out = original(self, *args, **kwargs)
-                if isinstance(out, tuple):
-                    return tuple(tracer.create_proxy("call_function", torch.zeros, (0,), {}) for _ in out)
-                return tracer.create_proxy("call_function", torch.zeros, (0,), {})
-
-            return fresh
-
-        for cls in {c for c in vars(snn).values() if isinstance(c, type) and issubclass(c, snn.SpikingNeuron)}:
-            for name, fn in list(vars(cls).items()):
-                if (name.startswith("init_") or name == "reset_mem") and callable(fn):
-                    patch(cls, name, fresh_like(fn))
+    for adapter in loaded_adapters():
+        adapter.trace_patches(patch, make_node)
     try:
         yield
     finally:
@@ -234,7 +173,8 @@ def trace(
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that behaves like it over repeated calls.
 
-    norse's ``SequentialState`` takes a ``state`` argument: it is bound to None automatically.
+    Forward arguments a framework's container takes for its own use (norse's
+    ``SequentialState``'s ``state``) are bound by its adapter.
     autograd.Functions called in traced code stay single nodes (their backward is kept).
     ``time_steps`` unrolls loops over sequence tensors (``for x in x_seq``). ``input_shapes``
     (the example inputs' shapes, None for non-tensors): when the forward uses an input's shape as
@@ -283,8 +223,6 @@ def trace(
 def _deepcopy_after_forward(self, memo):
     """Deepcopy of a traced model that works after a forward: the frameworks' neurons left in
     it hold state that is part of an autograd graph; it is copied detached."""
-    from revpass.api import detached_memo
-
     for k, v in detached_memo(self).items():
         memo.setdefault(k, v)
     return fx.GraphModule.__deepcopy__(self, memo)
@@ -307,8 +245,5 @@ class _Root(nn.Module):
 
 
 def _default_concrete_args(model: nn.Module, concrete_args: Dict[str, Any]) -> None:
-    if "norse" in sys.modules:
-        from norse.torch.module.sequential import SequentialState
-
-        if isinstance(model, SequentialState):
-            concrete_args.setdefault("state", None)
+    for adapter in loaded_adapters():
+        adapter.concrete_args(model, concrete_args)

@@ -113,7 +113,7 @@ def input_for(case: Case, T: int, shape=(2, 6, 3), dtype=torch.float32, seed: in
 
 
 def close(a: torch.Tensor, b: torch.Tensor, dtype=torch.float32) -> bool:
-    """METHOD.md section 7: |a - b| <= atol + rtol * |b| elementwise."""
+    """docs/method.md section 7: |a - b| <= atol + rtol * |b| elementwise."""
     atol, rtol = (1e-6, 1e-5) if dtype == torch.float32 else (1e-12, 1e-10)
     return bool(((a - b).abs() <= atol + rtol * b.abs()).all())
 
@@ -147,3 +147,107 @@ def within_reconstruction_bound(a: torch.Tensor, b: torch.Tensor) -> bool:
         return True
     normwise = float((a - b).norm() / b.norm().clamp_min(1e-30))
     return normwise <= 1e-5 and bool(((a - b).abs() <= 1e-4 + 1e-3 * b.abs()).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs exactly at the threshold. SpikingJelly fires where H - v_threshold >= 0, snnTorch and
+# norse where mem - threshold > 0: a membrane that lands exactly on the threshold spikes in the
+# first and not in the others. Every input below is a number whose arithmetic is exact (halves,
+# quarters and eighths; for norse, its float32 dt * tau_mem_inv = 0.1 times 10, which rounds to
+# 1.0 in float32 only), so that the pre-spike membrane is the threshold itself, not a rounding away
+# from it: tests/neurons/test_threshold.py checks that on the library's own membrane.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AtThreshold:
+    id: str
+    make: Callable[[], nn.Module]  # a fresh library neuron
+    framework: str
+    steps: tuple  # the input at each step, the same for every element
+    spikes: tuple  # the library's spikes at each step (step 0 is exactly at the threshold)
+    at: tuple  # the steps whose pre-spike membrane is exactly the threshold
+
+
+# SpikingJelly: H = v + (x - (v - v_reset)) / tau from v = v_reset; every step lands on the
+# threshold again after the reset, and fires
+# snnTorch Leaky (beta 0.5, threshold 1): mem = 1.0 at step 0, 0.5 * 1.0 + 0.5 = 1.0 at step 1 (no
+# spike, no reset), 0.5 + 0.625 at step 2 (fires); Synaptic (alpha = beta = 0.5): syn 1, 0.5, 0.625
+# norse (dt 1e-3, tau_mem_inv 100, v_th 1): v = 0.1 * 10 = 1.0 at step 0 (no spike), then above it
+AT_THRESHOLD = [
+    AtThreshold("sj-if", _sj("IFNode"), "spikingjelly", (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0, 1, 2)),
+    AtThreshold("sj-if-soft", _sj("IFNode", v_reset=None), "spikingjelly", (1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0, 1, 2)),
+    AtThreshold("sj-lif", _sj("LIFNode"), "spikingjelly", (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), (0, 1, 2)),
+    AtThreshold("sj-lif-soft-detach", _sj("LIFNode", v_reset=None, detach_reset=True), "spikingjelly",
+                (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), (0, 1, 2)),
+    AtThreshold("sj-lif-nodecay", _sj("LIFNode", decay_input=False), "spikingjelly", (1.0, 1.0, 1.0),
+                (1.0, 1.0, 1.0), (0, 1, 2)),
+    AtThreshold("sj-lif-thr-reset", _sj("LIFNode", v_threshold=0.5, v_reset=-0.25, tau=4.0), "spikingjelly",
+                (3.0, 3.0, 3.0), (1.0, 1.0, 1.0), (0, 1, 2)),
+    AtThreshold("sj-plif", _sj("ParametricLIFNode"), "spikingjelly", (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), (0, 1, 2)),
+    AtThreshold("snn-leaky", _snn("Leaky", beta=0.5), "snntorch", (1.0, 0.5, 0.625), (0.0, 0.0, 1.0), (0, 1)),
+    AtThreshold("snn-leaky-zero", _snn("Leaky", beta=0.5, reset_mechanism="zero"), "snntorch", (1.0, 0.5, 0.625),
+                (0.0, 0.0, 1.0), (0, 1)),
+    AtThreshold("snn-leaky-nodelay", _snn("Leaky", beta=0.5, reset_delay=False), "snntorch", (1.0, 0.5, 0.625),
+                (0.0, 0.0, 1.0), (0, 1)),
+    AtThreshold("snn-leaky-learn", _snn("Leaky", beta=0.5, learn_beta=True, learn_threshold=True), "snntorch",
+                (1.0, 0.5, 0.625), (0.0, 0.0, 1.0), (0, 1)),
+    AtThreshold("snn-synaptic", _snn("Synaptic", alpha=0.5, beta=0.5), "snntorch", (1.0, 0.0, 0.375),
+                (0.0, 0.0, 1.0), (0, 1)),
+    AtThreshold("norse-lif", _norse("LIF"), "norse", (10.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0,)),
+    AtThreshold("norse-lifcell", _norse("LIFCell"), "norse", (10.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0,)),
+    AtThreshold("norse-lifbox", _norse("LIFBoxCell"), "norse", (10.0, 12.0, 0.0), (0.0, 1.0, 0.0), (0,)),
+    AtThreshold("norse-lifbox-subtract", _norse("LIFBoxCell", subtract=True), "norse", (10.0, 12.0, 0.0),
+                (0.0, 1.0, 0.0), (0,)),
+]
+
+
+def at_threshold_input(case: AtThreshold, shape=(2, 5), dtype=torch.float32) -> torch.Tensor:
+    """(T, *shape): every element driven by ``case.steps``."""
+    steps = torch.tensor(case.steps, dtype=dtype)
+    return steps.reshape((-1,) + (1,) * len(shape)).expand((len(case.steps),) + tuple(shape)).contiguous()
+
+
+def threshold_of(m: nn.Module) -> float:
+    """The library neuron's own threshold."""
+    if hasattr(m, "v_threshold"):
+        return float(m.v_threshold)
+    if hasattr(m, "p"):
+        return float(m.p.v_th)
+    return float(m.threshold.detach())
+
+
+def library_membranes(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The membrane each step of the library neuron compares with its threshold, (T, ...), in
+    the library's own run with its threshold out of reach (nothing fires, nothing resets): the
+    real run's membranes up to its first spike."""
+    import copy
+
+    m = copy.deepcopy(m)
+    far = 1e30
+    out = []
+    if hasattr(m, "v_threshold"):  # SpikingJelly: v after a step without a spike is H
+        m.v_threshold = far
+        m.step_mode = "s"
+        m.reset()
+        for xt in x:
+            m(xt)
+            out.append(m.v.detach().clone())
+    elif hasattr(m, "p"):  # norse: the state's v after a step without a spike is v_decayed
+        m.p = m.p._replace(v_th=torch.as_tensor(far))
+        state = None
+        for xt in x:
+            if type(m).__name__ == "LIF":
+                _, state = m(xt.unsqueeze(0), state)
+            else:
+                _, state = m(xt, state)
+            out.append(state.v.detach().clone())
+    else:  # snnTorch: the membrane it returns (no spike: no reset at any step)
+        with torch.no_grad():
+            m.threshold.fill_(far)
+        zeros = torch.zeros_like(x[0])
+        state = (zeros, zeros) if type(m).__name__ == "Synaptic" else (zeros,)
+        for xt in x:
+            _, *state = m(xt, *state)
+            out.append(state[-1].detach().clone())
+    return torch.stack(out)

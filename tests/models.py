@@ -234,3 +234,24 @@ class SnnTorchStyleHandNet(nn.Module):
             mem = mem - spk * self.threshold
             out.append(self.fc2(spk))
         return torch.stack(out)
+
+
+class LeakyLoop(nn.Module):
+    """An snnTorch Leaky stepped in a loop of T steps behind a linear layer (one kind b site);
+    ``seed`` fixes the layer's weights."""
+
+    def __init__(self, T=3, seed=None, **kw):
+        super().__init__()
+        import snntorch as snn
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.T = T
+        self.fc, self.lif = nn.Linear(4, 3), snn.Leaky(beta=0.5, **kw)
+
+    def forward(self, x):
+        mem, out = self.lif.init_leaky(), []
+        for t in range(self.T):
+            spk, mem = self.lif(self.fc(x[t]), mem)
+            out.append(spk)
+        return torch.stack(out)

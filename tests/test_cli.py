@@ -50,7 +50,7 @@ def test_convert_saves_a_model_that_loads_back(tmp_path):
     # the exact conversion is the original function: the loaded model equals the original
     sys.path.insert(0, str(ROOT / "tests"))
     import models
-    from revpass.trace import reset_states
+    from revpass.state import reset_states
 
     net = models.SnnTorchConv(num_steps=2, batch_size=2)
     net.load_state_dict(blob["state_dict"])
@@ -63,6 +63,9 @@ def test_verify_passes_and_fails_with_exit_codes():
     r = revpass("verify", SNN, *SNN_ARGS)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "PASS" in r.stdout
+    # against the original model (its reversible sites coupled), then the node's own backward
+    assert "revpass verify against the original model, each reversible site replaced by the coupling" in r.stdout
+    assert "second part: revpass verify against the same converted model with backward='autograd'" in r.stdout
     r = revpass("verify", SNN, *SNN_ARGS, "--rtol", "0", "--atol", "0")  # bit-identical gradients: no
     assert r.returncode == 1 and "FAIL" in r.stdout
 

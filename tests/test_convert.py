@@ -18,7 +18,7 @@ def _flat(o):
 
 
 def _reset(net):
-    from revpass.trace import reset_states
+    from revpass.state import reset_states
 
     reset_states(net)
 
@@ -264,3 +264,85 @@ def test_exact_mode_has_the_original_gradients_bit_for_bit(name):
         assert g.keys() == g_ref.keys()
         differ = [k for k in g if not torch.equal(g[k], g_ref[k])]
         assert not differ, f"step {step}: gradients differ for {differ[:5]}"
+
+
+def _sj_conv_bn():
+    """conv -> batch norm -> LIF, twice, multi-step SpikingJelly: the reversible nodes fold the
+    batch norms (revpass/passes/fold.py)."""
+    from spikingjelly.activation_based import layer, neuron
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), layer.BatchNorm2d(4, step_mode="m"),
+        neuron.LIFNode(step_mode="m"),
+        layer.Conv2d(4, 4, 3, padding=1, step_mode="m"), layer.BatchNorm2d(4, step_mode="m"),
+        neuron.LIFNode(step_mode="m"),
+        layer.Flatten(step_mode="m"), layer.Linear(4 * 5 * 5, 3, step_mode="m"),
+    )
+
+
+def _snntorch_fc():
+    torch.manual_seed(0)
+    return models.SnnTorchFC(num_inputs=6, num_hidden=4, num_outputs=3, num_steps=3)
+
+
+INDEPENDENT = [
+    ("sj_conv_bn", _sj_conv_bn, lambda: torch.randn(3, 2, 2, 5, 5) * 2 + 0.5),
+    ("snntorch_fc", _snntorch_fc, lambda: torch.randn(2, 6) * 2),
+]
+HOW = [("reversible", {"mode": "reversible"}), ("exact", {"mode": "exact"}), ("recompute", {"mode": "recompute"}),
+       ("budget_min", {"budget": "min"})]
+
+
+def _tensors(m):
+    """Every parameter, buffer and state_dict tensor of ``m``, by name."""
+    out = dict(m.state_dict(keep_vars=True))
+    out.update({f"param {k}": p for k, p in m.named_parameters(remove_duplicate=False)})
+    out.update({f"buffer {k}": b for k, b in m.named_buffers(remove_duplicate=False)})
+    return out
+
+
+@pytest.mark.parametrize("how", [h for _, h in HOW], ids=[n for n, _ in HOW])
+@pytest.mark.parametrize("make,inp", [c[1:] for c in INDEPENDENT], ids=[c[0] for c in INDEPENDENT])
+def test_convert_returns_an_independent_copy(make, inp, how):
+    """Without inplace, the converted model shares no parameter or buffer with the original, by
+    object or by storage; a training step of the copy (forward, backward, optimizer step, batch
+    norm's running statistics) leaves the original's state_dict bit for bit as it was."""
+    from revpass.state import reset_states
+
+    net, x = make(), inp()
+    net(x)  # after a forward: the original's neurons hold state inside an autograd graph
+    reset_states(net)
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    conv = revpass.convert(net, x, **how)
+    if "mode" in how:
+        assert conv.revpass_report.count(how["mode"]) > 0
+    else:  # on the small snnTorch network "min" may leave every site as it is: still a copy
+        assert conv.revpass_budget["budget"] == "min"
+    has_bn = any(k.endswith("running_mean") for k in before)
+    if has_bn and how.get("mode") == "reversible":  # the nodes fold the copy's batch norms
+        assert all("folds batch norm" in r.reason for r in conv.revpass_report), str(conv.revpass_report)
+    mine = _tensors(net)
+    ids = {id(t) for t in mine.values()}
+    storages = {t.untyped_storage().data_ptr() for t in mine.values() if t.numel()}
+    theirs = _tensors(conv)
+    assert theirs.keys() >= set(before)  # the same state_dict keys, and more to check
+    for name, t in theirs.items():
+        assert id(t) not in ids, f"{name} is the original's own tensor"
+        assert not t.numel() or t.untyped_storage().data_ptr() not in storages, f"{name} shares the original's storage"
+    conv.train()
+    reset_states(conv)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5, momentum=0.9)
+    loss = sum(o.float().square().mean() + o.float().mean() for o in _flat(conv(x)))
+    loss.backward()
+    opt.step()
+    after = conv.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.endswith("weight") for k in changed), changed  # the copy did train
+    if has_bn:
+        assert any(k.endswith("running_mean") for k in changed), changed
+    now = net.state_dict()
+    assert now.keys() == before.keys()
+    for k, v in now.items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), f"the original's {k} changed"
+    assert all(p.grad is None for p in net.parameters()), "the original's parameters got gradients"

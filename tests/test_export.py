@@ -11,7 +11,7 @@ import torch
 import models
 import revpass
 from revpass.export import export_onnx, graph_to_networkx, read_graph_json, write_graph
-from revpass.nodes.modules import _Node
+from revpass.nodes.modules import Node
 from test_convert import CASES
 
 
@@ -45,7 +45,7 @@ def test_every_model_exports_original_and_converted(name, make, inp, n_sites, n_
             if name.startswith("spiking_"):
                 assert sum(c.spikes and c.name.startswith("site ") for c in rep.checks) == n_sites
     # export worked on a copy: the converted model still runs its custom ops and keeps its state
-    assert not any(m.plain for m in model.modules() if isinstance(m, _Node))
+    assert not any(m.plain for m in model.modules() if isinstance(m, Node))
 
 
 def test_annotations_in_metadata_props(tmp_path):

@@ -16,7 +16,8 @@ from torch import nn
 import models
 import revpass
 from catalogue import CASES, close, input_for, within_reconstruction_bound, worst
-from revpass.trace import TraceError, reset_states
+from revpass.state import reset_states
+from revpass.trace import TraceError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -354,7 +355,7 @@ import sys, torch
 import revpass
 m = torch.load(sys.argv[1], weights_only=False)
 x = torch.load(sys.argv[2])
-from revpass.trace import reset_states
+from revpass.state import reset_states
 reset_states(m)
 y = m(x)
 y = y[0] if isinstance(y, tuple) else y

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import revpass  # noqa: E402
 from revpass.memory import cuda_step_peak, kept_bytes, step_peak, step_time  # noqa: E402
-from revpass.trace import reset_states  # noqa: E402
+from revpass.state import reset_states  # noqa: E402
 
 VARIANTS = ("original", "exact", "reversible", "recompute", "planner-min", "memopt-L1", "memopt-L2", "memopt-L3",
             "memopt-L4")

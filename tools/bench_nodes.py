@@ -7,14 +7,14 @@ LIFBoxCell) and every T, on an input X of shape (T, B, C, H, W), it measures sid
 1. bytes kept for backward (``revpass.memory.saved_bytes``: storage-deduplicated, the input X and
    the parameters excluded) by the library neuron, the exact node and the reversible node. The
    reversible node is reported with and without its output Y: Y is kept by its consumer (the next
-   conv or linear layer) anyway, so it costs nothing extra in a network (METHOD.md section 3).
+   conv or linear layer) anyway, so it costs nothing extra in a network (docs/method.md section 3).
 2. backward time of the reversible node with its three backwards (optimized, recompute,
    autograd): forward untimed, then ``y.backward(g)`` timed; and forward+backward time of the
    reversible node (optimized), the exact node and the library neuron. Each figure is the median
    of ``--repeat`` runs after one warm-up; the variants are interleaved run by run so that drift in
    the machine's speed hits them alike; on CUDA every timing is synchronized.
 3. checks, from the same runs: the three reversible backwards give bit-identical forward outputs,
-   their gradients agree (METHOD.md section 7's float32 tolerance, and the looser reconstruction
+   their gradients agree (docs/method.md section 7's float32 tolerance, and the looser reconstruction
    bound that large inputs need), the exact node's spikes equal the library neuron's, and
    ``saved_bytes`` agrees with the bytes the graph still holds when the forward returns (it does
    not where a library saves tensors in graph branches it then drops, e.g. snnTorch's detached
@@ -260,12 +260,12 @@ def _grads(x: Tensor, params: Sequence[Tensor]) -> List[Optional[Tensor]]:
 def _grad_agreement(grads: List[Optional[Tensor]], ref: List[Optional[Tensor]]) -> Dict[str, float]:
     """How far ``grads`` are from ``ref`` (input and parameter gradients), in three figures:
 
-    - ``section7``: max |g - g_ref| / (1e-6 + 1e-5 |g_ref|), METHOD.md section 7's float32
+    - ``section7``: max |g - g_ref| / (1e-6 + 1e-5 |g_ref|), docs/method.md section 7's float32
       tolerance (<= 1 is within);
     - ``bound``: the same against 100x that tolerance (1e-4 + 1e-3 |g_ref|), and ``normwise``:
       ||g - g_ref|| / ||g_ref||: the float32 reconstruction bound (within: bound <= 1 and
       normwise <= 1e-5), which allows for the one rounding step per element that rebuilding X2 =
-      Y2 - S^G costs (METHOD.md section 4).
+      Y2 - S^G costs (docs/method.md section 4.1).
     """
     out = {"section7": 0.0, "bound": 0.0, "normwise": 0.0}
     for g, r in zip(grads, ref):
@@ -515,7 +515,7 @@ def render_markdown(
         "are not counted (they exist anyway); (Nx) is the multiple of the input's bytes. "
         "\"excl. Y\" leaves out the reversible node's output Y, which it keeps for its reconstruction: "
         "Y's consumer (the next conv or linear layer) keeps Y anyway, so in a network the storage is "
-        "shared and costs nothing extra (METHOD.md section 3); the library neuron's output is likewise "
+        "shared and costs nothing extra (docs/method.md section 3); the library neuron's output is likewise "
         "kept by its consumer and is not in its figure either."
         + (
             f" C = {cfg['channels']} is odd: the reversible node pairs {cfg['channels'] - 1} channels "
@@ -546,7 +546,7 @@ def render_markdown(
         "the optimized backward. The library baseline for snnTorch and norse's LIFBoxCell is a Python "
         "loop over their single-step modules; SpikingJelly runs its own multi-step forward"
         + (
-            " (on CUDA, SpikingJelly 2.0.0 dispatches it to its fused CUDA/Triton kernels: METHOD.md "
+            " (on CUDA, SpikingJelly 2.0.0 dispatches it to its fused CUDA/Triton kernels: docs/method.md "
             "section 1's figures are its CPU path)."
             if meta["device"].startswith("cuda")
             else "."
@@ -645,7 +645,7 @@ def _checks_markdown(results: List[Dict[str, Any]]) -> List[str]:
     beyond = [r for r in results if not r["checks"]["grads_within_reconstruction_bound"]]
     line = (
         "- Gradients (input and parameters) of the optimized and recompute backwards against the "
-        "autograd backward, as max |g - g_ref| / (1e-6 + 1e-5 |g_ref|) (METHOD.md section 7's float32 "
+        "autograd backward, as max |g - g_ref| / (1e-6 + 1e-5 |g_ref|) (docs/method.md section 7's float32 "
         "tolerance, <= 1 is within): "
     )
     if not over:

@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "examples")]
 
 import revpass  # noqa: E402
 from revpass.memory import step_peak  # noqa: E402
-from revpass.trace import reset_states  # noqa: E402
+from revpass.state import reset_states  # noqa: E402
 
 
 def _mlp() -> nn.Module:

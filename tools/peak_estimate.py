@@ -1,4 +1,4 @@
-"""The peak estimate (revpass.plan.estimate_peak) against a measured peak, on the CPU or a GPU.
+"""The peak estimate (revpass.planning.peak.estimate_peak) against a measured peak, on the CPU or a GPU.
 
     python tools/peak_estimate.py [--device cpu|cuda] [--T 4 16] [--batch 2] [--models ...] [--out bench_out]
 
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import revpass  # noqa: E402
 from revpass.memory import _loss, step_peak  # noqa: E402
-from revpass.plan import estimate_peak  # noqa: E402
-from revpass.trace import reset_states  # noqa: E402
+from revpass.planning.peak import estimate_peak  # noqa: E402
+from revpass.state import reset_states  # noqa: E402
 
 
 def cuda_peak(model, x) -> int:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 from torch import nn
 
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons import families as _families  # noqa: F401  (registers the families)
+from revpass.neurons.adapter import Adapter, Registered
 from revpass.neurons.spec import FAMILIES, Family, NeuronSpec, family_of, run_sequence
 from revpass.neurons.surrogate import Surrogate, builtin, derivative_from_function
 
@@ -28,10 +29,13 @@ __all__ = [
     "register_neuron",
     "lif_spec",
     "adapter_for",
+    "Adapter",
     "run_library",
+    "is_neuron",
+    "step_mode",
 ]
 
-# framework package name -> revpass adapter module
+# framework package name -> revpass adapter module (each defines ADAPTER)
 _ADAPTERS = {
     "spikingjelly": "revpass.neurons.spikingjelly",
     "snntorch": "revpass.neurons.snntorch",
@@ -41,13 +45,76 @@ _ADAPTERS = {
 _REGISTRY: Dict[Type[nn.Module], Callable[[nn.Module], NeuronSpec]] = {}
 
 
-def adapter_for(m: nn.Module):
-    """The adapter module for ``m``'s framework, or None (imports the framework only then)."""
+def framework_adapter(m: nn.Module) -> Optional[Adapter]:
+    """The adapter of ``m``'s framework, or None (imports the adapter only then; the framework
+    is already imported, since ``m`` is one of its modules)."""
     root = type(m).__module__.split(".")[0]
     name = _ADAPTERS.get(root)
     if name is None or root not in sys.modules:
         return None
-    return importlib.import_module(name)
+    return importlib.import_module(name).ADAPTER
+
+
+def adapter_for(m: nn.Module) -> Optional[Adapter]:
+    """The adapter that knows ``m``: a registered class's first, then its framework's; None
+    for a module of no supported framework."""
+    fn = registered(m)
+    return Registered(fn) if fn is not None else framework_adapter(m)
+
+
+def loaded_adapters() -> List[Adapter]:
+    """The adapters of the frameworks imported in this process (their patches, caches)."""
+    return [importlib.import_module(name).ADAPTER for root, name in _ADAPTERS.items() if root in sys.modules]
+
+
+def step_mode(m: nn.Module) -> str:
+    """``"m"`` if one call of neuron ``m`` takes a whole (T, ...) sequence, ``"s"`` if it takes
+    one step (a module no adapter knows: its ``step_mode`` attribute, else ``"m"``)."""
+    ad = adapter_for(m)
+    return ad.step_mode(m) if ad is not None else getattr(m, "step_mode", "m")
+
+
+def carries_state(m: nn.Module) -> bool:
+    """Whether neuron ``m`` keeps its state from one forward call to the next."""
+    ad = adapter_for(m)
+    return bool(ad is not None and ad.carries_state(m))
+
+
+def returns_state(m: nn.Module) -> bool:
+    """Whether a multi-step call of ``m`` returns ``(spikes, state)``."""
+    ad = adapter_for(m)
+    return bool(ad is not None and ad.returns_state(m))
+
+
+def is_leaf(m: nn.Module) -> bool:
+    """Whether the tracer keeps ``m`` as one node (neurons and the frameworks' stateful modules)."""
+    ad = adapter_for(m)
+    return bool(ad is not None and (ad.is_leaf(m) or ad.is_neuron(m)))
+
+
+def site_rule(m: nn.Module, n_calls: int) -> Tuple[Optional[str], str]:
+    """(why neuron ``m`` called ``n_calls`` times per forward cannot be converted, or None; a
+    note for its reason when it is): the framework's own rules."""
+    ad = adapter_for(m)
+    return ad.site_rule(m, n_calls) if ad is not None else (None, "")
+
+
+def multi_step_batch_norm(bn: nn.Module) -> bool:
+    """A batch norm whose statistics run over a whole (T, B, C, ...) sequence."""
+    ad = framework_adapter(bn)
+    return bool(ad is not None and ad.multi_step_batch_norm(bn))
+
+
+def invalidate_reset_caches(model: nn.Module) -> None:
+    """Tell every loaded framework that ``model``'s module tree changed."""
+    for ad in loaded_adapters():
+        ad.invalidate_reset_cache(model)
+
+
+def set_step_mode(model: nn.Module, mode: str) -> List[str]:
+    """Set the step mode of the modules of every loaded framework that has one; returns the
+    frameworks that did."""
+    return [ad.package for ad in loaded_adapters() if ad.set_step_mode(model, mode)]
 
 
 def register_neuron(cls: Type[nn.Module], to_spec: Callable[[nn.Module], NeuronSpec]) -> None:
@@ -123,8 +190,6 @@ def lif_spec(
 
 def is_neuron(m: nn.Module) -> bool:
     """True if ``m`` is a neuron of a supported framework or a registered class."""
-    if registered(m) is not None:
-        return True
     ad = adapter_for(m)
     return bool(ad is not None and ad.is_neuron(m))
 
@@ -133,23 +198,12 @@ def run_library(m: nn.Module, x_seq):
     """Run a library (or registered) neuron itself over a (T, ...) sequence from its reset
     state, the way its framework's documentation drives it: the reference the nodes match."""
     ad = adapter_for(m)
-    if ad is not None and registered(m) is None:
-        return ad.run_library(m, x_seq)
-    return m(x_seq)
+    return ad.run_library(m, x_seq) if ad is not None else m(x_seq)
 
 
 def spec_from_module(m: nn.Module, where: str = "") -> NeuronSpec:
     """Read a neuron module into a :class:`NeuronSpec`, or raise UnsupportedNeuronError."""
     where = where or type(m).__name__
-    fn = registered(m)
-    if fn is not None:
-        spec = fn(m)
-        if not isinstance(spec, NeuronSpec):
-            raise TypeError(
-                f"{where}: the function registered for {type(m).__name__} returned "
-                f"{type(spec).__name__}, not a revpass NeuronSpec"
-            )
-        return spec
     ad = adapter_for(m)
     if ad is None:
         raise UnsupportedNeuronError(

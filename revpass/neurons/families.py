@@ -1,8 +1,9 @@
 """The equations of every supported neuron family, framework-free.
 
-Each ``step`` repeats the framework's own operations in the framework's order (FRAMEWORKS.md),
-so the forward is bit-identical; each ``vjp`` is the analytic backward of METHOD.md section 5:
-per-step factors once over all T, then one reverse-time sweep of a few fused ops.
+Each ``step`` repeats the framework's own operations in the framework's order (each page of
+docs/frameworks/, "Equations"), so the forward is bit-identical; each ``vjp`` is the analytic
+backward of docs/method.md section 5: per-step factors once over all T, then one reverse-time
+sweep of a few fused ops.
 
 Notation in the VJPs: ``h`` is the membrane before fire and reset, ``s`` the unit spike
 (0/1, pinned where reconstruction says so), ``sg`` the surrogate derivative at ``h - threshold``.
@@ -72,7 +73,10 @@ class SpikingJellyFamily(Family):
     """
 
     name = "spikingjelly"
+    equations = "lif"
     public_state = ("v",)
+    carries_state = True
+    binary_spikes = True
 
     def prepare(self, spec, P):
         P = dict(P)
@@ -270,6 +274,7 @@ class SnnTorchFamily(Family):
     """
 
     name = "snntorch"
+    equations = "leaky_synaptic"
 
     def n_public(self, spec):
         return 2 if self._syn(spec) else 1  # (syn, mem) or (mem,); the reset signal is derived
@@ -475,6 +480,7 @@ class NorseLIFFamily(Family):
     """
 
     name = "norse_lif"
+    equations = "current_lif"
     public_state = ("v", "i")
 
     def init_state(self, spec, x0, P):
@@ -524,6 +530,7 @@ class NorseLIFBoxFamily(Family):
     """norse lif_box_feed_forward_step: state v only; reset to a value or by subtraction."""
 
     name = "norse_lif_box"
+    equations = "lif_box"
     public_state = ("v",)
 
     def init_state(self, spec, x0, P):

@@ -1,4 +1,5 @@
-"""norse 1.1.0 adapter: LIFCell, LIF and LIFBoxCell -> NeuronSpec.
+"""norse 1.1.0 adapter: LIFCell, LIF and LIFBoxCell -> NeuronSpec; ``SequentialState``'s state
+argument bound while tracing; multi-step neurons return (spikes, state) (docs/frameworks/norse.md).
 
 Imported only when a model contains a norse module.
 """
@@ -6,6 +7,7 @@ Imported only when a model contains a norse module.
 from __future__ import annotations
 
 import functools
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -16,9 +18,11 @@ from norse.torch.functional.reset import reset_subtract, reset_value  # noqa: E4
 from norse.torch.functional.threshold import threshold  # noqa: E402
 from norse.torch.module.lif import LIF, LIFCell  # noqa: E402
 from norse.torch.module.lif_box import LIFBoxCell  # noqa: E402
+from norse.torch.module.sequential import SequentialState  # noqa: E402
 from norse.torch.module.snn import SNN, SNNCell, SNNRecurrent, SNNRecurrentCell  # noqa: E402
 
 from revpass.errors import UnsupportedNeuronError
+from revpass.neurons.adapter import Adapter, ChannelPart, channel_slice
 from revpass.neurons.spec import NeuronSpec
 from revpass.neurons.surrogate import Surrogate, builtin, check_derivative, derivative_from_function
 
@@ -108,3 +112,47 @@ def run_library(m: nn.Module, x_seq: torch.Tensor) -> torch.Tensor:
         z, state = m(x, state)
         out.append(z)
     return torch.stack(out)
+
+
+class NorseAdapter(Adapter):
+    package = "norse"
+    # the module's functions above are the protocol's methods of the same names
+    is_neuron = staticmethod(is_neuron)
+    step_mode = staticmethod(step_mode)
+    to_spec = staticmethod(to_spec)
+    run_library = staticmethod(run_library)
+
+    def returns_state(self, m: nn.Module) -> bool:
+        return isinstance(m, LIF)  # norse's multi-step neurons return (spikes, state)
+
+    def concrete_args(self, model: nn.Module, args: Dict[str, Any]) -> None:
+        if isinstance(model, SequentialState):
+            args.setdefault("state", None)
+
+    def on_channels(self, m: nn.Module, lo: int = 0, hi: Optional[int] = None, channel_dim: int = 1) -> nn.Module:
+        """norse keeps its constants in ``m.p`` (a named tuple of tensors, not parameters) and a
+        cell's state in the caller's hands: the part slices ``p``'s tensors per call and threads a
+        cell's state itself; a multi-step ``LIF`` starts each call from the reset state, as
+        norse's does."""
+        return _NorsePart(m, lo, hi, channel_dim)
+
+
+class _NorsePart(ChannelPart):
+    """A norse neuron on a channel range (see :meth:`NorseAdapter.on_channels`)."""
+
+    def __init__(self, m: nn.Module, lo: int, hi: Optional[int], channel_dim: int):
+        super().__init__(m, lo, hi, channel_dim, {}, lambda _: None)
+        object.__setattr__(self, "_source", m)  # its p holds the tensors the views are taken of
+        self.state = None
+
+    def forward(self, x: torch.Tensor) -> Any:
+        p = self._source.p
+        self.neuron.p = p._replace(**{k: channel_slice(v, self.lo, self.hi, self.channel_dim, x.dim())
+                                      for k, v in p._asdict().items() if isinstance(v, torch.Tensor)})
+        if isinstance(self.neuron, SNN):  # multi-step: (spikes, final state), from the reset state
+            return self.neuron(x)
+        z, self.state = self.neuron(x, self.state)
+        return z, self.state
+
+
+ADAPTER = NorseAdapter()

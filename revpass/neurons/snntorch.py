@@ -1,4 +1,5 @@
-"""snnTorch 1.0.0 adapter: Leaky and Synaptic -> NeuronSpec.
+"""snnTorch 1.0.0 adapter: Leaky and Synaptic -> NeuronSpec; ``init_leaky()`` & co. traced as
+"start from the reset state", ``reset_mem``, and ``init_hidden`` (docs/frameworks/snntorch.md).
 
 Imported only when a model contains an snnTorch module.
 """
@@ -6,6 +7,7 @@ Imported only when a model contains an snnTorch module.
 from __future__ import annotations
 
 import inspect
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ import snntorch as snn  # noqa: E402
 from snntorch import surrogate as snn_surrogate  # noqa: E402
 
 from revpass.errors import UnsupportedNeuronError
+from revpass.neurons.adapter import Adapter, Patch
 from revpass.neurons.spec import NeuronSpec
 from revpass.neurons.surrogate import Surrogate, builtin, check_derivative, derivative_from_function
 
@@ -145,3 +148,61 @@ def run_library(m: nn.Module, x_seq: torch.Tensor) -> torch.Tensor:
             s, mem = m(x, mem)
         out.append(s)
     return torch.stack(out)
+
+
+class SnnTorchAdapter(Adapter):
+    package = "snntorch"
+    # the module's functions above are the protocol's methods of the same names
+    is_neuron = staticmethod(is_neuron)
+    to_spec = staticmethod(to_spec)
+    run_library = staticmethod(run_library)
+
+    def reset(self, m: nn.Module) -> None:
+        if isinstance(m, snn.SpikingNeuron):
+            m.reset_mem()
+
+    def trace_patches(self, patch: Patch, make_node: Callable[..., Any]) -> None:
+        # init_leaky() & co. inside forward would become reads of the module's current state:
+        # they return fresh empty tensors made in the graph ("start from the reset state")
+        def fresh_like(original):
+            def fresh(self, *args, **kwargs):
+                out = original(self, *args, **kwargs)
+                if isinstance(out, tuple):
+                    return tuple(make_node("fresh_state") for _ in out)
+                return make_node("fresh_state")
+
+            return fresh
+
+        for cls in {c for c in vars(snn).values() if isinstance(c, type) and issubclass(c, snn.SpikingNeuron)}:
+            for name, fn in list(vars(cls).items()):
+                if (name.startswith("init_") or name == "reset_mem") and callable(fn):
+                    patch(cls, name, fresh_like(fn))
+
+    def site_rule(self, m: nn.Module, n_calls: int) -> Tuple[Optional[str], str]:
+        if not getattr(m, "init_hidden", False):
+            return None, ""
+        if n_calls == 1:
+            return (
+                "snnTorch init_hidden=True called once per forward: its state lives between calls "
+                "and snntorch.utils.reset cannot reach a revpass node; put the time loop inside a "
+                "module (for step in range(num_steps): net(x)) so that convert rolls it"
+            ), ""
+        return None, " (starting each forward from the reset state, as after snntorch.utils.reset)"
+
+    #: the constants of snnTorch's neurons, buffers unless learned (mem and syn are the state)
+    _NEURON_TENSORS = ("beta", "alpha", "threshold", "graded_spikes_factor")
+
+    def neuron_tensors(self, m: nn.Module) -> Dict[str, torch.Tensor]:
+        """Its parameters, and beta, alpha, threshold and graded_spikes_factor where they are
+        buffers (not learned): a per-channel beta is sliced per half like a learned one. (The
+        default :meth:`on_channels` then fits snnTorch: a copy called without ``mem``/``syn``
+        keeps them itself from call to call, and returns ``(spk, mem)``, ``(spk, syn, mem)`` or,
+        with ``init_hidden``, ``spk``, as the original's calls do.)"""
+        out = dict(m.named_parameters())
+        for name, buf in m.named_buffers(recurse=False):
+            if name in self._NEURON_TENSORS:
+                out[name] = buf
+        return out
+
+
+ADAPTER = SnnTorchAdapter()

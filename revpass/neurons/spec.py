@@ -6,7 +6,7 @@ its surrogate. A :class:`Family` owns the equations:
 
 * ``step``: one time step, written with the same floating-point operations in the same order as
   the framework, so that the forward is bit-identical;
-* ``vjp``: the gradient of a whole sequence, computed directly (METHOD.md section 5): per-step
+* ``vjp``: the gradient of a whole sequence, computed directly (docs/method.md section 5): per-step
   factors are evaluated once over all T in vectorized form, then one reverse-time sweep.
 
 The nodes (revpass.nodes) are written against this interface only.
@@ -66,6 +66,16 @@ class Family:
     name: str = "family"
     #: names of the state tensors that are the framework's visible state (others are derived)
     public_state: Tuple[str, ...] = ("v",)
+    #: a neuron of this form keeps its state from one forward call to the next (SpikingJelly's
+    #: ``v``), so a node built from it carries its final state into the next call
+    carries_state: bool = False
+    #: every spike is exactly 0 or 1 (no graded spikes): a reversible node's input is then its
+    #: output less its spikes, which a folded batch norm relies on (revpass/nodes/batchnorm.py)
+    binary_spikes: bool = False
+    #: the form of its equations, which fused kernels key on (revpass/nodes/kernels): "lif"
+    #: (H = charge(V, X), fire, reset), "leaky_synaptic" (a reset signal carried in the state),
+    #: "current_lif" (a synaptic current and a membrane), "lif_box" (a membrane alone)
+    equations: str = ""
 
     def n_public(self, spec: NeuronSpec) -> int:
         """How many leading state tensors the framework itself exposes."""
@@ -139,7 +149,7 @@ class Family:
         """The exact node's whole backward from its kept records, as the framework itself
         computes it (same ops, same rounding), one whole step at a time: then exact-mode training
         repeats the original's bit for bit. None where the family has none: the exact node then
-        runs :meth:`vjp` (within METHOD.md section 7's tolerance) in slices."""
+        runs :meth:`vjp` (within docs/method.md section 7's tolerance) in slices."""
         return None
 
     # exact node: what it keeps (one float per element and step) and how it rebuilds records

@@ -1,9 +1,13 @@
-"""SpikingJelly 2.0.0 adapter: LIFNode, IFNode, ParametricLIFNode -> NeuronSpec.
+"""SpikingJelly 2.0.0 adapter: LIFNode, IFNode, ParametricLIFNode -> NeuronSpec; its stateful
+modules kept whole by the tracer, ``functional.reset_net`` traced as a node, its reset cache and
+step modes (docs/frameworks/spikingjelly.md).
 
 Imported only when a model contains a SpikingJelly module.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -12,8 +16,11 @@ from revpass.errors import UnsupportedNeuronError
 from revpass.neurons.spec import NeuronSpec
 from revpass.neurons.surrogate import BUILTIN, Surrogate, builtin, check_derivative, derivative_from_function
 
-from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 from spikingjelly.activation_based import base as sj_base  # noqa: E402
+from spikingjelly.activation_based import functional as sj_functional  # noqa: E402
+from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
+
+from revpass.neurons.adapter import Adapter, Patch
 
 SUPPORTED = (sj_neuron.LIFNode, sj_neuron.IFNode, sj_neuron.ParametricLIFNode)
 
@@ -93,3 +100,49 @@ def run_library(m: nn.Module, x_seq: torch.Tensor) -> torch.Tensor:
     if step_mode(m) == "m":
         return m(x_seq)
     return torch.stack([m(x) for x in x_seq])
+
+
+class SpikingJellyAdapter(Adapter):
+    package = "spikingjelly"
+    # the module's functions above are the protocol's methods of the same names
+    is_neuron = staticmethod(is_neuron)
+    is_leaf = staticmethod(is_leaf)
+    step_mode = staticmethod(step_mode)
+    to_spec = staticmethod(to_spec)
+    run_library = staticmethod(run_library)
+
+    def carries_state(self, m: nn.Module) -> bool:
+        return True  # v stays from one call to the next until reset_net
+
+    def reset(self, m: nn.Module) -> None:
+        fn = getattr(m, "reset", None)
+        if callable(fn):  # MemoryModule.reset, and any stateful module of the framework
+            fn()
+
+    def invalidate_reset_cache(self, model: nn.Module) -> None:
+        fn = getattr(sj_functional, "invalidate_reset_cache", None)
+        if fn is not None:
+            fn(model)
+
+    def trace_patches(self, patch: Patch, make_node: Callable[..., Any]) -> None:
+        # reset_net(self) inside forward would run once at trace time: it becomes a node
+        def reset_net(net):
+            make_node("reset")
+
+        patch(sj_functional, "reset_net", reset_net)
+        try:
+            from spikingjelly.activation_based.functional import net_config
+
+            patch(net_config, "reset_net", reset_net)
+        except ImportError:  # pragma: no cover
+            pass
+
+    def multi_step_batch_norm(self, bn: nn.Module) -> bool:
+        return isinstance(bn, nn.modules.batchnorm._BatchNorm) and getattr(bn, "step_mode", "s") == "m"
+
+    def set_step_mode(self, model: nn.Module, mode: str) -> bool:
+        sj_functional.set_step_mode(model, mode)
+        return True
+
+
+ADAPTER = SpikingJellyAdapter()

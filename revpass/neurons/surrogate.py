@@ -21,6 +21,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from revpass.errors import UnsupportedNeuronError
+
 Tensor = torch.Tensor
 
 
@@ -127,8 +129,6 @@ def check_derivative(
     deriv: Callable[[Tensor], Tensor], where: str, setting: str, fn: Optional[Callable] = None
 ) -> None:
     """Probe a surrogate derivative; raise a clear error if it is missing or identically zero."""
-    from revpass.errors import UnsupportedNeuronError
-
     probe = torch.linspace(-1.0, 1.0, 9)
     try:
         g = deriv(probe)

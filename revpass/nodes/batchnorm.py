@@ -3,7 +3,7 @@
 In training, a batch norm keeps its input (the convolution's output) for backward: one float per
 element, as much as everything the reversible node keeps. But its backward needs only the
 normalized input x^ = (z - beta) / gamma, and its output z is the reversible node's input, which
-the node's backward rebuilds anyway (METHOD.md section 4). So a batch norm whose only reader is
+the node's backward rebuilds anyway (docs/method.md section 4). So a batch norm whose only reader is
 a reversible node is folded into it (revpass/passes/fold.py): the node runs the batch norm
 itself, keeps the batch's per-channel mean and 1/std and nothing per element, and in backward
 computes the batch norm's gradients from the rebuilt z:
@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from revpass.neurons import family_of, multi_step_batch_norm
 from revpass.nodes import bits, kernels, reversible, slicing
 
 Tensor = torch.Tensor
@@ -44,8 +45,8 @@ GAMMA_MIN = 1e-2  # below this |gamma| the batch norm keeps its input (x^ would 
 
 
 def foldable(bn: nn.Module) -> bool:
-    """A batch norm that the node can fold (its module type and step mode)."""
-    return isinstance(bn, nn.modules.batchnorm._BatchNorm) and getattr(bn, "step_mode", "s") == "m"
+    """A batch norm that the node can fold: a multi-step one (its framework's adapter says)."""
+    return multi_step_batch_norm(bn)
 
 
 def applies(node, bn: nn.Module, x: Tensor) -> bool:
@@ -53,7 +54,7 @@ def applies(node, bn: nn.Module, x: Tensor) -> bool:
     return (bn.training and torch.is_grad_enabled() and not node.plain and node.backward_mode == "optimized"
             and node.step_mode == "m" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 3
             and x.shape[2] == bn.num_features and x.shape[2] % 2 == 0 and x.shape[0] > 0
-            and node.spec.family == "spikingjelly")  # spikes of 0 and 1: X = Y - spikes
+            and family_of(node.spec).binary_spikes)  # spikes of 0 and 1: X = Y - spikes
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:

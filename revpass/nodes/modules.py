@@ -14,15 +14,19 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from revpass import neurons
 from revpass.neurons import spec_from_module
 from revpass.neurons.spec import NeuronSpec, family_of, run_sequence
-from revpass.nodes import ops, reversible
+from revpass.nodes import batchnorm, ops, reversible
 
 Tensor = torch.Tensor
 BACKWARDS = ("optimized", "recompute", "autograd")
 
 
-class _Node(nn.Module):
+class Node(nn.Module):
+    """The base of revpass's neuron nodes: a whole (T, B, ...) sequence (or one step) of a
+    neuron as one custom op, with the neuron's parameters, state and reset behaviour."""
+
     kind = "node"
     _backwards: Tuple[str, ...] = BACKWARDS
 
@@ -92,11 +96,11 @@ class _Node(nn.Module):
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_neuron(cls, neuron: nn.Module, *, name: str = "", **kwargs) -> "_Node":
+    def from_neuron(cls, neuron: nn.Module, *, name: str = "", **kwargs) -> "Node":
         """Build the node from a library neuron (SpikingJelly, snnTorch, norse or registered)."""
         spec = spec_from_module(neuron, name)
-        kwargs.setdefault("step_mode", _step_mode(neuron))
-        kwargs.setdefault("carry_state", spec.family == "spikingjelly")
+        kwargs.setdefault("step_mode", neurons.step_mode(neuron))
+        kwargs.setdefault("carry_state", neurons.carries_state(neuron))
         node = cls(spec, name=name or type(neuron).__name__, **kwargs)
         # the library neuron's other persistent buffers keep their state_dict keys too
         for bname, buf in neuron.named_buffers(recurse=False):
@@ -197,8 +201,8 @@ class _Node(nn.Module):
         return f"{self.spec.describe()}, backward={self.backward_mode!r}, step_mode={self.step_mode!r}"
 
 
-class ReversibleNode(_Node):
-    """The reversible node of METHOD.md sections 2 to 5.
+class ReversibleNode(Node):
+    """The reversible node of docs/method.md sections 2 to 5.
 
     Splits channels (dim 2 of a (T, B, C, ...) input) into halves coupled by two copies F and G of
     the neuron (shared parameters): Y1 = X1 + S^F(X2), Y2 = X2 + S^G(Y1). Keeps for backward only
@@ -219,8 +223,6 @@ class ReversibleNode(_Node):
         its per-channel statistics instead of its input; the node is then called with the batch
         norm's input. The module stays where it is in the model (not a child of the node: its
         state_dict keys do not change)."""
-        from revpass.nodes import batchnorm
-
         if bn is not None and not batchnorm.foldable(bn):
             raise ValueError(f"{self.name}: {type(bn).__name__} cannot be folded (a multi-step batch norm can)")
         object.__setattr__(self, "_bn", bn)
@@ -229,8 +231,6 @@ class ReversibleNode(_Node):
         bn = self.folded_bn
         if bn is None:
             return super().forward(x, state)
-        from revpass.nodes import batchnorm
-
         if not batchnorm.applies(self, bn, x):
             return super().forward(bn(x), state)
         self._fold_now = True
@@ -241,12 +241,10 @@ class ReversibleNode(_Node):
 
     def _run(self, x, state0):
         if self._fold_now:
-            from revpass.nodes.batchnorm import FoldedBatchNorm
-
             bn = self.folded_bn
             P = self.params()
             need = tuple(k for k, p in P.items() if p.requires_grad)
-            out = FoldedBatchNorm.apply(self, bn, 0 if state0 is None else len(state0), need, x,
+            out = batchnorm.FoldedBatchNorm.apply(self, bn, 0 if state0 is None else len(state0), need, x,
                                         *(state0 or ()), *P.values(), bn.weight, bn.bias)
             return out[0], tuple(out[1:])
         if self.backward_mode == "autograd":
@@ -276,8 +274,8 @@ class ReversibleNode(_Node):
         return out
 
 
-class ExactNode(_Node):
-    """The exact node of METHOD.md section 6: the original neuron's function bit for bit, with the
+class ExactNode(Node):
+    """The exact node of docs/method.md section 6: the original neuron's function bit for bit, with the
     analytic backward; keeps the pre-spike membrane H_t (one float per element and step)."""
 
     kind = "exact"
@@ -294,12 +292,3 @@ class ExactNode(_Node):
     def _run_plain(self, x, state0):
         s, stateT, _, _ = run_sequence(self.spec, x, state0, self.params())
         return s, stateT
-
-
-def _step_mode(neuron: nn.Module) -> str:
-    from revpass.neurons import adapter_for
-
-    ad = adapter_for(neuron)
-    if ad is not None and hasattr(ad, "step_mode"):
-        return ad.step_mode(neuron)
-    return getattr(neuron, "step_mode", "m")

@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from revpass.nodes.bits import is_binary, pack_bits, unpack_bits
+from revpass.nodes.modules import Node
 
 Tensor = torch.Tensor
 
@@ -50,9 +51,7 @@ class RecomputeSegment(nn.Module):
         return self._body
 
     def _stateful(self) -> List[nn.Module]:
-        from revpass.nodes.modules import _Node
-
-        return [m for m in self._body.modules() if isinstance(m, _Node)]
+        return [m for m in self._body.modules() if isinstance(m, Node)]
 
     def forward(self, *inputs):
         if self.plain or not torch.is_grad_enabled():

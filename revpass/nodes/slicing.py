@@ -17,7 +17,7 @@ Tensor = torch.Tensor
 #: ops), and its work grows with its elements per step, so the bound is per step and holds at any
 #: T. By default slices are large enough that the launches cost little (2^18 elements: on a CPU,
 #: slices of 2^15 elements per step made a node's backward 1.5x slower); revpass.convert gives its
-#: nodes CHUNK_MIN_ELEMS_FINE, memory first (:meth:`revpass.nodes.modules._Node.set_slicing`).
+#: nodes CHUNK_MIN_ELEMS_FINE, memory first (:meth:`revpass.nodes.modules.Node.set_slicing`).
 #: Set CHUNK_MAX = 1 to run whole sequences.
 CHUNK_MAX = 8
 CHUNK_MIN_ELEMS = 1 << 18

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Tuple
 from torch import fx, nn
 
 from revpass.errors import UnsupportedNeuronError
-from revpass.neurons import NeuronSpec, adapter_for, is_neuron, registered, spec_from_module
-from revpass.nodes.modules import _Node
+from revpass.neurons import NeuronSpec, is_neuron, spec_from_module, step_mode
+from revpass.nodes import Node
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Site:
     kind: str  # "a" multi-step, "b" single-step in a time loop
     calls: List[fx.Node]
     spec: Optional[NeuronSpec] = None
-    decision: str = "unchanged"  # "reversible" | "exact" | "unchanged"
+    decision: str = "unchanged"  # "reversible" | "exact" | "recompute" | "unchanged" (passes/decide.py)
     reason: str = ""
     shape: Optional[Tuple[int, ...]] = None
     details: Dict[str, object] = field(default_factory=dict)
@@ -39,15 +39,6 @@ class Site:
     @property
     def framework(self) -> str:
         return f"{type(self.module).__module__.split('.')[0]}.{type(self.module).__name__}"
-
-
-def step_mode(m: nn.Module) -> str:
-    if registered(m) is not None:
-        return getattr(m, "step_mode", "m")
-    ad = adapter_for(m)
-    if ad is not None and hasattr(ad, "step_mode"):
-        return ad.step_mode(m)
-    return "s"  # snnTorch neurons are single-step
 
 
 def find_sites(gm: fx.GraphModule) -> List[Site]:
@@ -59,7 +50,7 @@ def find_sites(gm: fx.GraphModule) -> List[Site]:
     sites = []
     for target, calls in by_target.items():
         m = gm.get_submodule(target)
-        if isinstance(m, _Node):
+        if isinstance(m, Node):
             sites.append(Site(target, m, "a" if m.step_mode == "m" else "b", calls,
                               decision="unchanged", reason=f"already a revpass {m.kind} node"))
             continue

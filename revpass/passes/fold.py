@@ -18,8 +18,9 @@ from typing import List
 
 from torch import fx
 
+from revpass import meta
+from revpass.nodes import ReversibleNode
 from revpass.nodes.batchnorm import foldable
-from revpass.nodes.modules import ReversibleNode
 
 
 def fold_batch_norms(gm: fx.GraphModule) -> List[str]:
@@ -39,9 +40,8 @@ def fold_batch_norms(gm: fx.GraphModule) -> List[str]:
             continue
         node.fold_batch_norm(bn)
         n.args = (b.args[0],)
-        n.meta["revpass_replaces"] = b.meta.get("revpass_replaces", [b.name]) + n.meta.get("revpass_replaces",
-                                                                                           [n.name])
-        n.meta["revpass_folded"] = str(b.target)
+        meta.set_replaces(n, meta.replaces(b) + meta.replaces(n))
+        meta.set_folded(n, str(b.target))
         gm.graph.erase_node(b)
         folded.append(str(b.target))
     gm.graph.lint()

@@ -27,6 +27,8 @@ from torch import fx
 from revpass.neurons import lif_spec
 from revpass.neurons.spec import NeuronSpec
 from revpass.neurons.surrogate import Surrogate, derivative_from_function
+from revpass.passes.graph import insert_sequence_node, position, topo_sort
+from revpass.utils import set_module
 
 add, sub, mul, div = operator.add, operator.sub, operator.mul, operator.truediv
 _COMMUTATIVE = {add, mul}
@@ -169,6 +171,8 @@ class PatternSite:
     spec: Optional[NeuronSpec]
     path: str
     reason: str = ""
+    decision: str = "unchanged"  # set by revpass.passes.decide
+    node_path: str = ""  # where its node went (revpass.passes.rewrite)
 
 
 def _spec_for(first: Step, fn) -> NeuronSpec:
@@ -252,7 +256,6 @@ def find_pattern_sites(gm: fx.GraphModule, g: nx.DiGraph) -> List[PatternSite]:
 
 def rewrite_pattern_site(gm: fx.GraphModule, site: PatternSite, node_module) -> str:
     """Replace the chain's ops by stack -> node -> unbind; returns the node's module path."""
-    from revpass.passes.rewrite import _position, _set_module, insert_sequence_node, topo_sort
 
     path = site.path
     try:
@@ -262,14 +265,14 @@ def rewrite_pattern_site(gm: fx.GraphModule, site: PatternSite, node_module) -> 
         old, keep_old = None, False
     if keep_old:  # its own tensors keep their state_dict keys; the node sits beside it
         path = f"{path}_revpass"
-    _set_module(gm, path, node_module)
+    set_module(gm, path, node_module)
     g = gm.graph
     internal = {st.spike for st in site.steps} | {n for st in site.steps for n in st.inner}
     items = insert_sequence_node(g, path, [st.X for st in site.steps],
                                  [n.name for st in site.steps for n in [st.spike, *st.inner]])
     for st, item in zip(site.steps, items):
         st.spike.replace_all_uses_with(item, delete_user_cb=lambda u: u not in internal)
-    pos = _position(g)
+    pos = position(g)
     for n in sorted(internal, key=pos, reverse=True):
         assert all(u in internal for u in n.users), f"{path}: {n.name} is still read outside the neuron"
         g.erase_node(n)

@@ -9,49 +9,69 @@ keys do not change.
 from __future__ import annotations
 
 import operator
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-import networkx as nx
 import torch
-from torch import fx
+from torch import fx, nn
 
-from revpass.nodes.modules import ExactNode, ReversibleNode
+from revpass.neurons import returns_state
+from revpass.nodes import ExactNode, ReversibleNode, kernels
 from revpass.passes.detect import Site
+from revpass.passes.patterns import PatternSite, rewrite_pattern_site
+from revpass.passes.graph import insert_sequence_node, position, topo_sort
+from revpass.utils import set_module
 
 # the node each strategy puts at a neuron site ("recompute": an exact node that ends a recomputed
 # segment, formed after every site is rewritten: revpass/passes/segments.py)
 NODE_CLASSES = {"reversible": ReversibleNode, "exact": ExactNode, "recompute": ExactNode}
 
 
-def _set_module(gm: fx.GraphModule, path: str, module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+def rewrite(
+    gm: fx.GraphModule,
+    sites: List[Site],
+    pattern_sites: List[PatternSite],
+    backward: str,
+    user_model: Optional[nn.Module] = None,
+) -> None:
+    """Put a node at every decided site (hand-written neurons first: their matched ops are
+    nodes of the traced graph that a library site's rewrite could erase), then fold re-stacked
+    sequences. ``user_model``: the same node goes at the same path of the user's model
+    (``convert(..., inplace=True)``). A site's reason says when its node has no fused kernel."""
+    for ps in pattern_sites:
+        if ps.decision == "unchanged":
+            continue
+        node = NODE_CLASSES[ps.decision](ps.spec, backward=backward, step_mode="m", carry_state=False, name=ps.path)
+        ps.node_path = rewrite_pattern_site(gm, ps, node)
+        ps.reason += kernel_note(node)
+        if user_model is not None:
+            set_module(user_model, ps.node_path, node)
+    for site in sites:
+        if site.decision == "unchanged":
+            continue
+        rewrite_site(gm, site, site.decision, backward, site.details.get("plan", {}))
+        site.reason += kernel_note(gm.get_submodule(site.path))
+        if user_model is not None:
+            set_module(user_model, site.path, gm.get_submodule(site.path))
+    fold_restack(gm.graph)  # stack(unbind(y)) is y: no copy beside the node's output
+    for n in list(gm.graph.nodes):  # fresh states of rolled calls, now unused
+        if n.op == "call_function" and n.target is torch.zeros and not n.users:
+            gm.graph.erase_node(n)
+    gm.recompile()
 
 
-def insert_sequence_node(g: fx.Graph, path: str, xs: List[fx.Node], replaces: List[str]):
-    """``stack(xs) -> call_module(path) -> unbind``, placed after the last of ``xs``; returns the
-    per-step output nodes. ``replaces`` names the nodes it stands for (memory annotations)."""
-    last = max(xs, key=_position(g))
-    with g.inserting_after(last):
-        stacked = g.call_function(torch.stack, (list(xs), 0))
-    with g.inserting_after(stacked):
-        seq = g.call_module(path, (stacked,))
-    seq.meta["revpass_replaces"] = list(replaces)
-    with g.inserting_after(seq):
-        steps = g.call_function(torch.unbind, (seq, 0))
-    items, prev = [], steps
-    for t in range(len(xs)):
-        with g.inserting_after(prev):
-            prev = g.call_function(operator.getitem, (steps, t))
-        items.append(prev)
-    return items
+def kernel_note(node: nn.Module) -> str:
+    """Why a converted site runs the PyTorch path on every device (revpass.nodes.kernels), or ''."""
+    spec = getattr(node, "spec", None)
+    why = None if spec is None else kernels.unsupported(spec, node.params())
+    return "" if why is None else f"; no fused kernel: {why}"
 
 
 def rewrite_site(gm: fx.GraphModule, site: Site, mode: str, backward: str, plan: Dict) -> None:
+    """Swap one library site for its node (kind a), or roll its calls into one (kind b)."""
     node = NODE_CLASSES[mode].from_neuron(site.module, name=site.path, backward=backward, step_mode="m")
-    if site.kind == "a" and site.spec.family in ("norse_lif", "norse_lif_box"):
-        node.return_state = True  # norse returns (spikes, state)
-    _set_module(gm, site.path, node)
+    if site.kind == "a" and returns_state(site.module):
+        node.return_state = True  # the framework's multi-step call returns (spikes, state)
+    set_module(gm, site.path, node)
     if site.kind == "a":
         return
     g = gm.graph
@@ -64,34 +84,12 @@ def rewrite_site(gm: fx.GraphModule, site: Site, mode: str, backward: str, plan:
     doomed = set(calls)
     for c in calls:
         doomed.update(u for u in c.users if u.op == "call_function" and u.target is operator.getitem)
-    pos = _position(g)
+    pos = position(g)
     for n in sorted(doomed, key=pos, reverse=True):
         stray = [u for u in n.users if u not in doomed]
         assert not stray, f"{site.path}: {n.name} still used by {stray}"
         g.erase_node(n)
     topo_sort(g)
-
-
-def _position(g: fx.Graph):
-    order = {n: i for i, n in enumerate(g.nodes)}
-    return lambda n: order[n]
-
-
-def topo_sort(g: fx.Graph) -> None:
-    """Reorder ``g``'s nodes topologically, keeping the original order where free (stable)."""
-    order = {n: i for i, n in enumerate(g.nodes)}
-    dg = nx.DiGraph()
-    for n in g.nodes:
-        dg.add_node(n)
-        for inp in n.all_input_nodes:
-            dg.add_edge(inp, n)
-    ordered = list(nx.lexicographical_topological_sort(dg, key=lambda n: order[n]))
-    placeholders = [n for n in ordered if n.op == "placeholder"]
-    others = [n for n in ordered if n.op != "placeholder"]
-    cur = placeholders[-1] if placeholders else g._root
-    for n in others:
-        cur.append(n)
-        cur = n
 
 
 def fold_restack(g: fx.Graph) -> int:

@@ -18,16 +18,6 @@ from torch import fx
 from revpass.passes.detect import Site
 
 
-def graph_to_nx(graph: fx.Graph) -> nx.DiGraph:
-    """The fx graph as a networkx DiGraph (edges producer -> user)."""
-    g = nx.DiGraph()
-    for n in graph.nodes:
-        g.add_node(n)
-        for u in n.users:
-            g.add_edge(n, u)
-    return g
-
-
 def _getitems(node: fx.Node) -> Dict[int, fx.Node]:
     out = {}
     for u in node.users:

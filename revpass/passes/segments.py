@@ -28,7 +28,12 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from torch import fx
 
+from revpass import meta
+from revpass.analysis.measure import measure
+from revpass.neurons import is_neuron
+from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
+from revpass.state import StateReset
 
 _BOUNDARY_OPS = ("placeholder", "get_attr", "output")
 PREFIX = "revpass_segment_"
@@ -40,12 +45,8 @@ def _opaque(gm: fx.GraphModule, n: fx.Node) -> bool:
         return True
     if n.op != "call_module":
         return False
-    from revpass.neurons import is_neuron
-    from revpass.nodes.modules import _Node
-    from revpass.trace import StateReset
-
     m = gm.get_submodule(n.target)
-    return isinstance(m, (_Node, StateReset, RecomputeSegment)) or is_neuron(m)
+    return isinstance(m, (Node, StateReset, RecomputeSegment)) or is_neuron(m)
 
 
 def grow(gm: fx.GraphModule, end: fx.Node, taken: Set[fx.Node], tensors: Set[str]) -> Optional[List[fx.Node]]:
@@ -98,8 +99,6 @@ def form_segments(
     """Replace the segments ending at the call_module nodes whose target is in ``ends`` (exact
     nodes) by :class:`RecomputeSegment` calls; with ``singles``, also wrap the layers that read
     only spikes and keep more than their inputs as bits. Returns [(segment name, sites)]."""
-    from revpass.passes.annotate import measure
-
     mem = measure(gm, example_inputs)
     binary = {name: m.binary for name, m in mem.items()}
     tensors = {name for name, m in mem.items() if m.shape is not None}
@@ -159,14 +158,12 @@ def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: in
     setattr(gm, name, seg)
     with g.inserting_before(end):
         call = g.call_module(name, tuple(ins))
-    replaces: List[str] = []
-    for n in members:
-        replaces += n.meta.get("revpass_replaces", [n.name])
-    call.meta["revpass_replaces"] = replaces
+    meta.set_replaces(call, [r for n in members for r in meta.replaces(n)])
     modules = [str(n.target) for n in members if n.op == "call_module"]
     what = " -> ".join(modules) if modules else ", ".join(str(getattr(n.target, "__name__", n.target))
                                                           for n in members)
-    call.meta["revpass_strategy"] = (
+    meta.set_strategy(
+        call,
         "recompute",
         f"recomputed in backward ({what}); keeps its inputs, spikes as bits"
         + (f"; ends at {', '.join(sites)} (exact node)" if sites else ""),

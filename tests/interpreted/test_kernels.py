@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import revpass
-from catalogue import CASES, close, input_for, reduction_close, worst
+from catalogue import AT_THRESHOLD, CASES, at_threshold_input, close, input_for, reduction_close, worst
 from revpass.neurons import spec_from_module
 from revpass.neurons.spec import family_of
 from revpass.nodes import exact as torch_exact
@@ -173,6 +173,49 @@ def test_reversible_kernels(case, dtype):
                     return torch_rev.reversible_backward(spec, gy64, g64, y64, bits, kept64, s64, P64, need)[2]
 
                 assert set(k[2]) == set(r[2]) == set(need) and _params_close(k[2], r[2], dtype, truth)
+
+
+AT_THRESHOLD_KERNEL = [c for c in AT_THRESHOLD if kernels.unsupported(spec_from_module(c.make())) is None]
+
+
+@pytest.mark.parametrize("case", AT_THRESHOLD_KERNEL, ids=[c.id for c in AT_THRESHOLD_KERNEL])
+def test_kernels_at_the_threshold(case):
+    """Membranes exactly at the threshold (tests/catalogue.py, AT_THRESHOLD; the PyTorch path and
+    the library are compared there in tests/neurons/test_threshold.py): the kernels compare as
+    the frameworks do, >= for SpikingJelly (it fires) and > for snnTorch and norse (it does not),
+    in the exact and the reversible forward, in the spikes G's rebuild recomputes in backward,
+    and in the gradients."""
+    from revpass.nodes.kernels import exact as KE
+    from revpass.nodes.kernels import reversible as KR
+
+    assert {c.framework for c in AT_THRESHOLD_KERNEL} == {"spikingjelly", "snntorch", "norse"}
+    spec = spec_from_module(case.make())
+    P = _params(spec, torch.float32)
+    need = _need(spec)
+    x = at_threshold_input(case, shape=(2, 2))
+    s = torch.tensor(case.spikes).reshape(-1, 1, 1).expand_as(x).contiguous()
+    assert bool((s[0] == (1.0 if case.framework == "spikingjelly" else 0.0)).all())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        xe = torch.cat([x, x[:, :, :1]], 2)
+        ref = torch_exact.exact_forward(spec, xe, None, P, need)
+        out = KE.forward(spec, xe, None, P, need)
+        assert torch.equal(ref[0], torch.cat([s, s[:, :, :1]], 2))
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+        gs = torch.randn(xe.shape, generator=gen)
+        r = torch_exact.exact_backward(spec, gs, None, ref[1], None, P, need)
+        k = KE.backward(spec, gs, None, ref[1], None, P, need)
+        assert close(k[0], r[0]), worst(k[0], r[0])
+        # reversible, channels [G | F | remainder]: G's part x - s makes G charge from x too
+        xr = torch.cat([x - s, x, x[:, :, :1]], 2)
+        ref = torch_rev.reversible_forward(spec, xr, None, P, need)
+        out = KR.forward(spec, xr, None, P, need)
+        assert torch.equal(ref[0], torch.cat([x, x + s, s[:, :, :1]], 2))
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
+        gy = torch.randn(xr.shape, generator=gen)
+        r = torch_rev.reversible_backward(spec, gy, None, ref[0], ref[1], ref[2], None, P, need)
+        k = KR.backward(spec, gy, None, ref[0], ref[1], ref[2], None, P, need)
+        assert close(k[0], r[0]), worst(k[0], r[0])
 
 
 def _node_grads(node, x, gy=None, calls=2):
@@ -355,7 +398,7 @@ def test_torch_compile_runs_the_kernels(backend, monkeypatch):
     conv = revpass.convert(net, x)
 
     def run(m):
-        from revpass.trace import reset_states
+        from revpass.state import reset_states
 
         reset_states(m)
         xx = x.clone().requires_grad_(True)

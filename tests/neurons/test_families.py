@@ -1,5 +1,5 @@
 """The spec of every family reproduces the library neuron: forward bit for bit over T=16, and its
-analytic sequence VJP matches the library's autograd gradients within METHOD.md section 7."""
+analytic sequence VJP matches the library's autograd gradients within docs/method.md section 7."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """A multi-step batch norm folded into the reversible node that reads it
-(revpass/nodes/batchnorm.py): same function, gradients within METHOD.md section 7, and its input
+(revpass/nodes/batchnorm.py): same function, gradients within docs/method.md section 7, and its input
 not kept."""
 
 import copy
@@ -177,15 +177,15 @@ def test_convert_folds_and_keeps_the_model_whole():
 
 def test_convert_slices_only_where_the_transient_sets_the_peak():
     """revpass.convert gives backward slices only to the nodes whose transient would set the peak
-    of a training step (revpass.plan.slice_where_it_sets_the_peak): the estimated peak stays
+    of a training step (revpass.planning.peak.slice_where_it_sets_the_peak): the estimated peak stays
     within 5% of every node finely sliced, with most nodes whole (fewer kernel launches). A node
     built by hand keeps the default."""
     import models
     from spikingjelly.activation_based import neuron
 
     from revpass.nodes import slicing
-    from revpass.passes.annotate import node_workspace
-    from revpass.plan import estimate_peak
+    from revpass.analysis.workspace import node_workspace
+    from revpass.planning.peak import estimate_peak
 
     net = models.sj_zoo("spiking_resnet18")
     for mode in ("exact", "reversible"):

@@ -158,7 +158,7 @@ def test_cuda_convert_spiking_resnet18():
     net = models.sj_zoo("spiking_resnet18").cuda()
     x = torch.randn(4, 2, 3, 32, 32, device="cuda")
     exact = revpass.convert(net, x, mode="exact")
-    from revpass.trace import reset_states
+    from revpass.state import reset_states
 
     reset_states(net)
     assert torch.equal(exact(x), net(x))
@@ -173,13 +173,13 @@ def test_cuda_recompute_segments():
     """Recomputed segments on CUDA: the original function, gradients verified, batch-norm
     statistics updated once, and dropout's CUDA random numbers replayed in the rebuild."""
     import models
-    from test_segments import check_dropout_replay
+    from passes.test_segments import check_dropout_replay
 
     net = models.sj_zoo("spiking_resnet18").cuda()
     x = torch.randn(4, 2, 3, 32, 32, device="cuda")
     gm = revpass.convert(net, x, mode="recompute")
     assert gm.revpass_report.count("recompute") == 17
-    from revpass.trace import reset_states
+    from revpass.state import reset_states
 
     reset_states(net), reset_states(gm)
     assert torch.equal(gm(x), net(x))

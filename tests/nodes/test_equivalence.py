@@ -1,4 +1,4 @@
-"""Gradient equivalence (METHOD.md section 7) between the three backwards of the reversible node,
+"""Gradient equivalence (docs/method.md section 7) between the three backwards of the reversible node,
 and between the exact node and the library neuron, for every family and configuration."""
 
 import copy
@@ -38,7 +38,7 @@ def _float64_grads(lib, x_leaf, leaf: bool, node_class=revpass.ReversibleNode):
 
 
 def _check_all(ref, got, dtype, what, reconstructed_T=0, truth=None):
-    """Forward bit-identical; gradients within METHOD.md section 7, or, for a reversible node in
+    """Forward bit-identical; gradients within docs/method.md section 7, or, for a reversible node in
     float32 beyond T = 16, within the documented reconstruction bound. Parameter gradients (index
     1 on) that miss section 7 against the float32 reference pass if they are no farther from the
     float64 gradients (``truth``, a callable, evaluated only then) than the reference is."""

@@ -1,5 +1,5 @@
 """Bytes kept for backward, measured with saved_tensors_hooks and deduplicated by storage, equal
-what METHOD.md sections 3 and 6 say, for every family."""
+what docs/method.md sections 3 and 6 say, for every family."""
 
 import math
 
@@ -85,12 +85,12 @@ def test_library_neurons_keep_what_method_md_says():
 def test_sliced_backward_workspace():
     """The optimized backward in slices (revpass.nodes.slicing.chunks) allocates a fraction of what
     the whole-sequence backward does: for the stem of spiking_resnet18 (8 slices), under a
-    third, for both nodes; and the whole-sequence one several times the input, as METHOD.md
+    third, for both nodes; and the whole-sequence one several times the input, as docs/method.md
     section 5's buffers say. (The exact node of a SpikingJelly LIF runs no slices: see below.)"""
     from spikingjelly.activation_based import neuron
 
     from revpass.nodes import slicing
-    from revpass.passes.annotate import node_workspace
+    from revpass.analysis.workspace import node_workspace
 
     shape = (4, 2, 64, 16, 16)
     nbytes = math.prod(shape) * 4
@@ -111,7 +111,7 @@ def test_exact_spikingjelly_backward_workspace_is_a_few_steps(surrogate):
     from spikingjelly.activation_based import neuron, surrogate as sj_surrogate
 
     from revpass.nodes import slicing
-    from revpass.passes.annotate import node_workspace
+    from revpass.analysis.workspace import node_workspace
 
     lif = neuron.LIFNode(step_mode="m", surrogate_function=getattr(sj_surrogate, surrogate)())
     for T in (4, 16):

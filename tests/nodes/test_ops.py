@@ -171,7 +171,7 @@ def test_exported_program_runs_in_another_process(mode, tmp_path):
     process): a converted model's program saved by torch.export runs where it is loaded."""
     from spikingjelly.activation_based import layer, neuron
 
-    from revpass.trace import reset_states
+    from revpass.state import reset_states
 
     torch.manual_seed(0)
     net = nn.Sequential(layer.Linear(6, 6, step_mode="m"), _lif(), layer.Linear(6, 5, step_mode="m"),

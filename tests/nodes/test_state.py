@@ -19,7 +19,7 @@ def test_reset_and_reset_net():
     x = torch.randn(8, 2, 3) + 0.5
     y_lib = net(x)
     net[1] = revpass.ExactNode.from_neuron(net[1])
-    functional.invalidate_reset_cache(net)  # FRAMEWORKS.md pitfall 3
+    functional.invalidate_reset_cache(net)  # docs/frameworks/README.md, pitfall 3
     a = net(x)
     b = net(x)  # carries the state of the first call
     assert torch.equal(a, y_lib)
@@ -66,10 +66,19 @@ def test_explicit_state_like_snntorch():
     for t in range(8):
         s, mem = lib(x[t], mem)
         out.append(s)
-    node = revpass.ExactNode.from_neuron(lib)
+    node = revpass.ExactNode.from_neuron(lib, step_mode="m")
     y, (u,) = node(x, (mem0,))
     assert torch.equal(y, torch.stack(out))
     assert torch.equal(u, mem)
+    # by default a node built from an snnTorch neuron is single-step, as the neuron is (one
+    # resolver of step modes: revpass.neurons.step_mode), and is called the same way
+    step = revpass.ExactNode.from_neuron(lib)
+    assert step.step_mode == "s" and revpass.neurons.step_mode(lib) == "s"
+    mem, got = mem0, []
+    for t in range(8):
+        s, (mem,) = step(x[t], (mem,))
+        got.append(s)
+    assert torch.equal(torch.stack(got), torch.stack(out)) and torch.equal(mem, u)
 
 
 def test_snntorch_utils_reset_keeps_working():
@@ -125,6 +134,6 @@ def test_snntorch_synaptic_explicit_state():
     for t in range(8):
         s, syn, mem = lib(x[t], syn, mem)
         out.append(s)
-    y, (syn_n, mem_n) = revpass.ExactNode.from_neuron(lib)(x, (syn0, mem0))
+    y, (syn_n, mem_n) = revpass.ExactNode.from_neuron(lib, step_mode="m")(x, (syn0, mem0))
     assert torch.equal(y, torch.stack(out))
     assert torch.equal(syn_n, syn) and torch.equal(mem_n, mem)

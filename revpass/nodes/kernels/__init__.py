@@ -28,7 +28,7 @@ from typing import Dict, Optional
 
 import torch
 
-from revpass.neurons.spec import NeuronSpec
+from revpass.neurons.spec import NeuronSpec, family_of
 
 Tensor = torch.Tensor
 
@@ -64,7 +64,7 @@ def unsupported(spec: NeuronSpec, P: Optional[Dict[str, Tensor]] = None) -> Opti
     if spec.surrogate.kernel_id is None:
         return (f"its surrogate {spec.surrogate.name} is not one the fused kernels know, so the PyTorch path "
                 "runs on every device")
-    if spec.family not in FAMILY_IDS:
+    if family_id(spec) is None:
         return f"the fused kernels do not cover the {spec.family} family; the PyTorch path runs on every device"
     for k, v in (P if P is not None else spec.params).items():
         if isinstance(v, Tensor) and v.numel() != 1:
@@ -94,8 +94,14 @@ def choose(x: Tensor, spec: NeuronSpec, P: Dict[str, Tensor]) -> str:
     return "triton"
 
 
-#: family name -> the kernels' family id (revpass/nodes/kernels/neuron.py)
-FAMILY_IDS = {"spikingjelly": 0, "snntorch": 1, "norse_lif": 2, "norse_lif_box": 3}
+#: the kernels' family ids (``FAM`` in revpass/nodes/kernels/neuron.py), by the form of the equations
+LIF, LEAKY_SYNAPTIC, CURRENT_LIF, LIF_BOX = 0, 1, 2, 3
+FAMILY_IDS = {"lif": LIF, "leaky_synaptic": LEAKY_SYNAPTIC, "current_lif": CURRENT_LIF, "lif_box": LIF_BOX}
+
+
+def family_id(spec: NeuronSpec) -> Optional[int]:
+    """The kernels' id of the spec's family (its form of equations), or None if not covered."""
+    return FAMILY_IDS.get(family_of(spec).equations)
 
 
 def reversible_forward(backend: str, spec: NeuronSpec, x: Tensor, state0, P: Dict[str, Tensor], need):

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from revpass.neurons.spec import NeuronSpec, State
-from revpass.nodes.kernels import FAMILY_IDS, interpreting
+from revpass.nodes.kernels import family_id, interpreting
 
 Tensor = torch.Tensor
 
@@ -28,7 +28,7 @@ def block() -> int:
 def options(spec: NeuronSpec) -> Dict[str, int]:
     """The neuron's compile-time options (revpass/nodes/kernels/neuron.py)."""
     c = spec.consts
-    fam = FAMILY_IDS[spec.family]
+    fam = family_id(spec)
     o = dict(FAM=fam, KIND=0, RESET=0, DECAY=0, DETACH=0, DELAY=0, FIRE_GE=int(spec.surrogate.fires_at_zero),
              SURR=spec.surrogate.kernel_id)
     if fam == 0:
@@ -43,7 +43,7 @@ def options(spec: NeuronSpec) -> Dict[str, int]:
 
 def slots(spec: NeuronSpec) -> Tuple[int, ...]:
     """Where each of the node's state tensors sits among the kernels' three state slots."""
-    fam = FAMILY_IDS[spec.family]
+    fam = family_id(spec)
     if fam == 1:
         return (0, 1, 2) if spec.consts["kind"] == "synaptic" else (1, 2)
     if fam == 2:
@@ -60,7 +60,7 @@ def consts(spec: NeuronSpec, P: Dict[str, Tensor], dtype: torch.dtype, device: t
     prepared with the same tensor operations (the family's ``prepare``) and then cast."""
     c = spec.consts
     alpha = spec.surrogate.key[1]
-    fam = FAMILY_IDS[spec.family]
+    fam = family_id(spec)
     vals: List[object]
     if fam == 0:
         kind = c["kind"]

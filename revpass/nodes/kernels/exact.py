@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from revpass.neurons.spec import NeuronSpec, Params, State, family_of
-from revpass.nodes.kernels import common
+from revpass.nodes.kernels import LEAKY_SYNAPTIC, LIF, common, family_id
 from revpass.nodes.kernels.surrogates import div
 from revpass.nodes.kernels.neuron import (
     block_window,
@@ -163,7 +163,7 @@ def _exact_backward(gs_ptr, gx_ptr, kept_ptr, gi0, gi1, gi2, i0, i1, i2, o0, o1,
 
 def need_prev(spec: NeuronSpec, need: Sequence[str]) -> bool:
     """Whether a step's gradient reads the step before (PLIF's dq, snnTorch's reset signal)."""
-    return spec.family == "snntorch" or (spec.consts.get("kind") == "plif" and "w" in need)
+    return family_id(spec) == LEAKY_SYNAPTIC or (spec.consts.get("kind") == "plif" and "w" in need)
 
 
 def keep_syn(spec: NeuronSpec, need: Sequence[str]) -> bool:
@@ -205,7 +205,7 @@ def param_grads(spec: NeuronSpec, P: Params, terms: Optional[Tensor], need: Sequ
         return {}
     sums = terms.sum(1)
     out: Dict[str, Tensor] = {}
-    if spec.family == "spikingjelly":
+    if family_id(spec) == LIF:
         if "w" in need:
             with torch.no_grad():
                 q = P["w"].sigmoid()

@@ -29,7 +29,7 @@ import triton.language as tl
 from revpass.neurons.spec import NeuronSpec, Params, State, family_of
 from revpass.nodes import layout
 from revpass.nodes.bits import packed_planes_shape
-from revpass.nodes.kernels import common, exact
+from revpass.nodes.kernels import LEAKY_SYNAPTIC, common, exact, family_id
 from revpass.nodes.kernels.neuron import (
     block_window,
     bwd_step,
@@ -311,7 +311,7 @@ def _or(t: Optional[Tensor], other: Tensor) -> Tensor:
 
 def scratch(spec: NeuronSpec, need: Sequence[str]) -> bool:
     """Whether the backward records the states entering each step (snnTorch recurrences)."""
-    return spec.family == "snntorch" and (not spec.consts["reset_delay"] or exact.keep_syn(spec, need))
+    return family_id(spec) == LEAKY_SYNAPTIC and (not spec.consts["reset_delay"] or exact.keep_syn(spec, need))
 
 
 def _pairs(x: Tensor) -> Tuple[layout.Layout, int, int, int, int]:

@@ -16,7 +16,7 @@ def resnet():
 
 
 def test_min_has_the_lowest_estimated_peak(resnet):
-    from revpass.plan import estimate_peak
+    from revpass.planning.peak import estimate_peak
 
     net, x, rev, ex = resnet
     conv = revpass.convert(net, x, budget="min")
@@ -59,7 +59,7 @@ def test_an_unreachable_budget_names_the_smallest_figure(resnet):
 
 
 def test_planner_on_rolled_snntorch_sites():
-    from revpass.plan import estimate_peak
+    from revpass.planning.peak import estimate_peak
 
     net = models.SnnTorchConv()
     x = torch.randn(2, 1, 28, 28) * 2

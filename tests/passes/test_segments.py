@@ -1,5 +1,7 @@
-"""Recomputed segments (mode="recompute"): exact nodes whose feeding layers are rebuilt in
-backward from spike inputs kept as bits."""
+"""Recomputed segments (revpass/passes/segments.py, mode="recompute"): exact nodes whose feeding
+layers are rebuilt in backward from spike inputs kept as bits. First on small traced graphs
+(which nodes a segment takes, where it stops, what it reads), then through convert on real
+models."""
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from torch import nn
 import models
 import revpass
 from revpass.nodes.segment import RecomputeSegment
-from revpass.trace import reset_states
+from revpass.state import reset_states
 from catalogue import close, worst
 
 
@@ -27,6 +29,108 @@ def _grads(model, x, seed=1):
     return y.detach(), dict(zip(["x", *names], g))
 
 
+# ----------------------------------------------------------------------------------------------
+# the pass on small traced graphs
+# ----------------------------------------------------------------------------------------------
+
+
+def _chain(variant=""):
+    """conv -> bn -> LIF -> pool -> conv -> LIF -> flatten -> linear (multi-step SpikingJelly);
+    "bn-out": the batch norm's output is also returned (read outside any segment)."""
+    from spikingjelly.activation_based import layer, neuron
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), layer.BatchNorm2d(4, step_mode="m")
+            self.sn1, self.pool = neuron.LIFNode(step_mode="m"), layer.MaxPool2d(2, step_mode="m")
+            self.c2, self.sn2 = layer.Conv2d(4, 4, 3, padding=1, step_mode="m"), neuron.LIFNode(step_mode="m")
+            self.flat, self.fc = layer.Flatten(step_mode="m"), layer.Linear(16, 3, step_mode="m")
+
+        def forward(self, x):
+            b = self.bn(self.c1(x))
+            y = self.fc(self.flat(self.sn2(self.c2(self.pool(self.sn1(b))))))
+            return (y, b) if variant == "bn-out" else y
+
+    torch.manual_seed(0)
+    return Chain()
+
+
+def _exact_graph(net):
+    """The traced net with exact nodes at its sites (what convert's rewrite leaves for "recompute")."""
+    from revpass.passes.detect import find_sites
+    from revpass.passes.rewrite import rewrite_site
+    from revpass.trace import trace
+
+    gm = trace(net)
+    for site in find_sites(gm):
+        rewrite_site(gm, site, "recompute", "optimized", {})
+    gm.recompile()
+    return gm
+
+
+def _body(seg):
+    return [str(n.target) for n in seg.body.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def _x():
+    return torch.randn(3, 2, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+
+
+@pytest.mark.parametrize("singles", [True, False])
+def test_form_segments_on_a_small_graph(singles):
+    from revpass.passes.segments import form_segments
+    from revpass.utils import safe_deepcopy
+
+    gm = _exact_graph(_chain())
+    plain = safe_deepcopy(gm)
+    keys = set(gm.state_dict())
+    out = form_segments(gm, (_x(),), {"sn1", "sn2"}, singles=singles)
+    # one segment per site, from the input or the previous neuron's spikes up to the node; with
+    # singles, the linear layer after the last neuron reads only spikes, kept as bits instead of
+    # floats: a segment of its own
+    want = [("revpass_segment_0", ["sn1"]), ("revpass_segment_1", ["sn2"])]
+    assert out == want + ([("revpass_segment_2", [])] if singles else [])
+    segs = _segments(gm)
+    assert _body(segs["revpass_segment_0"]) == ["c1", "bn", "sn1"] and segs["revpass_segment_0"].sites == ("sn1",)
+    assert _body(segs["revpass_segment_1"]) == ["pool", "c2", "sn2"]  # the max pool between neurons goes in
+    calls = [(n.op, str(n.target)) for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    tail = [("call_module", "revpass_segment_2")] if singles else [("call_module", "fc")]
+    assert calls == [("call_module", "revpass_segment_0"), ("call_module", "revpass_segment_1"),
+                     ("call_module", "flat")] + tail
+    if singles:
+        assert _body(segs["revpass_segment_2"]) == ["fc"]
+    seg1 = next(n for n in gm.graph.nodes if n.target == "revpass_segment_1")
+    assert [a.target for a in seg1.args] == ["revpass_segment_0"]  # it reads sn1's spikes
+    assert seg1.meta["revpass_replaces"] == ["pool", "c2", "sn2"]
+    assert seg1.meta["revpass_strategy"][0] == "recompute"
+    assert set(gm.state_dict()) == keys  # the segments own no parameters
+    # the same function, the same gradients (the same ops; sums in another order at most)
+    y0, g0 = _grads(plain, _x())
+    y1, g1 = _grads(gm, _x())
+    assert torch.equal(y0, y1) and y1.abs().sum() > 0
+    for k in g0:
+        assert close(g1[k], g0[k]), (k, worst(g1[k], g0[k]))
+
+
+def test_grow_stops_at_neurons_inputs_and_values_read_outside():
+    from revpass.passes.segments import grow
+
+    gm = _exact_graph(_chain("bn-out"))
+    node = {n.name: n for n in gm.graph.nodes}
+    tensors = set(node)
+    first = grow(gm, node["sn1"], set(), tensors)
+    # the batch norm's output is also an output of the graph: it leaves the segment, and with it
+    # everything before it (a segment has no side entrances)
+    assert [n.name for n in first] == ["sn1"]
+    second = grow(gm, node["sn2"], set(), tensors)
+    assert [n.name for n in second] == ["pool", "c2", "sn2"]  # stops at sn1, a neuron
+    # a node another segment took is not taken again
+    assert [n.name for n in grow(gm, node["sn2"], {node["pool"]}, tensors)] == ["c2", "sn2"]
+    # an end that reads a value that is not a tensor forms no segment
+    assert grow(gm, node["sn2"], set(), tensors - {"c2"}) is None
+
+
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
@@ -42,7 +146,7 @@ def test_resnet_recompute_is_the_original_function_and_keeps_its_spikes_as_bits(
     segs = _segments(gm)
     assert sorted(s for m in segs.values() for s in m.sites) == sorted(r.path for r in gm.revpass_report)
     # every segment after the first reads spikes only: kept as 1 bit per element
-    from revpass.plan import plan_of
+    from revpass.planning.memory_plan import plan_of
 
     plan = plan_of(gm, "recompute")
     assert plan.kept_before / plan.kept_after > 50

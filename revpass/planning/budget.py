@@ -1,8 +1,9 @@
-"""The budget planner: for each neuron site, unchanged, exact, reversible or recompute, to fit a
-memory budget at the least extra compute.
+"""The budget planner's choice: for each neuron site, unchanged, exact, reversible or recompute,
+to fit a memory budget at the least extra compute. Pure functions over annotated graphs; the
+driver (revpass.api) converts the probes and the chosen plan.
 
 Costs come from measurement, not from a model of the frameworks: the model is converted on copies
-with every site under each strategy, and the graphs are annotated (revpass/passes/annotate.py). A
+with every site under each strategy, and the graphs are annotated (revpass/analysis/annotate.py). A
 site's saving under a strategy is the change of bytes kept for backward over the site's node and
 its direct consumers (the layers that read its spikes: their storage is shared with a reversible
 node's output), or, under "recompute", over the segment that ends at it.
@@ -18,7 +19,7 @@ backward at the end of the forward (``revpass.plan``'s figure).
 ``budget="min"`` is the least memory a training step needs: it starts from every site at the
 strategy that keeps least, then, since a recomputed segment's layers are rebuilt in its backward
 and the largest of them can set the peak, tries the sites with the largest such workspace as
-reversible instead, keeping each change that lowers the estimated peak (revpass.plan.estimate_peak,
+reversible instead, keeping each change that lowers the estimated peak (revpass.planning.peak.estimate_peak,
 within 10% of a measured one); one strategy at every site wins where its estimated peak is lower
 still.
 """
@@ -26,12 +27,14 @@ still.
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
-from torch import fx, nn
+from torch import fx
 
+from revpass import meta
 from revpass.errors import RevpassError
+from revpass.nodes.segment import RecomputeSegment
 
 STRATEGIES = ("exact", "reversible", "recompute")  # in order of extra compute
 MIN_TRIES = 4  # sites "min" tries as reversible instead of recompute
@@ -51,15 +54,13 @@ def _consumers(n: fx.Node) -> Iterable[fx.Node]:
 
 
 def _saving(n: fx.Node) -> int:
-    m = n.meta.get("revpass")
+    m = meta.info(n)
     return m.get("kept_bytes_before", 0) - m["kept_bytes"] if m else 0
 
 
 def site_savings(converted: fx.GraphModule) -> Dict[str, int]:
     """Bytes kept before minus after, per converted site: over its node and its consumers, or
     over the recomputed segment that ends at it."""
-    from revpass.nodes.segment import RecomputeSegment
-
     out: Dict[str, int] = {}
     rows = {r.path: r for r in converted.revpass_report if r.decision != "unchanged"}
     for n in converted.graph.nodes:
@@ -97,7 +98,7 @@ def choose(
                 s = max(STRATEGIES, key=lambda s: (gain(s, p), -STRATEGIES.index(s)))
                 choice[p] = (s, f"'min': {s} keeps the least ({gain(s, p)} bytes saved)")
         return choice, floor
-    if not isinstance(budget, int) or budget < 0:
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
         raise ValueError(f"budget must be a number of bytes or 'min', got {budget!r}")
     if budget < floor:
         raise BudgetError(
@@ -126,69 +127,17 @@ def choose(
             if delta > 0:
                 choice[p] = (s, f"{s} saves {gain(s, p)} bytes, needed for the budget ({costs[s]})")
                 kept -= delta
+    for p in paths:  # left as they are: say whether a strategy would have saved anything
+        if choice[p][0] is None and best[p] > 0:
+            choice[p] = (None, "the budget is met without converting it")
     return choice, kept
 
 
-def convert_within(
-    model: nn.Module,
-    example_inputs: Optional[Sequence[Any]],
-    budget: Union[int, str],
-    **kwargs,
-) -> fx.GraphModule:
-    """revpass.convert(..., budget=): plan, convert, and check the measured figure."""
-    from revpass.api import convert
-    from revpass.plan import estimate_peak, plan_of
-
-    if example_inputs is None:
-        raise ValueError("convert(..., budget=...) needs example_inputs: the planner measures the model")
-    inplace = kwargs.pop("inplace", False)
-    probes = {s: convert(model, example_inputs, mode=s, **kwargs) for s in STRATEGIES}
-    total_before = plan_of(probes["exact"], "exact").kept_before
-    choice, predicted = choose(total_before, {s: site_savings(g) for s, g in probes.items()}, budget)
-    workspace = _workspaces(probes["recompute"])
-    uniform = {s: estimate_peak(g) for s, g in probes.items()}
-    uniform[None] = probes["exact"].revpass_peak_before  # leaving every site as it is
-    del probes
-    gm = convert(model, example_inputs, _modes=choice, inplace=inplace and budget != "min", **kwargs)
-    if budget == "min":
-        peak = estimate_peak(gm)
-        tries = sorted((p for p, (s, _) in choice.items() if s == "recompute"), key=lambda p: -workspace.get(p, 0))
-        for p in tries[:MIN_TRIES]:
-            trial = dict(choice)
-            trial[p] = ("reversible", "'min': reversible instead of recompute lowers the estimated peak "
-                                      f"(the segment's backward would rebuild {workspace[p]} bytes)")
-            cand = convert(model, example_inputs, _modes=trial, **kwargs)
-            cand_peak = estimate_peak(cand)
-            if cand_peak < peak:
-                choice, gm, peak = trial, cand, cand_peak
-        s = min(uniform, key=uniform.get)
-        if uniform[s] < peak:  # one strategy everywhere does better (keeping more, rebuilding less)
-            why_all = (f"'min': {s} at every site has the lowest estimated peak" if s is not None else
-                       "'min': no conversion lowers the estimated peak (the nodes' sequence-sized gradients "
-                       "outweigh what they save)")
-            choice = {p: (s, why_all) if c is not None else (None, why) for p, (c, why) in choice.items()}
-            gm = convert(model, example_inputs, _modes=choice, **kwargs)
-        if inplace:
-            gm = convert(model, example_inputs, inplace=True, _modes=choice, **kwargs)
-    gm.revpass_report.mode = f"budget={budget!r}"
-    measured = plan_of(gm, "planned").kept_after
-    gm.revpass_budget = {"budget": budget, "predicted_bytes": predicted, "measured_bytes": measured,
-                         "bytes_before": total_before, "estimated_peak": estimate_peak(gm)}
-    if isinstance(budget, int) and measured > budget:
-        raise BudgetError(
-            f"the planned conversion keeps {measured} bytes, over the budget of {budget} (predicted "
-            f"{predicted}); the smallest reachable figure is given by budget='min'"
-        )
-    return gm
-
-
-def _workspaces(gm: fx.GraphModule) -> Dict[str, int]:
+def workspaces(gm: fx.GraphModule) -> Dict[str, int]:
     """Per site, the bytes its recomputed segment rebuilds in backward."""
-    from revpass.nodes.segment import RecomputeSegment
-
     out = {}
     for n in gm.graph.nodes:
         if n.op == "call_module" and isinstance(gm.get_submodule(n.target), RecomputeSegment):
             for site in gm.get_submodule(n.target).sites:
-                out[site] = n.meta["revpass"].get("workspace_bytes", 0)
+                out[site] = meta.info(n).get("workspace_bytes") or 0
     return out

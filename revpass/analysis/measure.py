@@ -1,0 +1,149 @@
+"""What each node of a graph keeps for backward, measured on example inputs.
+
+:func:`measure` runs a GraphModule with a :class:`torch.fx.Interpreter` under
+``saved_tensors_hooks`` and attributes every tensor saved for backward (and still held when the
+forward returns) to the node that saved it, deduplicated by storage over the whole graph: a
+storage kept by several nodes (a reversible node's output, kept again by the conv that reads it)
+counts once, at the first node that keeps it. It also records each node's output shape, dtype,
+whether its values are all 0 or 1 (spikes), and the backward workspace of revpass nodes and
+recomputed segments (revpass.analysis.workspace).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import fx
+
+from revpass.analysis.workspace import workspace
+from revpass.nodes import Node
+from revpass.nodes.bits import is_binary
+from revpass.nodes.segment import RecomputeSegment
+from revpass.state import reset_states
+from revpass.utils import as_tuple
+
+
+@dataclass
+class NodeMemory:
+    kept_bytes: int
+    forward_step: int
+    shape: Optional[List[int]]
+    dtype: Optional[str]
+    binary: bool = False  # every element of the output is 0 or 1 (spikes)
+    own_bytes: int = 0  # what the node keeps, counting storages other nodes also keep
+    workspace_bytes: int = 0  # revpass nodes: what their backward allocates besides the input gradient
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.now: List[Optional[str]] = [None]  # the name of the node running now
+        self.order: List[fx.Node] = []
+        self.outputs: Dict[str, Any] = {}
+        self.binary: Dict[str, bool] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.now[0] = n.name
+        self.order.append(n)
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.outputs[n.name] = (list(out.shape), str(out.dtype).replace("torch.", ""))
+            with torch.no_grad():
+                self.binary[n.name] = is_binary(out)
+        return out
+
+
+def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, NodeMemory]:
+    """Bytes each node keeps for backward (storage-deduplicated over the graph), by node name."""
+    inputs = as_tuple(example_inputs)
+    reset_states(gm)
+    rec = _Recorder(gm)
+    excluded = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers()) if t.numel()}
+    excluded |= {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor) and x.numel()}
+    seen = []
+    # the hook holds no graph (node names, not nodes; not the recorder): a saved tensor's hooks live
+    # as long as the saved tensor, and with them whatever the hook refers to
+    now = rec.now
+
+    def pack(t: torch.Tensor):
+        # the graph keeps an alias, not t: a saved output packed as itself would hold its own
+        # grad_fn, a cycle through autograd's C++ nodes that gc cannot see, and it leaked the
+        # whole graph (parameters included) at every measuring run. The alias lives exactly as
+        # long as the graph keeps it, so its weak reference says whether it is still kept.
+        kept_as = t.detach()
+        if t.numel() and t.device.type != "meta":
+            st = t.untyped_storage()
+            if st.data_ptr() not in excluded:
+                seen.append((weakref.ref(kept_as), st.data_ptr(), st.nbytes(), now[0]))
+        return kept_as
+
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+              for x in inputs]
+    # a measuring run must leave no trace: buffers (batch norm's running statistics) are put back
+    # and the random number generator is not advanced
+    buffers = [(b, b.clone()) for b in gm.buffers()]
+    cuda = sorted({t.device.index or 0 for t in (*gm.parameters(), *leaves)
+                   if isinstance(t, torch.Tensor) and t.is_cuda})
+    with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = rec.run(*leaves)
+    with torch.no_grad():
+        for b, v in buffers:
+            b.copy_(v)
+    kept: Dict[str, int] = {}
+    owner: Dict[int, str] = {}
+    own: Dict[str, Dict[int, int]] = {}
+    for ref, ptr, nbytes, name in seen:
+        if ref() is None or name is None:
+            continue  # freed before the forward returned
+        own.setdefault(name, {})[ptr] = nbytes
+        if ptr in owner:
+            continue  # already counted (shared storage)
+        owner[ptr] = name
+        kept[name] = kept.get(name, 0) + nbytes
+    del out
+    reset_states(gm)
+    result = {}
+    for i, n in enumerate(rec.order):
+        shape, dtype = rec.outputs.get(n.name, (None, None))
+        result[n.name] = NodeMemory(kept.get(n.name, 0), i, shape, dtype, rec.binary.get(n.name, False),
+                                    sum(own.get(n.name, {}).values()))
+    sized: Dict[str, int] = {}
+    for n in rec.order:  # the backward workspace of revpass nodes and segments, once per module and shapes
+        if n.op != "call_module" or not n.args or not isinstance(gm.get_submodule(n.target),
+                                                                                         (Node, RecomputeSegment)):
+            continue
+        args = n.args[:1] if isinstance(gm.get_submodule(n.target), Node) else n.args
+        src = [(*rec.outputs.get(a.name, (None, None)), rec.binary.get(a.name, False)) if isinstance(a, fx.Node)
+               else (None, None, False) for a in args]
+        if all(shape is not None for shape, _, _ in src):
+            key = f"{n.target}{src}"
+            if key not in sized:
+                sized[key] = workspace(gm.get_submodule(n.target),
+                                       [(shape, getattr(torch, dtype), b) for shape, dtype, b in src])
+            result[n.name].workspace_bytes = sized[key]
+    return result
+
+
+def site_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, tuple]:
+    """From one run of ``gm`` (left reset): the output shape of every node by name, and the
+    input shape of every call_module node by target (its first call's)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    inputs = as_tuple(example_inputs)
+    reset_states(gm)
+    shapes: Dict[str, tuple] = {}
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+    reset_states(gm)
+    for n in gm.graph.nodes:
+        tm = n.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            shapes[n.name] = tuple(tm.shape)  # every value, by node name (kind c sites)
+        if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node):
+            tm = n.args[0].meta.get("tensor_meta")
+            if tm is not None and hasattr(tm, "shape") and n.target not in shapes:
+                shapes[n.target] = tuple(tm.shape)
+    return shapes

@@ -1,0 +1,96 @@
+"""Which parameters a module's backward produces, and what its backward allocates.
+
+One home for both questions about a revpass node or a recomputed segment: :func:`owners` (the
+modules whose parameters and buffers it uses: a segment's body, folded batch norms),
+:func:`trained_params` (the parameters whose gradients its backward makes) and
+:func:`workspace` (its backward's transient memory, measured).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List
+
+import torch
+from torch import nn
+
+from revpass.memory import tracker_bytes
+from revpass.nodes import Node
+from revpass.nodes.ops import visible_internals
+from revpass.nodes.segment import RecomputeSegment
+
+
+def owners(module) -> List[Any]:
+    """The modules whose parameters and buffers ``module``'s forward and backward use: a
+    recomputed segment's body (held outside the module tree) or the module itself, then every
+    batch norm folded into a node inside it (not its child either)."""
+    body = module.body if isinstance(module, RecomputeSegment) else module
+    return [body] + [m.folded_bn for m in body.modules() if getattr(m, "folded_bn", None) is not None]
+
+
+def trained_params(module: nn.Module) -> Iterator[nn.Parameter]:
+    """The parameters whose gradients ``module``'s backward makes (:func:`owners`: a recomputed
+    segment's layers and a batch norm folded into a node included), each once."""
+    seen = set()
+    for o in owners(module):
+        for p in o.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                yield p
+
+
+def node_workspace(node, shape, dtype, device="cpu") -> int:
+    """:func:`workspace` of a revpass node on one random (non-spike) input of ``shape``."""
+    return workspace(node, [(shape, dtype, False)], device)
+
+
+def workspace(module, inputs, device="cpu") -> int:
+    """What ``module``'s backward (a revpass node or a recomputed segment) allocates besides its
+    inputs' and parameters' gradients, on random inputs described by ``inputs`` [(shape, dtype,
+    binary)] (binary: 0/1 values, as spikes, which a segment keeps as bits): MemTracker's peak
+    over the backward alone, with the kernels' internals visible
+    (revpass.nodes.ops.visible_internals), less what existed before it (inputs, output, its
+    gradient, what the forward kept). Carried states and buffers (batch norm statistics, folded
+    or in a segment) are left as they were; 0 on the meta device."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if device == "meta" or str(device) == "meta" or not inputs or any(not shape for shape, _, _ in inputs):
+        return 0
+    device = next((p.device for p in module.parameters()), torch.device(device))
+    if device.type == "meta":
+        return 0
+    used = owners(module)
+    nodes = [m for m in used[0].modules() if isinstance(m, Node)]
+    states = [(m, m.state) for m in nodes]
+    buffers = [(b, b.clone()) for o in used for b in o.buffers()]
+    try:
+        for m in nodes:
+            m.state = None
+        saved = []  # what the forward keeps: it exists before the backward, as do x, y and g
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            xs = [(torch.randint(0, 2, shape, device=device).to(dtype) if binary
+                   else torch.randn(shape, dtype=dtype, device=device) + 0.5).requires_grad_(True)
+                  for shape, dtype, binary in inputs]
+            y = module(*xs)
+            y = y[0] if isinstance(y, tuple) else y
+            g = torch.randn_like(y)
+        params = list(trained_params(module))
+        existing = [*xs, y, g, *saved] + [t for o in used for t in (*o.parameters(), *o.buffers())]
+        before = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in existing}
+        mt = MemTracker()
+        # tracked from the start, these count once, as they are; a dispatch mode would otherwise
+        # count a storage it first meets through a view made in the backward (a saved tensor's
+        # detach, a slice of g, a weight's transpose) as if the backward had allocated it
+        mt.track_external(*existing)
+        with visible_internals(), mt:
+            grads = torch.autograd.grad(y, [*xs, *params], g, allow_unused=True)
+        total = tracker_bytes(mt.get_tracker_snapshot("peak"))
+        saved.clear()  # the hook may outlive this call (see measure): it must not keep these
+        return max(0, total - sum(before.values()) - sum(t.numel() * t.element_size() for t in grads
+                                                         if t is not None))
+    finally:
+        for m, st in states:
+            m.state = st
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)

@@ -1,0 +1,1 @@
+"""Planning over annotated graphs: the estimated peak, the budget planner's choice, the memory plan."""

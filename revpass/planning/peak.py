@@ -1,0 +1,158 @@
+"""The estimated peak of a training step, from an annotated graph, and the backward slices
+that keep it low (docs/memory.md)."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+from revpass import meta
+from revpass.analysis.workspace import node_workspace, trained_params
+from revpass.neurons import is_neuron
+from revpass.nodes import Node
+from revpass.nodes.segment import RecomputeSegment
+from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE, chunks
+
+
+def _bytes(info) -> int:
+    shape = info.get("shape") if info else None
+    if not shape:
+        return 0
+    return math.prod(shape) * getattr(torch, info["dtype"]).itemsize
+
+
+def estimate_peak(gm) -> int:
+    """Estimated peak of one training step's memory beyond parameters, gradients, buffers and
+    optimizer state (activations plus temporaries), from an annotated GraphModule, without running
+    a backward. The model of a training step:
+
+    * at the end of the forward, every node's kept bytes are held, and each stateful neuron keeps
+      its final state (one step of its output);
+    * the backward visits the nodes in reverse; at a node it holds the gradients of its output
+      and inputs (and, for a recomputed segment, its rebuilt layers: ``workspace_bytes``), and
+      the gradients of values with several readers accumulate until their producer is reached;
+      after it, the node's kept bytes are freed and its module's parameter gradients exist;
+    * the peak is where parameters' gradients plus held activations and temporaries are largest
+      (deep layers hold most parameters, early ones most activations); the figure is the
+      activations and temporaries there, which is what MemTracker's peak less parameters,
+      gradients, buffers and optimizer state measures.
+    """
+    nodes = sorted((n for n in gm.graph.nodes if (meta.info(n) or {}).get("forward_step") is not None),
+                   key=lambda n: meta.info(n)["forward_step"])
+    kept = {n: meta.info(n)["kept_bytes"] for n in nodes}
+    held = sum(kept.values())
+    stateful = set()
+    for n in nodes:
+        if n.op == "call_module" and n.target not in stateful:
+            m = gm.get_submodule(n.target)
+            if isinstance(m, RecomputeSegment):  # the node at its end carries its state
+                carries = any(isinstance(x, Node) and x.carry_state for x in m.body.modules())
+            else:
+                carries = m.carry_state if isinstance(m, Node) else is_neuron(m)
+            shape = meta.info(n)["shape"]
+            if carries and shape:
+                stateful.add(n.target)
+                held += _bytes(meta.info(n)) // shape[0]  # one step of its output
+    grads = 0
+    best_total, best = held, held
+    seen = set()
+    pending = {}  # gradients of multi-reader values, accumulating until their producer runs
+    for n in reversed(nodes):
+        info = meta.info(n)
+        pending.pop(n, None)
+        inputs = [a for a in n.all_input_nodes if (meta.info(a) or {}).get("shape")]
+        temp = 0
+        if kept[n] or n.op == "call_module":
+            temp = _bytes(info) + sum(_bytes(meta.info(a)) for a in inputs)
+        temp += info.get("workspace_bytes") or 0  # a recomputed segment's layers, rebuilt for its backward
+        temp += sum(pending.values())
+        for a in inputs:
+            if len(a.users) > 1:
+                pending[a] = _bytes(meta.info(a))
+        if n.op == "call_module" and n.target not in seen:
+            seen.add(n.target)
+            grads += sum(p.numel() * p.element_size() for p in trained_params(gm.get_submodule(n.target)))
+        if grads + held + temp > best_total:
+            best_total, best = grads + held + temp, held + temp
+        held -= kept[n]
+    return best
+
+
+def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
+    """Give backward slices (revpass.nodes.slicing) to the nodes of an annotated converted model
+    whose transient would set the peak of a training step, and only as many as it takes.
+
+    Slices bound a node's backward transient (the PyTorch path's records and factors) to a
+    fraction of it, at the price of more, smaller kernel launches: a converted model runs fastest
+    unsliced, and lowest with every node in CHUNK_MAX slices. This keeps the estimated peak
+    (:func:`estimate_peak`) within ``tolerance`` of the latter's with the fewest slices:
+    starting unsliced, it doubles the slices of the node whose doubling lowers the estimate most
+    (where none does alone, of the one whose workspace falls most), until the estimate is within
+    bounds. A node's workspace in k slices is interpolated between
+    its measured whole and finest workspaces (the records scale with the slice, the rest does
+    not), and measured again once chosen. Returns {node path: slices} for the nodes it sliced."""
+    groups: Dict[str, list] = {}
+    for n in gm.graph.nodes:
+        info = meta.info(n) or {}
+        if n.op == "call_module" and info.get("workspace_bytes") and info.get("shape"):
+            m = gm.get_submodule(n.target)
+            if isinstance(m, Node) and m.slice_min_elems is None:
+                groups.setdefault(n.target, []).append(n)
+
+    def measure(m, ns):
+        return [node_workspace(m, meta.info(n)["shape"], getattr(torch, meta.info(n)["dtype"])) for n in ns]
+
+    whole, finest, most = {}, {}, {}
+    for target, ns in groups.items():
+        m = gm.get_submodule(target)
+        plan = chunks(meta.info(ns[0])["shape"], m.params(), CHUNK_MIN_ELEMS_FINE)
+        if plan is None:
+            continue
+        most[target] = len(plan[1])
+        whole[target] = [meta.info(n)["workspace_bytes"] for n in ns]
+        m.set_slicing(CHUNK_MIN_ELEMS_FINE)
+        finest[target] = measure(m, ns)
+        m.set_slicing(None)
+
+    def set_ws(target, k):
+        for i, n in enumerate(groups[target]):
+            w, f, K = whole[target][i], finest[target][i], most[target]
+            var = max(0.0, (w - f) * K / (K - 1))  # ws(k) = fixed + var / k through both measurements
+            meta.info(n)["workspace_bytes"] = int(w - var + var / k)
+
+    for target in most:
+        set_ws(target, most[target])
+    bound = estimate_peak(gm) * (1 + tolerance)
+    k = {target: 1 for target in most}
+    for target in most:
+        set_ws(target, 1)
+    peak = estimate_peak(gm)
+    while peak > bound:
+        best = None  # (estimate, -workspace saved, target): the lowest estimate, then the most saved
+        for target in most:
+            if k[target] >= most[target]:
+                continue
+            before = sum(meta.info(n)["workspace_bytes"] for n in groups[target])
+            set_ws(target, min(2 * k[target], most[target]))
+            trial = (estimate_peak(gm), sum(meta.info(n)["workspace_bytes"] for n in groups[target]) - before,
+                     target)
+            set_ws(target, k[target])
+            best = trial if best is None or trial[:2] < best[:2] else best
+        if best is None:
+            break
+        peak, _, target = best
+        k[target] = min(2 * k[target], most[target])
+        set_ws(target, k[target])
+    sliced = {}
+    for target, n_slices in k.items():
+        if n_slices == 1:
+            continue
+        m = gm.get_submodule(target)
+        per_step = math.prod(meta.info(groups[target][0])["shape"][1:])
+        m.set_slicing(-(-per_step // n_slices) if n_slices < most[target] else CHUNK_MIN_ELEMS_FINE)
+        for n, w in zip(groups[target], measure(m, groups[target])):
+            meta.update(n, workspace_bytes=w)
+        sliced[target] = n_slices
+    return sliced
