@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 STAMP := $(VENV)/.revpass-installed
 
-.PHONY: venv demo test bench-nodes bench-convert bench-memory bench-train train-digits clean
+.PHONY: venv demo test bench-nodes bench-convert bench-memory bench-train train-digits coverage clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench-nodes: $(STAMP)
 
 bench-convert: $(STAMP)
 	$(VPY) tools/bench_convert.py
+
+coverage: $(STAMP)
+	$(VPY) tools/coverage.py
 
 bench-train: $(STAMP)
 	$(VPY) tools/bench_train.py

@@ -4,6 +4,7 @@
 ``graph.lint()`` after every one (docs/convert.md):
 
     trace     the model (a copy, unless inplace) into a GraphModule         revpass/trace.py
+    guards    a check of T where a time loop was unrolled over the example  passes/guards.py
     detect    its neuron sites: library, registered and hand-written ones   passes/detect.py, passes/patterns.py
     decide    every site's strategy and reason, before any is rewritten     passes/decide.py
     rewrite   a node at every decided site, single-step calls rolled        passes/rewrite.py, passes/roll.py
@@ -19,6 +20,7 @@ converts once more with that plan.
 from __future__ import annotations
 
 import gc
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -27,21 +29,25 @@ from torch import fx, nn
 
 from revpass import meta
 from revpass.analysis.annotate import annotate
-from revpass.analysis.measure import site_shapes
+from revpass.analysis.measure import site_shapes, trace_differs
+from revpass.errors import ExampleInputError, RevpassWarning
 from revpass.neurons import invalidate_reset_caches
 from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE
 from revpass.passes.decide import Planned, decide
 from revpass.passes.detect import Site, find_sites
 from revpass.passes.fold import fold_batch_norms
 from revpass.passes.graph import to_networkx
+from revpass.passes.guards import guard_time_steps
 from revpass.passes.patterns import PatternSite, find_pattern_sites
 from revpass.passes.rewrite import rewrite
 from revpass.passes.segments import form_segments
+from revpass.passes.untraced import settle, untraced_parts, untraced_sites
 from revpass.planning.budget import MIN_TRIES, STRATEGIES, BudgetError, choose, site_savings, workspaces
 from revpass.planning.memory_plan import MemoryPlan, plan_of
 from revpass.planning.peak import estimate_peak, slice_where_it_sets_the_peak
 from revpass.report import ConversionReport, SiteRow
-from revpass.trace import trace
+from revpass.trace import TraceError, trace
+from revpass.state import reset_states
 from revpass.utils import as_tuple, safe_deepcopy, time_steps
 
 MODES = ("reversible", "exact", "recompute")
@@ -96,8 +102,25 @@ def convert(
     options = _Options(mode=mode, backward=backward, include=include, exclude=exclude, inplace=inplace,
                        concrete_args=concrete_args)
     if budget is not None:
-        return _convert_within(model, example_inputs, budget, options)
-    return _pipeline(model, example_inputs, options)
+        gm = _convert_within(model, example_inputs, budget, options)
+    else:
+        gm = _pipeline(model, example_inputs, options)
+    _warn_unchanged(gm.revpass_report)
+    return gm
+
+
+def _warn_unchanged(report: ConversionReport) -> None:
+    """One warning per convert when neuron sites were left as they are (not already converted)."""
+    left = [r for r in report.rows if r.decision == "unchanged" and not r.reason.startswith("already")]
+    if report.untraced:
+        warnings.warn(f"revpass.convert kept {len(report.untraced)} part(s) of the model whole, untraced "
+                      f"({', '.join(p for p, _ in report.untraced[:3])}): their multi-step neurons were swapped, "
+                      "nothing else inside them converted; print(converted.revpass_report) says why",
+                      RevpassWarning, stacklevel=3)
+    if left:
+        names = ", ".join(r.path for r in left[:3]) + (", ..." if len(left) > 3 else "")
+        warnings.warn(f"revpass.convert left {len(left)} of {len(report.rows)} neuron sites unchanged ({names}); "
+                      "print(converted.revpass_report) says why for each", RevpassWarning, stacklevel=3)
 
 
 def plan(model: nn.Module, example_inputs: Sequence[Any], *, mode: str = "reversible", **kwargs) -> MemoryPlan:
@@ -105,7 +128,8 @@ def plan(model: nn.Module, example_inputs: Sequence[Any], *, mode: str = "revers
     not changed). Keyword arguments go to :func:`convert`."""
     if kwargs.get("inplace"):
         raise ValueError("plan never converts in place; call revpass.convert(..., inplace=True) for that")
-    return plan_of(convert(model, example_inputs, mode=mode, **kwargs), mode)
+    gm = convert(model, example_inputs, mode=mode, **kwargs)
+    return plan_of(gm, gm.revpass_report.mode)  # the mode used: "budget='min'" with a budget
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +163,7 @@ class _Run:
 
 
 def _detect(gm: fx.GraphModule, run: _Run) -> List[Site]:
-    run.sites = find_sites(gm)
+    run.sites = find_sites(gm) + untraced_sites(gm)  # and the neurons inside parts kept whole
     run.patterns = find_pattern_sites(gm, to_networkx(gm.graph))
     for site in run.sites:
         site.shape = run.shapes.get(site.path)
@@ -150,12 +174,14 @@ def _decide(gm: fx.GraphModule, run: _Run) -> None:
     o = run.options
     decide(gm, run.sites, run.patterns, mode=None if o.planned is not None else o.mode, planned=o.planned,
            include=o.include, exclude=o.exclude)
+    settle(run.sites)  # neurons inside parts kept whole: swapped, never recomputed
 
 
 def _rewrite(gm: fx.GraphModule, run: _Run) -> ConversionReport:
     rewrite(gm, run.sites, run.patterns, run.options.backward,
             user_model=run.model if run.options.inplace else None)
     run.report = gm.revpass_report = _report(run.sites, run.patterns, run.shapes, run.options)
+    run.report.untraced = untraced_parts(gm)
     return run.report
 
 
@@ -205,19 +231,49 @@ def _pipeline(model: nn.Module, example_inputs, options: _Options) -> fx.GraphMo
     work = model if options.inplace else safe_deepcopy(model)
     shapes_in = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs] if inputs else None
     gm = trace(work, concrete_args=options.concrete_args, time_steps=time_steps(example_inputs),
-               input_shapes=shapes_in)
+               input_shapes=shapes_in, example_inputs=inputs)
     gm.graph.lint()
     run = _Run(model, inputs, options)
     if inputs is not None:
+        guard_time_steps(gm, inputs)  # a loop unrolled over the example's T runs at that T only
+        gm.graph.lint()
         # an untouched copy of the traced graph, for the memory it keeps ("before" conversion), and
         # the input shape of every site, from a run of another copy (a run leaves state behind: a
         # framework's neuron may keep its last state's shape, so that the next run saves other tensors)
         run.before = safe_deepcopy(gm)
-        run.shapes = site_shapes(safe_deepcopy(gm), inputs)
+        try:
+            run.shapes = site_shapes(safe_deepcopy(gm), inputs)
+        except ExampleInputError as exc:
+            if not _runs(work, inputs):
+                raise
+            raise TraceError(  # the model runs: the trace is what fails
+                f"the traced graph of {type(model).__name__} fails on the example inputs, which the model itself "
+                f"runs: {str(exc).split(': ', 1)[-1].rsplit('. Pass inputs', 1)[0]}. A framework function that "
+                "does not trace (it runs once at trace time, or reads a traced value as a number) is the usual "
+                "cause: keep the module that calls it whole with revpass.trace.register_leaf(ItsClass)") from None
+        why = trace_differs(work, gm, inputs)
+        if why is not None:  # converting a graph that is not the model would be silently wrong
+            raise TraceError(
+                f"the traced graph of {type(model).__name__} does not compute what the model does on the example "
+                f"inputs: {why}. Python code that looks at a traced value (isinstance(out, tuple) on a module's "
+                "output, an if on a value) took one branch while tracing; keep that module whole with "
+                "revpass.trace.register_leaf(ItsClass), or make the branch independent of the value")
     for _, fn in PASSES:
         fn(gm, run)
         gm.graph.lint()
     return gm
+
+
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    """Whether a copy of ``model`` runs on ``inputs`` (no random draw, no state left)."""
+    copy = safe_deepcopy(model)
+    reset_states(copy)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            copy(*inputs)
+        return True
+    except Exception:  # noqa: BLE001 - any failure: the model does not take these inputs
+        return False
 
 
 def _report(sites: List[Site], patterns: List[PatternSite], shapes: Dict, options: _Options) -> ConversionReport:

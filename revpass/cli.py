@@ -8,6 +8,12 @@ MODEL is ``package.module:factory`` or ``path/to/file.py:factory``; ``--kwargs``
 string values of the form ``pkg.mod:Name`` are resolved to that object. The model runs on a random
 input of ``--input-shape`` (seeded). Errors print one line on stderr and exit non-zero; ``--debug``
 shows the traceback.
+
+``revpass convert MODEL -o out.pt`` saves a recipe (the factory, its arguments, the options) and
+the weights; :func:`load` (``revpass load out.pt``) rebuilds from it. The recipe names code (the
+factory, ``pkg.mod:Name`` arguments, a ``path/to/file.py`` that is executed): load imports and
+calls none of it unless the caller passes the model or the factory, or says it trusts the file
+(``trust=True``, ``--trust-file``), as ``torch.load(weights_only=False)`` does for pickles.
 """
 
 from __future__ import annotations
@@ -23,12 +29,20 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from revpass.errors import RevpassError
+
 EXIT_FAIL, EXIT_USAGE = 1, 2
 _OBJECT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+FORMAT = "revpass-converted-1"
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line."""
+
+
+class UntrustedFileError(RevpassError, CliError):
+    """A saved model's file names code (its factory, objects among the factory's arguments) that
+    :func:`load` was not told to import and call: pass the model or the factory, or trust the file."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,20 +99,30 @@ def build(args) -> torch.nn.Module:
         raise CliError(f"--kwargs is not valid JSON: {exc}") from exc
     if not isinstance(kwargs, dict):
         raise CliError("--kwargs must be a JSON object")
-    torch.manual_seed(args.seed)
+    model = _instantiate(factory, kwargs, args.model, args.seed)
+    _set_step_mode(model, args.step_mode, args.model)
+    return model
+
+
+def _instantiate(factory, kwargs: Dict[str, Any], name: str, seed: int) -> torch.nn.Module:
+    """``factory(**kwargs)`` under ``seed``, checked to be a module."""
+    torch.manual_seed(seed)
     try:
         model = factory(**kwargs)
     except Exception as exc:
-        raise CliError(f"{args.model}({', '.join(kwargs)}) raised {type(exc).__name__}: {exc}") from exc
+        raise CliError(f"{name}({', '.join(kwargs)}) raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, torch.nn.Module):
-        raise CliError(f"{args.model} returned {type(model).__name__}, not a torch.nn.Module")
-    if args.step_mode:
+        raise CliError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _set_step_mode(model: torch.nn.Module, step_mode: Optional[str], name: str) -> None:
+    if step_mode:
         from revpass.neurons import set_step_mode
 
-        if not set_step_mode(model, args.step_mode):
-            raise CliError(f"--step-mode {args.step_mode}: no module of {args.model}'s frameworks has a step mode "
+        if not set_step_mode(model, step_mode):
+            raise CliError(f"--step-mode {step_mode}: no module of {name}'s frameworks has a step mode "
                            "(SpikingJelly's modules do)")
-    return model
 
 
 def example_input(args) -> torch.Tensor:
@@ -180,7 +204,9 @@ def cmd_convert(args) -> int:
               "mode": args.mode, "budget": args.budget, "exclude": args.exclude}
     save(gm, recipe, args.output)
     print(gm.revpass_report)
-    print(f"\nrevpass: wrote {args.output} (load it with revpass.cli.load({args.output!r}))")
+    print(f"\nrevpass: wrote {args.output}; load it back with revpass.cli.load({args.output!r}, factory={args.model}), "
+          f"or, since you wrote the file and trust it, revpass.cli.load({args.output!r}, trust=True) "
+          f"(the command: revpass load {args.output} --trust-file)")
     return 0
 
 
@@ -189,22 +215,162 @@ def save(gm, recipe: Dict[str, Any], path: str) -> None:
     arguments, the conversion options) and its state_dict, whose keys are the original model's."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    torch.save({"format": "revpass-converted-1", "recipe": recipe, "state_dict": gm.state_dict(),
+    torch.save({"format": FORMAT, "recipe": recipe, "state_dict": gm.state_dict(),
                 "report": str(gm.revpass_report)}, path)
 
 
-def load(path: str):
-    """A model saved by ``revpass convert``: rebuilt from its factory, converted the same way, with
-    the saved weights (strict)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != "revpass-converted-1":
-        raise CliError(f"{path} is not a model saved by `revpass convert`")
-    args = argparse.Namespace(**blob["recipe"])
-    args.input_shape = ",".join(map(str, args.input_shape))
-    model, x = build(args), example_input(args)
-    gm = converted(args, model, x)
-    gm.load_state_dict(blob["state_dict"], strict=True)
+def load(path: str, model: Optional[torch.nn.Module] = None, *, factory=None,
+         kwargs: Optional[Dict[str, Any]] = None, trust: bool = False):
+    """A model saved by ``revpass convert -o``: rebuilt, converted as the file's recipe says (mode,
+    budget, exclude, step mode, example input) and given the saved weights (strictly).
+
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain data only. Its
+    recipe also *names* code: the factory (``pkg.mod:factory``, or ``path/to/file.py:factory``,
+    a file that is executed) and ``pkg.mod:Name`` strings among the factory's arguments. None of
+    it is imported or called unless the caller says so, one of:
+
+    - ``model``: the original model, unconverted, built by the caller (not modified: the
+      recipe's step mode is set on a copy); nothing the file names is used;
+    - ``factory``: a callable the caller chose, called as ``factory(**kwargs)``; without
+      ``kwargs`` it gets the file's arguments, which must then be plain JSON values (an object
+      reference in them needs ``kwargs=`` or ``trust=True``);
+    - ``trust=True``: import and call what the file names, as the command line that wrote it
+      did. Only for files you trust as you would trust running their code (the meaning of
+      ``torch.load(weights_only=False)``).
+
+    Without any of them it raises :class:`UntrustedFileError` naming what the file asks to run.
+    Errors name the file and the fix (:class:`CliError`; ``UntrustedFileError`` is also a
+    ``revpass.errors.RevpassError``).
+    """
+    if model is not None and (factory is not None or kwargs is not None):
+        raise CliError(f"load({path!r}): pass model= or factory= (with kwargs=), not both")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise CliError(f"load({path!r}): model= must be the original torch.nn.Module, got {type(model).__name__}")
+    if factory is not None and not callable(factory):
+        raise CliError(f"load({path!r}): factory= must be callable, got {type(factory).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise CliError(f"load({path!r}): kwargs= must be a dict, got {type(kwargs).__name__}")
+    args, state = _read_saved(path)
+    file_kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    refs = _references(file_kwargs)
+    if model is not None:
+        net = model
+        if args.step_mode:
+            from revpass.utils import safe_deepcopy
+
+            net = safe_deepcopy(model)
+            _set_step_mode(net, args.step_mode, type(model).__name__)
+    elif factory is not None or trust:
+        if kwargs is None and refs and not trust:
+            raise UntrustedFileError(
+                f"{path}: the factory's arguments in the file name objects to import: {', '.join(map(repr, refs))}; "
+                "load imports nothing the file names unless told to\n"
+                f"pass them yourself, load({path!r}, factory=..., kwargs={{...}}), or, if you trust the file, "
+                f"load({path!r}, factory=..., trust=True) (the command: --kwargs JSON, or --trust-file)")
+        name = args.model if factory is None else getattr(factory, "__qualname__", repr(factory))
+        if factory is None:
+            factory = resolve(args.model)
+        if kwargs is None:
+            kwargs = resolve_kwargs(file_kwargs) if trust else file_kwargs
+        net = _instantiate(factory, kwargs, name, args.seed)
+        _set_step_mode(net, args.step_mode, name)
+    else:
+        asks = repr(args.model) + (f", with arguments naming {', '.join(map(repr, refs))}" if refs else "")
+        raise UntrustedFileError(
+            f"{path} asks to import and call {asks}; load runs no code a file names unless told to\n"
+            f"pass the model or its factory yourself, load({path!r}, model=net) or "
+            f"load({path!r}, factory=f), or, if you trust the file as you would trust running its code, "
+            f"load({path!r}, trust=True) (the command: revpass load {path} --trust-file, or --factory MODEL)")
+    x = example_input(args)
+    gm = converted(args, net, x)
+    try:
+        gm.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        why = " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
+        raise CliError(f"{path}: the saved weights do not fit the model built to load them: {why}") from exc
     return gm
+
+
+def _references(value: Any) -> List[str]:
+    """The ``pkg.mod:Name`` strings in JSON ``value`` (what :func:`resolve_kwargs` would import)."""
+    if isinstance(value, str):
+        return [value] if _OBJECT.match(value) else []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [r for v in items for r in _references(v)]
+
+
+def _read_saved(path: str):
+    """The recipe of a saved model, as the arguments of the command that wrote it, and its
+    state_dict; every field checked (the file is data from elsewhere). Runs nothing it names."""
+    def bad(why: str) -> CliError:
+        return CliError(f"{path} is not a model saved by `revpass convert` ({why})")
+
+    if not os.path.isfile(path):
+        raise CliError(f"no such file: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise bad(f"torch.load(weights_only=True) failed: {type(exc).__name__}: {first}") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise bad(f"no format {FORMAT!r}")
+    recipe, state = blob.get("recipe"), blob.get("state_dict")
+    if not isinstance(recipe, dict):
+        raise bad("no recipe")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise bad("no state_dict of tensors")
+
+    def field(key, ok, what):
+        v = recipe.get(key)
+        if not ok(v):
+            raise bad(f"recipe {key!r} is {v!r}, expected {what}")
+        return v
+
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    args = argparse.Namespace(
+        model=field("model", lambda v: isinstance(v, str) and ":" in v, "'package.module:factory'"),
+        kwargs=field("kwargs", lambda v: v is None or isinstance(v, str), "JSON text or None"),
+        step_mode=field("step_mode", lambda v: v in (None, "s", "m"), "'s', 'm' or None"),
+        seed=field("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        input_shape=field("input_shape", lambda v: isinstance(v, list) and v and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v), "a list of positive integers"),
+        input_scale=field("input_scale", num, "a number"),
+        input_offset=field("input_offset", num, "a number"),
+        mode=field("mode", lambda v: v in ("reversible", "exact", "recompute"), "a conversion mode"),
+        budget=field("budget", lambda v: v is None or (isinstance(v, str) and (v == "min" or v.isdigit())),
+                     "None, 'min' or a number of bytes"),
+        exclude=field("exclude", lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
+                      "None or a list of patterns"),
+    )
+    if args.kwargs:
+        try:
+            kw = json.loads(args.kwargs)
+        except json.JSONDecodeError as exc:
+            raise bad(f"recipe 'kwargs' is not valid JSON: {exc}") from exc
+        if not isinstance(kw, dict):
+            raise bad("recipe 'kwargs' is not a JSON object")
+    args.input_shape = ",".join(map(str, args.input_shape))
+    return args, state
+
+
+def cmd_load(args) -> int:
+    factory = resolve(args.factory) if args.factory else None  # named on the command line: the caller's
+    kwargs = None
+    if args.kwargs is not None:
+        if factory is None and not args.trust_file:
+            raise CliError("--kwargs goes with --factory (or --trust-file): the arguments of the factory that builds "
+                           "the model")
+        try:
+            kwargs = resolve_kwargs(json.loads(args.kwargs))
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--kwargs is not valid JSON: {exc}") from exc
+        if not isinstance(kwargs, dict):
+            raise CliError("--kwargs must be a JSON object")
+    gm = load(args.file, factory=factory, kwargs=kwargs, trust=args.trust_file)
+    print(gm.revpass_report)
+    n = len(gm.state_dict())
+    print(f"\nrevpass: {args.file} loads back: {n} saved tensors, strictly")
+    return 0
 
 
 def cmd_verify(args) -> int:
@@ -302,6 +468,22 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", parents=[common], help="convert and save a model that loads back")
     s.add_argument("-o", "--output", required=True, help="file to write (.pt)")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser(
+        "load", help="load a file written by convert -o (runs the code it names only with --trust-file)",
+        description="Rebuild a model saved by `revpass convert -o` and load its weights. The file's recipe names "
+                    "code (its factory, 'pkg.mod:Name' arguments, a path/to/file.py that is executed): it is run "
+                    "only with --trust-file; otherwise give the factory yourself with --factory.")
+    s.add_argument("file", help="a .pt file written by revpass convert -o")
+    s.add_argument("--trust-file", action="store_true",
+                   help="import and call what the file names (its factory and the objects among its arguments), "
+                        "as torch.load(weights_only=False) would: only for files you trust as you would trust "
+                        "running their code")
+    s.add_argument("--factory", default=None, help="build the model with this package.module:factory or "
+                                                   "path/to/file.py:factory instead of the file's")
+    s.add_argument("--kwargs", default=None, help="the factory's arguments as JSON ('pkg.mod:Name' strings resolved), "
+                                                  "instead of the file's")
+    s.add_argument("--debug", action="store_true", help="show tracebacks")
+    s.set_defaults(fn=cmd_load)
     s = sub.add_parser("verify", parents=[common], help="gradient equivalence; exit code 1 when it fails")
     s.add_argument("--rtol", type=float, default=1e-5)
     s.add_argument("--atol", type=float, default=1e-6)
@@ -327,8 +509,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # one line, no traceback, unless --debug
         if args.debug:
             raise
-        from revpass.errors import RevpassError
-
         lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()] or [type(exc).__name__]
         # revpass's own errors say where and what to do on their later lines: keep them, joined
         msg = " -- ".join(lines) if isinstance(exc, (CliError, RevpassError)) else lines[0]
@@ -341,4 +521,4 @@ def _entry() -> None:
     raise SystemExit(main())
 
 
-__all__: List[str] = ["main", "load", "resolve", "resolve_kwargs"]
+__all__: List[str] = ["main", "load", "save", "resolve", "resolve_kwargs", "CliError", "UntrustedFileError"]

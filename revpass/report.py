@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
+
+
+REASON_WIDTH = 80  # the reason column wraps at this width
 
 
 @dataclass
@@ -24,6 +28,8 @@ class ConversionReport:
     mode: str
     backward: str
     rows: List[SiteRow] = field(default_factory=list)
+    #: parts of the model the tracer kept whole, and why: [(module path, reason)]
+    untraced: List[Tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -48,10 +54,14 @@ class ConversionReport:
             for r in self.rows
         ]
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-        widths[-1] = min(widths[-1], 80)
+        widths[-1] = min(widths[-1], REASON_WIDTH)
 
         def line(cells):
-            return "  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()
+            return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+        def wrapped(cells):  # the reason in full, on as many lines as it takes
+            parts = textwrap.wrap(cells[-1], widths[-1], break_long_words=False) or [""]
+            return [line(list(cells[:-1]) + parts[:1])] + [line([""] * (len(cells) - 1) + [p]) for p in parts[1:]]
 
         out = [
             f"revpass: {len(self.rows)} neuron sites, {self.count('reversible')} reversible, "
@@ -62,7 +72,10 @@ class ConversionReport:
             line(head),
             line(["-" * w for w in widths]),
         ]
-        out += [line(b) for b in body]
+        out += [text for b in body for text in wrapped(b)]
+        for path, why in self.untraced:
+            out += textwrap.wrap(f"kept whole by the tracer: {path}: {why}", len(out[1]) or 120,
+                                 subsequent_indent="    ", break_long_words=False)
         return "\n".join(out)
 
     __repr__ = __str__

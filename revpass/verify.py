@@ -142,6 +142,7 @@ def _run(model: nn.Module, inputs: Sequence[Any], loss_fn, seed: int,
                 loss = sum((_widened(o) * torch.randn(o.shape, generator=g).to(_widened(o))).sum()
                            for o in outs if o.is_floating_point())
             params = dict(model.named_parameters()) if params is None else params
+            params = {k: p for k, p in params.items() if p.requires_grad}  # frozen ones have no gradient
             targets = [x for x in leaves if isinstance(x, Tensor) and x.requires_grad] + list(params.values())
             grads = torch.autograd.grad(loss, targets, allow_unused=True)
         except Exception as exc:  # noqa: BLE001

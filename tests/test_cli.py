@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +42,14 @@ def test_convert_saves_a_model_that_loads_back(tmp_path):
     out = tmp_path / "snn.pt"
     r = revpass("convert", SNN, *SNN_ARGS, "--mode", "exact", "-o", str(out))
     assert r.returncode == 0, r.stderr
-    from revpass.cli import load
+    assert f"revpass load {out} --trust-file" in r.stdout and "trust=True" in r.stdout
+    from revpass.cli import UntrustedFileError, load
 
-    gm = load(str(out))
+    # the file names a factory (here a path/to/file.py, which would be executed): not run unless told to
+    with pytest.raises(UntrustedFileError, match="SnnTorchConv") as e:
+        load(str(out))
+    assert "trust=True" in str(e.value) and "factory=" in str(e.value)
+    gm = load(str(out), trust=True)  # our own file: trusted
     blob = torch.load(out, weights_only=True)
     assert all(torch.equal(gm.state_dict()[k], v) for k, v in blob["state_dict"].items())
     assert gm.revpass_report.count("exact") == 2
@@ -56,7 +62,161 @@ def test_convert_saves_a_model_that_loads_back(tmp_path):
     net.load_state_dict(blob["state_dict"])
     x = torch.randn(2, 1, 28, 28) * 2
     reset_states(net), reset_states(gm)
-    assert all(torch.equal(a, b) for a, b in zip(net(x), gm(x)))
+    expected = net(x)
+    assert all(torch.equal(a, b) for a, b in zip(expected, gm(x)))
+    # the factory from the caller: the file's arguments are plain JSON, used as they are
+    by_factory = load(str(out), factory=models.SnnTorchConv)
+    reset_states(by_factory)
+    assert all(torch.equal(a, b) for a, b in zip(expected, by_factory(x)))
+    # the command: refuses without --trust-file, naming the factory; loads with it, or with --factory
+    _one_line_error(revpass("load", str(out)), 2, "asks to import and call")
+    r = revpass("load", str(out))
+    assert "SnnTorchConv" in r.stderr and "--trust-file" in r.stderr
+    r = revpass("load", str(out), "--trust-file")
+    assert r.returncode == 0, r.stderr
+    assert f"{out} loads back: {len(blob['state_dict'])} saved tensors" in r.stdout
+    assert "2 exact" in r.stdout
+    r = revpass("load", str(out), "--factory", SNN, "--kwargs", '{"num_steps": 2, "batch_size": 2}', module=True)
+    assert r.returncode == 0, r.stderr
+    assert f"{out} loads back: {len(blob['state_dict'])} saved tensors" in r.stdout
+
+
+PROBE = """
+import os
+from torch import nn
+from spikingjelly.activation_based import layer, neuron
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.log")
+
+
+def _record(what):
+    with open(LOG, "a") as f:
+        f.write(what + "\\n")
+
+
+_record("imported")
+
+
+def Neuron(**kw):
+    _record("Neuron")
+    return neuron.LIFNode(**kw)
+
+
+def make(spiking_neuron, width=4):
+    _record("make")
+    return nn.Sequential(layer.Conv2d(2, width, 3, padding=1), layer.BatchNorm2d(width), spiking_neuron(),
+                         layer.Flatten(), layer.Linear(width * 16, 3), spiking_neuron())
+"""
+
+
+def _small_net(spiking_neuron, width=4):
+    """The probe module's make, written here: the caller's own factory."""
+    from spikingjelly.activation_based import layer
+
+    return torch.nn.Sequential(layer.Conv2d(2, width, 3, padding=1), layer.BatchNorm2d(width), spiking_neuron(),
+                               layer.Flatten(), layer.Linear(width * 16, 3), spiking_neuron())
+
+
+def _crafted(path, recipe, state_dict=None):
+    full = {"model": None, "kwargs": None, "step_mode": None, "seed": 0, "input_shape": [1], "input_scale": 1.0,
+            "input_offset": 0.0, "mode": "reversible", "budget": None, "exclude": None}
+    full.update(recipe)
+    torch.save({"format": "revpass-converted-1", "recipe": full, "state_dict": state_dict or {}, "report": ""}, path)
+    return str(path)
+
+
+def test_load_calls_nothing_the_file_names_unless_trusted(tmp_path):
+    from revpass.cli import CliError, UntrustedFileError, load
+    from revpass.errors import RevpassError
+
+    # the issue's file: loading it made the directory
+    made = tmp_path / "made_by_the_file"
+    bad = _crafted(tmp_path / "makedirs.pt", {"model": "os:makedirs", "kwargs": json.dumps({"name": str(made)})})
+    with pytest.raises(UntrustedFileError) as e:
+        load(bad)
+    assert isinstance(e.value, RevpassError) and isinstance(e.value, CliError)
+    msg = str(e.value)
+    assert msg.startswith(f"{bad} asks to import and call 'os:makedirs'")
+    assert f"load({bad!r}, trust=True)" in msg and "factory=" in msg and "--trust-file" in msg
+    assert not made.exists()
+    _one_line_error(revpass("load", bad), 2, "asks to import and call 'os:makedirs'")
+    assert not made.exists()
+    # trusted, it runs what it names, as torch.load(weights_only=False) would
+    with pytest.raises(CliError, match="os:makedirs returned NoneType, not a torch.nn.Module"):
+        load(bad, trust=True)
+    assert made.is_dir()
+
+
+def test_load_with_the_callers_factory_or_model_imports_nothing(tmp_path, monkeypatch):
+    import revpass
+    from revpass.cli import UntrustedFileError, load, save
+    from revpass.state import reset_states
+    from spikingjelly.activation_based import functional, neuron
+
+    (tmp_path / "revpass_probe_mod.py").write_text(PROBE)
+    log = tmp_path / "calls.log"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "revpass_probe_mod", raising=False)
+    # a converted model saved with a recipe that names the probe module's factory and neuron
+    torch.manual_seed(0)
+    net = _small_net(neuron.LIFNode)
+    functional.set_step_mode(net, "m")
+    for p in net.parameters():  # weights that are not the seeded initialisation
+        p.data.normal_(0.0, 0.5)
+    x = torch.randn(3, 2, 2, 4, 4) * 2
+    gm = revpass.convert(net, x)
+    reset_states(gm)
+    before = gm(x).detach()
+    assert before.unique().numel() > 2  # varied outputs (the coupling's): a comparison that can fail
+    recipe = {"model": "revpass_probe_mod:make", "kwargs": json.dumps({"spiking_neuron": "revpass_probe_mod:Neuron"}),
+              "step_mode": "m", "seed": 0, "input_shape": [3, 2, 2, 4, 4], "input_scale": 2.0, "input_offset": 0.0,
+              "mode": "reversible", "budget": None, "exclude": None}
+    path = str(tmp_path / "probe.pt")
+    save(gm, recipe, path)
+
+    def same_as_before(loaded):
+        assert loaded.revpass_report.count("reversible") == 2
+        reset_states(loaded)
+        return torch.equal(loaded(x), before)
+
+    with pytest.raises(UntrustedFileError) as e:
+        load(path)
+    assert "'revpass_probe_mod:make', with arguments naming 'revpass_probe_mod:Neuron'" in str(e.value)
+    # the caller's factory, but the file's arguments name an object: still not imported
+    with pytest.raises(UntrustedFileError, match="name objects to import: 'revpass_probe_mod:Neuron'"):
+        load(path, factory=_small_net)
+    assert not log.exists() and "revpass_probe_mod" not in sys.modules
+    # the caller's factory and arguments, or the caller's model: the saved model, nothing of the file's run
+    assert same_as_before(load(path, factory=_small_net, kwargs={"spiking_neuron": neuron.LIFNode}))
+    mine = _small_net(neuron.LIFNode)
+    assert same_as_before(load(path, mine))
+    assert mine[2].step_mode == "s"  # the caller's model is not modified (the recipe's step mode set on a copy)
+    assert not log.exists() and "revpass_probe_mod" not in sys.modules
+    # trusted: the file's factory and neuron are imported and called, and give the same model
+    assert same_as_before(load(path, trust=True))
+    assert log.read_text().split() == ["imported", "make", "Neuron", "Neuron"]
+
+
+def test_load_checks_the_file_and_the_arguments(tmp_path, capsys):
+    from revpass.cli import CliError, load, parser
+
+    not_saved = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, not_saved)
+    with pytest.raises(CliError, match=f"{not_saved} is not a model saved by `revpass convert`"):
+        load(str(not_saved), trust=True)
+    odd = _crafted(tmp_path / "odd.pt", {"model": "os:makedirs", "input_shape": "1; rm"})
+    with pytest.raises(CliError, match=r"recipe 'input_shape' is '1; rm', expected a list of positive integers"):
+        load(odd, trust=True)
+    with pytest.raises(CliError, match="no such file"):
+        load(str(tmp_path / "missing.pt"), trust=True)
+    with pytest.raises(CliError, match="pass model= or factory="):
+        load(odd, torch.nn.Linear(1, 1), factory=torch.nn.Linear)
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args(["load", "--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--trust-file" in help_text and "torch.load(weights_only=False)" in help_text
+    assert "only for files you trust" in help_text
 
 
 def test_verify_passes_and_fails_with_exit_codes():

@@ -64,7 +64,17 @@ def test_plan_does_not_convert_the_model_and_sorts_by_savings():
     assert p.kept_after < p.kept_before
     saved = [r.saved for r in p.rows]
     assert saved == sorted(saved, reverse=True)
-    assert "memory plan" in str(p) and p.rows[0].node in str(p)
+    # printed per module, not per unrolled step: the loop's T calls of a layer are one group
+    groups = {(g.target, g.strategy): g for g in p.groups()}
+    assert len(groups) == len(p.groups()) < len(p.rows)
+    for g in p.groups():
+        calls = [r for r in p.rows if (r.target, r.strategy) == (g.target, g.strategy)]
+        assert g.calls == len(calls) and g.kept_before == sum(r.kept_before for r in calls)
+        assert g.kept_after == sum(r.kept_after for r in calls)
+    text = str(p)
+    assert "memory plan (mode='reversible')" in text and max(g.calls for g in p.groups()) > 1
+    assert all(r.node not in text.split("\n", 2)[2] for r in p.rows if r.node != r.target)
+    assert "mode=\"budget='min'\"" in str(revpass.plan(net, x, budget="min"))
 
 
 def test_peak_estimate_against_memtracker():

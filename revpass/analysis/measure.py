@@ -19,11 +19,12 @@ import torch
 from torch import fx
 
 from revpass.analysis.workspace import workspace
+from revpass.errors import ExampleInputError
 from revpass.nodes import Node
 from revpass.nodes.bits import is_binary
 from revpass.nodes.segment import RecomputeSegment
 from revpass.state import reset_states
-from revpass.utils import as_tuple
+from revpass.utils import as_tuple, flatten, safe_deepcopy
 
 
 @dataclass
@@ -124,6 +125,7 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
                 sized[key] = workspace(gm.get_submodule(n.target),
                                        [(shape, getattr(torch, dtype), b) for shape, dtype, b in src])
             result[n.name].workspace_bytes = sized[key]
+    reset_states(gm)  # a segment's layers ran again (a dropout draws a mask): no trace left
     return result
 
 
@@ -135,9 +137,22 @@ def site_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, 
     inputs = as_tuple(example_inputs)
     reset_states(gm)
     shapes: Dict[str, tuple] = {}
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
-    reset_states(gm)
+    cuda = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
+    try:  # the random number generator is not advanced: the run leaves no trace
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, in one line, as a revpass error
+        cause = exc.__cause__ or exc
+        given = ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor)
+                          else type(x).__name__ for x in inputs)
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise ExampleInputError(
+            f"the model does not run on the example inputs ({given}): {type(cause).__name__}: {first}. "
+            "Pass inputs the model itself accepts (shape (T, B, ...) for a multi-step model, its "
+            "parameters' dtype)"
+        ) from None
+    finally:
+        reset_states(gm)
     for n in gm.graph.nodes:
         tm = n.meta.get("tensor_meta")
         if tm is not None and hasattr(tm, "shape"):
@@ -147,3 +162,33 @@ def site_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, 
             if tm is not None and hasattr(tm, "shape") and n.target not in shapes:
                 shapes[n.target] = tuple(tm.shape)
     return shapes
+
+
+def trace_differs(original: torch.nn.Module, traced: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[str]:
+    """How the traced graph's outputs differ from the original model's on the example inputs
+    (copies of both, from the reset state, the same random draws), or None when they agree: a
+    trace can go wrong silently where Python looks at a traced value (``isinstance(out,
+    tuple)`` on a module's output, a branch on a value)."""
+    inputs = as_tuple(example_inputs)
+    cuda = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
+    outs = []
+    for m in (original, traced):
+        m = safe_deepcopy(m)
+        reset_states(m)
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
+            out = m(*inputs)
+        outs.append((type(out).__name__, flatten(out)))
+    (kind_a, a), (kind_b, b) = outs
+    if len(a) != len(b):
+        return f"the model returns {len(a)} tensors ({kind_a}), the traced graph {len(b)} ({kind_b})"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return (f"output {i}: the model gives {tuple(x.shape)} {x.dtype}, the traced graph {tuple(y.shape)} "
+                    f"{y.dtype}")
+        if x.device.type == "meta":  # shapes are all a meta tensor has
+            continue
+        if not torch.equal(x, y) and not torch.allclose(x.double(), y.double(), rtol=1e-4, atol=1e-5,
+                                                          equal_nan=True):
+            return f"output {i}: values differ by up to {float((x.double() - y.double()).abs().max()):.3g}"
+    return None

@@ -43,6 +43,8 @@ _ADAPTERS = {
 }
 
 _REGISTRY: Dict[Type[nn.Module], Callable[[nn.Module], NeuronSpec]] = {}
+_STATE: Dict[Type[nn.Module], str] = {}  # how a registered class's state behaves: "carried" | "restart"
+STATES = ("carried", "restart")
 
 
 def framework_adapter(m: nn.Module) -> Optional[Adapter]:
@@ -58,8 +60,10 @@ def framework_adapter(m: nn.Module) -> Optional[Adapter]:
 def adapter_for(m: nn.Module) -> Optional[Adapter]:
     """The adapter that knows ``m``: a registered class's first, then its framework's; None
     for a module of no supported framework."""
-    fn = registered(m)
-    return Registered(fn) if fn is not None else framework_adapter(m)
+    for cls in type(m).__mro__:
+        if cls in _REGISTRY:
+            return Registered(_REGISTRY[cls], _STATE[cls])
+    return framework_adapter(m)
 
 
 def loaded_adapters() -> List[Adapter]:
@@ -117,7 +121,12 @@ def set_step_mode(model: nn.Module, mode: str) -> List[str]:
     return [ad.package for ad in loaded_adapters() if ad.set_step_mode(model, mode)]
 
 
-def register_neuron(cls: Type[nn.Module], to_spec: Callable[[nn.Module], NeuronSpec]) -> None:
+def register_neuron(
+    cls: Type[nn.Module],
+    to_spec: Callable[[nn.Module], NeuronSpec],
+    *,
+    state: Optional[str] = None,
+) -> None:
     """Teach revpass a neuron class of your own.
 
     ``to_spec(module)`` returns the :class:`NeuronSpec` of an instance: usually
@@ -128,12 +137,23 @@ def register_neuron(cls: Type[nn.Module], to_spec: Callable[[nn.Module], NeuronS
             def __init__(self, tau=2.0):
                 ...
         revpass.register_neuron(MyLIF, lambda m: revpass.lif_spec(tau=m.tau, v_threshold=1.0))
+
+    ``state`` says how the module's state behaves from one forward call to the next, and the
+    node that replaces it does the same: ``"restart"`` (every call starts from rest, as a
+    forward that begins with ``v = zeros``), or ``"carried"`` (the final state of one call is
+    the initial state of the next until ``reset()``, as SpikingJelly's neurons). Default: carried
+    if the class has a ``reset()`` method, restart if it has none.
     """
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise TypeError(f"register_neuron expects an nn.Module subclass, got {cls!r}")
     if not callable(to_spec):
         raise TypeError("register_neuron: to_spec must be callable: to_spec(module) -> NeuronSpec")
+    if state is None:
+        state = "carried" if callable(getattr(cls, "reset", None)) else "restart"
+    if state not in STATES:
+        raise ValueError(f"register_neuron({cls.__name__}): state must be one of {STATES}, got {state!r}")
     _REGISTRY[cls] = to_spec
+    _STATE[cls] = state
 
 
 def registered(m: nn.Module) -> Optional[Callable[[nn.Module], NeuronSpec]]:

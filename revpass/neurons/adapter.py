@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from revpass.neurons.spec import NeuronSpec, family_of
+from revpass.neurons.spec import NeuronSpec
 from revpass.utils import safe_deepcopy
 
 #: ``patch(obj, name, new)``: replace an attribute for the duration of a trace (undone after it)
@@ -123,8 +123,9 @@ class Registered(Adapter):
 
     package = "registered"
 
-    def __init__(self, to_spec: Callable[[nn.Module], NeuronSpec]):
+    def __init__(self, to_spec: Callable[[nn.Module], NeuronSpec], state: str = "carried"):
         self._to_spec = to_spec
+        self.state = state  # "carried" | "restart" (revpass.register_neuron)
 
     def is_neuron(self, m: nn.Module) -> bool:
         return True
@@ -148,7 +149,7 @@ class Registered(Adapter):
         return torch.stack([m(x) for x in x_seq])
 
     def carries_state(self, m: nn.Module) -> bool:
-        return family_of(self.to_spec(m, type(m).__name__)).carries_state
+        return self.state == "carried"
 
     def reset(self, m: nn.Module) -> None:
         fn = getattr(m, "reset", None)

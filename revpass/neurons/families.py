@@ -75,7 +75,6 @@ class SpikingJellyFamily(Family):
     name = "spikingjelly"
     equations = "lif"
     public_state = ("v",)
-    carries_state = True
     binary_spikes = True
 
     def prepare(self, spec, P):

@@ -158,8 +158,9 @@ class SnnTorchAdapter(Adapter):
     run_library = staticmethod(run_library)
 
     def reset(self, m: nn.Module) -> None:
-        if isinstance(m, snn.SpikingNeuron):
-            m.reset_mem()
+        fn = getattr(m, "reset_mem", None)  # not every SpikingNeuron has one (StateLeaky, LinearLeaky)
+        if callable(fn):
+            fn()
 
     def trace_patches(self, patch: Patch, make_node: Callable[..., Any]) -> None:
         # init_leaky() & co. inside forward would become reads of the module's current state:

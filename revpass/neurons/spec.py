@@ -66,9 +66,6 @@ class Family:
     name: str = "family"
     #: names of the state tensors that are the framework's visible state (others are derived)
     public_state: Tuple[str, ...] = ("v",)
-    #: a neuron of this form keeps its state from one forward call to the next (SpikingJelly's
-    #: ``v``), so a node built from it carries its final state into the next call
-    carries_state: bool = False
     #: every spike is exactly 0 or 1 (no graded spikes): a reversible node's input is then its
     #: output less its spikes, which a folded batch norm relies on (revpass/nodes/batchnorm.py)
     binary_spikes: bool = False

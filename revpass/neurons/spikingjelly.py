@@ -60,6 +60,12 @@ def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
             "LIFNode, IFNode and ParametricLIFNode. Register it with revpass.register_neuron "
             "or exclude it."
         )
+    if getattr(m, "store_v_seq", False):
+        raise UnsupportedNeuronError(
+            f"{where}: store_v_seq=True records every step's membrane in .v_seq, which a revpass node "
+            "does not keep (it would hold what the node saves memory by dropping). Set "
+            "store_v_seq=False, or exclude this module to keep recording it."
+        )
     if getattr(m, "_neuron_precision", None) is not None:
         raise UnsupportedNeuronError(
             f"{where}: mixed neuron precision (set_neuron_precision) is not supported; "
@@ -120,9 +126,12 @@ class SpikingJellyAdapter(Adapter):
             fn()
 
     def invalidate_reset_cache(self, model: nn.Module) -> None:
+        # every module's: a part kept whole by the tracer may call reset_net(self) in its own
+        # forward, with itself as the cache's key, and its neurons were swapped for nodes
         fn = getattr(sj_functional, "invalidate_reset_cache", None)
         if fn is not None:
-            fn(model)
+            for m in model.modules():
+                fn(m)
 
     def trace_patches(self, patch: Patch, make_node: Callable[..., Any]) -> None:
         # reset_net(self) inside forward would run once at trace time: it becomes a node

@@ -45,6 +45,8 @@ def _opaque(gm: fx.GraphModule, n: fx.Node) -> bool:
         return True
     if n.op != "call_module":
         return False
+    if n.target in getattr(gm, "revpass_untraced", {}):  # kept whole: what runs inside is not known
+        return True
     m = gm.get_submodule(n.target)
     return isinstance(m, (Node, StateReset, RecomputeSegment)) or is_neuron(m)
 
