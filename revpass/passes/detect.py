@@ -56,11 +56,15 @@ def find_sites(gm: fx.GraphModule) -> List[Site]:
             continue
         if not is_neuron(m):
             continue
-        kind = "a" if step_mode(m) == "m" else "b"
-        site = Site(target, m, kind, calls)
-        try:
-            site.spec = spec_from_module(m, target)
-        except UnsupportedNeuronError as exc:
-            site.reason = str(exc)
-        sites.append(site)
+        sites.append(neuron_site(target, m, "a" if step_mode(m) == "m" else "b", calls))
     return sites
+
+
+def neuron_site(path: str, m: nn.Module, kind: str, calls: List[fx.Node], **details) -> Site:
+    """The site of neuron ``m`` at ``path``, its spec read (or the reason it cannot be)."""
+    site = Site(path, m, kind, calls, details=dict(details))
+    try:
+        site.spec = spec_from_module(m, path)
+    except UnsupportedNeuronError as exc:
+        site.reason = str(exc)
+    return site

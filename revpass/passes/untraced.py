@@ -24,10 +24,9 @@ from typing import List, Tuple
 
 from torch import fx
 
-from revpass.errors import UnsupportedNeuronError
-from revpass.neurons import is_neuron, spec_from_module, step_mode
+from revpass.neurons import is_neuron, step_mode
 from revpass.nodes import Node
-from revpass.passes.detect import Site
+from revpass.passes.detect import Site, neuron_site
 from revpass.trace import UNTRACED
 
 #: the key in ``Site.details`` naming the untraced part a site is in
@@ -72,12 +71,7 @@ def untraced_sites(gm: fx.GraphModule) -> List[Site]:
                     f"single-step neuron inside '{part}', which is kept whole ({why}): its calls are not "
                     "in the graph and cannot be rolled into one node")))
                 continue
-            site = Site(path, m, "a", [], details={PART: part})
-            try:
-                site.spec = spec_from_module(m, path)
-            except UnsupportedNeuronError as exc:
-                site.reason = str(exc)
-            sites.append(site)
+            sites.append(neuron_site(path, m, "a", [], **{PART: part}))
     return sites
 
 
