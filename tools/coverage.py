@@ -594,6 +594,7 @@ def norse_other_neurons():
 
 
 sys.path.insert(0, str(ROOT / "examples"))
+from custom_neuron import MyLIF as HandLIF  # noqa: E402  (a multi-step LIF module, hard reset to 0)
 from custom_neuron import Spike  # noqa: E402  (Heaviside forward, sigmoid-derivative backward, alpha 4)
 
 
@@ -636,24 +637,6 @@ class InlineNet(nn.Module):
             s2 = Spike.apply(h2 - 1.0)
             v2 = self._reset(h2, s2)
             out.append(s2)
-        return torch.stack(out)
-
-
-class HandLIF(nn.Module):
-    """A multi-step LIF module of one's own (hard reset)."""
-
-    def __init__(self, tau=2.0, v_threshold=1.0):
-        super().__init__()
-        self.tau, self.v_threshold = tau, v_threshold
-
-    def forward(self, x_seq):
-        v = torch.zeros_like(x_seq[0])
-        out = []
-        for x in x_seq:
-            h = v + (x - v) / self.tau
-            s = Spike.apply(h - self.v_threshold)
-            v = (1.0 - s) * h
-            out.append(s)
         return torch.stack(out)
 
 
