@@ -8,7 +8,6 @@ import functools
 import os
 import socket
 import time
-import traceback
 import warnings
 
 import pytest
@@ -63,8 +62,8 @@ def _loss(gm, step, rank):
 # FSDP layouts: each child with parameters is an FSDP unit of its own, then the root; a batch norm
 # folded into a reversible node (revpass/nodes/batchnorm.py) is called inside that node, not by the
 # graph, so it is left in the root's unit ("apart"), grouped with its node ("with-node":
-# fully_shard([bn, node])), or given a unit of its own ("alone": fails, see
-# test_a_folded_batch_norm_as_its_own_fsdp_unit)
+# fully_shard([bn, node])), or given a unit of its own ("alone": the node runs inside bn's FSDP
+# forward, see test_a_folded_batch_norm_as_its_own_fsdp_unit)
 CONFIGS = {  # name: (mode, layout)
     "reversible": ("reversible", "apart"),
     "reversible-bn-with-node": ("reversible", "with-node"),
@@ -127,16 +126,7 @@ def _worker(rank, port, configs, out):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
-        results = {}
-        for name in configs:
-            try:
-                results[name] = _train(name, rank, mesh)
-            except Exception:
-                if CONFIGS[name][1] != "alone":
-                    raise
-                # the known bug: it fails the same on both ranks, in backward before any collective
-                # (nothing left waiting), so it is reported to its test and the next configuration runs
-                results[name] = {"error": traceback.format_exc()}
+        results = {name: _train(name, rank, mesh) for name in configs}
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -212,8 +202,7 @@ def _check(got, mode):
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     """One pair of processes for every configuration (spawning costs seconds)."""
-    return _run_fsdp(tmp_path_factory.mktemp("fsdp"), ("reversible", "reversible-bn-with-node", "exact",
-                                                       "reversible-bn-alone"))  # last: it fails (bug)
+    return _run_fsdp(tmp_path_factory.mktemp("fsdp"), tuple(CONFIGS))
 
 
 _UNITS = {"reversible": ["conv", "fc"], "reversible-bn-with-node": ["bn+sn1", "conv", "fc"],
@@ -227,15 +216,11 @@ def test_fully_shard_gloo_two_processes_equals_one_process(fsdp_results, config)
     _check(got, CONFIGS[config][0])
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "revpass bug: a batch norm folded into a reversible node (revpass/nodes/batchnorm.py) given an "
-    "FSDP2 unit of its own: ReversibleNode._run passes bn.weight/bn.bias to FoldedBatchNorm.apply "
-    "before bn runs (sharded DTensors then) and FoldedBatchNorm.backward reads bn.weight/bn.bias "
-    "after FSDP has resharded them (bn's own forward ran under no_grad, so no pre-backward unshard): "
-    "'aten.sub_.Tensor got mixed torch.Tensor and DTensor' in backward"))
 def test_a_folded_batch_norm_as_its_own_fsdp_unit(fsdp_results):
+    """fully_shard(bn) on a batch norm folded into a reversible node: outside bn's own forward its
+    parameters are sharded, and that forward runs inside the node's autograd Function (no backward
+    hooks), so the node runs inside bn's FSDP forward (revpass/nodes/batchnorm.run). It used to fail
+    in backward ('aten.sub_.Tensor got mixed torch.Tensor and DTensor')."""
     got = fsdp_results["reversible-bn-alone"]
-    if "error" in got:
-        raise RuntimeError("in the worker processes:\n" + got["error"])
     assert got["units"] == ["bn", "conv", "fc"]
     _check(got, "reversible")

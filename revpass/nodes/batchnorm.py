@@ -31,7 +31,7 @@ z = Y - spikes again (the same values) and the batch norm's input gradient, writ
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -62,15 +62,64 @@ def _per_channel(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((1, 1, -1) + (1,) * (like.dim() - 3))
 
 
+def run(node, bn: nn.Module, x: Tensor, state0: Optional[tuple]) -> Tuple[Tensor, tuple]:
+    """y, final state = node(bn(x)), folded (:class:`FoldedBatchNorm`).
+
+    The batch norm's weight and bias are inputs of the autograd Function: autograd takes their
+    gradients to them, and the backward reads them from there. Under FSDP2, a batch norm that is
+    an FSDP unit apart from its node's (``fully_shard(bn)``) holds sharded parameters outside its
+    own forward, and that forward runs inside the Function, without autograd, where FSDP registers
+    no backward hooks. So the Function runs inside bn's FSDP forward, as
+    ``register_fsdp_forward_method`` runs a module's other methods: FSDP unshards bn first (the
+    Function gets the unsharded parameters, whose gradients FSDP reduce-scatters), registers its
+    post-backward (that reduce-scatter) on the node's inputs and its pre-backward (the all-gather
+    again, which the backward reads gamma and beta from) on the node's outputs, and reshards after.
+    bn's own call inside runs its hooks again: they gather nothing, and reshard as it returns.
+    """
+    P = node.params()
+    need = tuple(k for k, p in P.items() if p.requires_grad)
+
+    def apply(x: Tensor, *state0: Tensor) -> tuple:
+        return FoldedBatchNorm.apply(node, bn, len(state0), need, x, *state0, *P.values(), bn.weight, bn.bias)
+
+    fsdp = _own_fsdp_state(node, bn)
+    if fsdp is None:
+        out = apply(x, *(state0 or ()))
+    else:
+        # FSDPState's forward hooks, called as register_fsdp_forward_method's wrapper calls them
+        args, _ = fsdp._pre_forward(bn, (x, *(state0 or ())), {})
+        out = fsdp._post_forward(bn, args, apply(*args))
+    return out[0], tuple(out[1:])
+
+
+def _own_fsdp_state(node, bn: nn.Module):
+    """bn's FSDP2 state (torch.distributed.fsdp.fully_shard) if bn is an FSDP unit apart from
+    ``node``'s, else None: in its node's unit (``fully_shard([bn, node])``) or in an enclosing
+    one, bn is unsharded through the node's forward and, from the node's outputs, its backward."""
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: FSDP2 was torch.distributed._composable.fsdp
+        return None
+    if not isinstance(bn, FSDPModule):
+        return None
+    state = bn._get_fsdp_state()
+    return None if isinstance(node, FSDPModule) and node._get_fsdp_state() is state else state
+
+
 class FoldedBatchNorm(torch.autograd.Function):
     """y, *final state = node(bn(c)), keeping y, F's bits, the node's initial state and the batch
-    norm's per-channel statistics (or, for a small gamma, its input c)."""
+    norm's per-channel statistics (or, for a small gamma, its input c). Its backward reads gamma
+    and beta from its inputs, not from the module (under FSDP2 the module's are shards then)."""
 
     @staticmethod
     def forward(ctx, node, bn, n_state: int, need: Sequence[str], c: Tensor, *rest):
         state0 = tuple(rest[:n_state]) or None
-        params = rest[n_state:-2]  # then the batch norm's weight and bias (None without affine)
+        *params, gamma, beta = rest[n_state:]  # the node's, the batch norm's (None without affine)
         P = dict(zip(node._param_attr, params))
+        # before bn runs: under FSDP2 its forward hook frees the unsharded gamma (run's docstring)
+        keep_input = gamma is not None and bool((gamma.detach().abs() < GAMMA_MIN).any())
         with torch.no_grad():
             z = bn(c)  # the module's own forward: running statistics and all
             dims = [d for d in range(c.dim()) if d != 2]
@@ -78,28 +127,25 @@ class FoldedBatchNorm(torch.autograd.Function):
             invstd = (var + bn.eps).rsqrt()
             backend = kernels.choose(z, node.spec, P)
             y, packed_f, kept, stateT = kernels.reversible_forward(backend, node.spec, z, state0, P, need)
-        keep_input = bn.weight is not None and bool((bn.weight.detach().abs() < GAMMA_MIN).any())
         del z
-        ctx.node, ctx.bn, ctx.n_state, ctx.need, ctx.keep_input = node, bn, n_state, tuple(need), keep_input
+        ctx.node, ctx.n_state, ctx.need, ctx.keep_input = node, n_state, tuple(need), keep_input
         ctx.backend = backend
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(y, packed_f, kept, mean, invstd, c if keep_input else c.new_empty(0),
-                              *(state0 or ()), *params)
+                              *(state0 or ()), *params, gamma, beta)
         return (y, *stateT)
 
     @staticmethod
     def backward(ctx, gy: Optional[Tensor], *g_stateT):
         y, packed_f, kept, mean, invstd, c, *rest = ctx.saved_tensors
-        node, bn = ctx.node, ctx.bn
+        node = ctx.node
         state0 = tuple(rest[: ctx.n_state]) or None
-        params = rest[ctx.n_state:]
+        *params, gamma, beta = rest[ctx.n_state:]
         P = dict(zip(node._param_attr, params))
         if gy is None:
             gy = torch.zeros_like(y)
         g_state = None if all(g is None for g in g_stateT) else tuple(
             g if g is not None else y.new_zeros(y.shape[1:]) for g in g_stateT)
-        gamma = bn.weight.detach() if bn.weight is not None else None
-        beta = bn.bias.detach() if bn.bias is not None else None
 
         def normalized(sl, z: Tensor) -> Tensor:
             """x^ over a slice, in z's buffer: rebuilt from z, or from the kept input."""
@@ -146,10 +192,9 @@ class FoldedBatchNorm(torch.autograd.Function):
 
 def _grads(ctx, gc, g0, gP, dgamma, dbeta, state0, params):
     """The autograd Function's gradients, in the order of its inputs."""
-    node, bn = ctx.node, ctx.bn
+    node = ctx.node
     g_state0 = [None] * ctx.n_state if g0 is None else [
         g if s.requires_grad else None for g, s in zip(g0, state0)]
     g_params = [gP[k].reshape(p.shape) if k in gP else None for k, p in zip(node._param_attr, params)]
-    g_affine = [dgamma if bn.weight is not None and bn.weight.requires_grad else None,
-                dbeta if bn.bias is not None and bn.bias.requires_grad else None]
+    g_affine = [dgamma if ctx.needs_input_grad[-2] else None, dbeta if ctx.needs_input_grad[-1] else None]
     return (None, None, None, None, gc, *g_state0, *g_params, *g_affine)

@@ -241,12 +241,7 @@ class ReversibleNode(Node):
 
     def _run(self, x, state0):
         if self._fold_now:
-            bn = self.folded_bn
-            P = self.params()
-            need = tuple(k for k, p in P.items() if p.requires_grad)
-            out = batchnorm.FoldedBatchNorm.apply(self, bn, 0 if state0 is None else len(state0), need, x,
-                                        *(state0 or ()), *P.values(), bn.weight, bn.bias)
-            return out[0], tuple(out[1:])
+            return batchnorm.run(self, self.folded_bn, x, state0)
         if self.backward_mode == "autograd":
             return reversible.reversible_forward_autograd(self.spec, x, state0, self.params())
         s0, params, need = self._op_args(state0)
