@@ -198,8 +198,13 @@ def verify(
     The loss is ``loss_fn(output)``, or a fixed random weighting of every output. The models run
     on copies in ``dtype`` (float64 by default): float32 rounding compounds through a deep
     network (batch norm amplifies it) and would swamp the tolerance without saying anything about
-    the conversion. A model that cannot run in ``dtype`` is compared in its own precision; the
-    report says which was used. ``dtype=None`` compares the models as they are. The converted
+    the conversion. Every floating tensor the copies hold is cast, not only parameters and
+    buffers: a framework's constants kept elsewhere (norse's ``p``, a named tuple of tensors)
+    would leave the original computing partly in float32 (norse's ``dt * tau_mem_inv`` is 0.1f,
+    1.5e-8 off 0.1) against a node whose constants, buffers, are in ``dtype``: two functions
+    that differ by more than float64 rounding, which deep networks amplify past the tolerance.
+    A model that cannot run in ``dtype`` is compared in its own precision; the report says which
+    was used. ``dtype=None`` compares the models as they are. The converted
     model also runs forward and backward in its own dtype: an error or a non-finite value there
     is a failure. ``concrete_args``: what convert was given, for tracing the original when it
     holds hand-written neurons (kind c).
@@ -231,7 +236,7 @@ def _verify_in(reference, candidate, sites, inputs, loss_fn, rtol, atol, seed, d
     ref_model = safe_deepcopy(reference)
     cand = safe_deepcopy(candidate)
     if dtype is not None:
-        ref_model, cand = ref_model.to(dtype), cand.to(dtype)
+        ref_model, cand = _to_dtype(ref_model, dtype), _to_dtype(cand, dtype)
         inputs = [x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs]
     reversible = any(isinstance(m, ReversibleNode) for m in cand.modules())
     rep = VerifyReport(against="the original model", rtol=rtol, atol=atol,
@@ -285,6 +290,50 @@ def _verify_in(reference, candidate, sites, inputs, loss_fn, rtol, atol, seed, d
                                    f"{_describe(exc)}")
         rep.oracle = oracle
     return rep, got
+
+
+def _to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model.to(dtype)``, and also every floating tensor its modules hold outside their
+    parameters and buffers, in attributes, tuples (named tuples), lists and dicts: the constants
+    a framework keeps there (norse's ``p``, a named tuple of float32 tensors) would otherwise stay
+    in their own dtype, and the model would compute in float64 another function than its own
+    (norse's ``dt * tau_mem_inv`` rounded to float32) while a revpass node, whose constants are
+    buffers, computes the float64 one. ``model`` is a copy: changed in place."""
+    model = model.to(dtype)
+    for m in model.modules():
+        for name, value in list(vars(m).items()):
+            if name in ("_parameters", "_buffers", "_modules"):
+                continue
+            new = _cast_held(value, dtype, 0)
+            if new is not value:
+                m.__dict__[name] = new  # past a module's own __setattr__
+    return model
+
+
+def _cast_held(v: Any, dtype: torch.dtype, depth: int) -> Any:
+    """``v`` with its floating tensors (not parameters) in ``dtype``; tuples rebuilt, lists and
+    dicts changed in place; ``v`` itself when nothing changed."""
+    if isinstance(v, Tensor):
+        if v.is_floating_point() and not isinstance(v, nn.Parameter) and v.dtype != dtype:
+            return v.to(dtype)
+        return v
+    if depth > 4:
+        return v
+    if isinstance(v, tuple):
+        items = [_cast_held(i, dtype, depth + 1) for i in v]
+        if all(a is b for a, b in zip(items, v)):
+            return v
+        try:
+            return type(v)(*items) if hasattr(v, "_fields") else type(v)(items)
+        except TypeError:  # a tuple type built otherwise: left as it is
+            return v
+    if isinstance(v, list):
+        for i, item in enumerate(v):
+            v[i] = _cast_held(item, dtype, depth + 1)
+    elif isinstance(v, dict):
+        for k, item in list(v.items()):
+            v[k] = _cast_held(item, dtype, depth + 1)
+    return v
 
 
 def _compare(rep: VerifyReport, got: _Result, ref: _Result) -> None:
