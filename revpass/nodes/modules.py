@@ -62,6 +62,7 @@ class Node(nn.Module):
             else:
                 self.register_buffer(attr, t, persistent=attr in spec.attr_names.values())
             self._param_attr[key] = attr
+        self.borrowed: frozenset = frozenset()  # see borrow
         self.state: Optional[Tuple[Tensor, ...]] = None
         self.plain = False  # standard tensor ops, nothing carried (revpass.export_onnx sets it)
         self.slice_min_elems: Optional[int] = None  # see set_slicing
@@ -86,6 +87,27 @@ class Node(nn.Module):
         backward = "optimized" if self.backward_mode == "autograd" else self.backward_mode
         self._config = ops.node_config(self.spec, tuple(self._param_attr), backward,
                                        self.__dict__.get("slice_min_elems"), self.name)
+
+    # -- tensors another module owns ---------------------------------------------------------------
+    def borrow(self, attrs) -> None:
+        """Mark tensors this node holds that another module of the model owns (a hand-written
+        PLIF's ``w``, read from the model in its forward): the state_dict has them once, under
+        the owner's key, so that the converted model's keys are the original's and a checkpoint
+        loads strictly either way (loading the owner's key sets the very tensor the node uses)."""
+        self.borrowed = frozenset(attrs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for attr in self.__dict__.get("borrowed", ()):
+            destination.pop(prefix + attr, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for attr in self.__dict__.get("borrowed", ()):
+            if prefix + attr in missing_keys:
+                missing_keys.remove(prefix + attr)
 
     def set_slicing(self, min_elems: Optional[int]) -> None:
         """Run the optimized backward in slices of at least ``min_elems`` elements per step
