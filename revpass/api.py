@@ -30,7 +30,7 @@ from torch import fx, nn
 from revpass import meta
 from revpass.analysis.annotate import annotate
 from revpass.analysis.measure import site_shapes, trace_differs
-from revpass.errors import ExampleInputError, RevpassWarning
+from revpass.errors import ExampleInputError, RevpassError, RevpassWarning
 from revpass.neurons import invalidate_reset_caches
 from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE
 from revpass.passes.decide import Planned, decide
@@ -229,39 +229,127 @@ def _pipeline(model: nn.Module, example_inputs, options: _Options) -> fx.GraphMo
     """trace, then :data:`PASSES` in order, ``graph.lint()`` after each (the module docstring)."""
     inputs = as_tuple(example_inputs) if example_inputs is not None else None
     work = model if options.inplace else safe_deepcopy(model)
-    shapes_in = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs] if inputs else None
-    gm = trace(work, concrete_args=options.concrete_args, time_steps=time_steps(example_inputs),
-               input_shapes=shapes_in, example_inputs=inputs)
-    gm.graph.lint()
     run = _Run(model, inputs, options)
-    if inputs is not None:
-        guard_time_steps(gm, inputs)  # a loop unrolled over the example's T runs at that T only
+    if inputs is None:
+        gm = trace(work, concrete_args=options.concrete_args, time_steps=time_steps(example_inputs))
         gm.graph.lint()
-        # an untouched copy of the traced graph, for the memory it keeps ("before" conversion), and
-        # the input shape of every site, from a run of another copy (a run leaves state behind: a
-        # framework's neuron may keep its last state's shape, so that the next run saves other tensors)
+    else:
+        gm, run.shapes = _faithful_trace(work, inputs, options)
+        # an untouched copy of the traced graph, for the memory it keeps ("before" conversion)
         run.before = safe_deepcopy(gm)
-        try:
-            run.shapes = site_shapes(safe_deepcopy(gm), inputs)
-        except ExampleInputError as exc:
-            if not _runs(work, inputs):
-                raise
-            raise TraceError(  # the model runs: the trace is what fails
-                f"the traced graph of {type(model).__name__} fails on the example inputs, which the model itself "
-                f"runs: {str(exc).split(': ', 1)[-1].rsplit('. Pass inputs', 1)[0]}. A framework function that "
-                "does not trace (it runs once at trace time, or reads a traced value as a number) is the usual "
-                "cause: keep the module that calls it whole with revpass.trace.register_leaf(ItsClass)") from None
-        why = trace_differs(work, gm, inputs)
-        if why is not None:  # converting a graph that is not the model would be silently wrong
-            raise TraceError(
-                f"the traced graph of {type(model).__name__} does not compute what the model does on the example "
-                f"inputs: {why}. Python code that looks at a traced value (isinstance(out, tuple) on a module's "
-                "output, an if on a value) took one branch while tracing; keep that module whole with "
-                "revpass.trace.register_leaf(ItsClass), or make the branch independent of the value")
     for _, fn in PASSES:
         fn(gm, run)
         gm.graph.lint()
     return gm
+
+
+def _faithful_trace(work: nn.Module, inputs: tuple, options: _Options):
+    """Trace ``work`` into a graph that computes what it does on ``inputs`` (``trace_differs``),
+    with its time-steps guard, and the shapes of a run of it (``site_shapes``).
+
+    A trace can be wrong where Python looks at a traced value (``isinstance(out, tuple)`` on a
+    module's output, an ``if`` on a value), or where a function ran once at trace time. Then the
+    model is traced again with example values carried from the start (a module's tuple output is
+    then a tuple), and if that is still wrong, the parts whose tracing makes it wrong are found
+    and kept whole (:func:`_culprits`): convert never fails a whole model because one block does
+    not trace. Only when no part explains it (the model's own forward) is it a TraceError."""
+    def traced(leaves, with_values):
+        gm = trace(work, concrete_args=options.concrete_args, time_steps=time_steps(inputs),
+                   example_inputs=inputs, leaves=leaves, with_values=with_values)
+        guard_time_steps(gm, inputs)  # a loop unrolled over the example's T runs at that T only
+        gm.graph.lint()
+        return gm
+
+    def problem(gm):  # (None, shapes) when the graph is the model on the inputs, else (why, None)
+        try:
+            shapes = site_shapes(safe_deepcopy(gm), inputs)
+        except ExampleInputError as exc:
+            error = str(exc).split(": ", 1)[-1].rsplit(". Pass inputs", 1)[0]
+            return f"fails on the example inputs, which the model itself runs: {error}", None
+        why = trace_differs(work, gm, inputs)
+        return (None, shapes) if why is None else (
+            f"does not compute what the model does on the example inputs: {why}", None)
+
+    def faithful(leaves):  # False also where the model does not trace with these parts kept whole
+        gm = _or_none(traced, leaves, True)
+        return gm is not None and problem(gm)[0] is None
+
+    gm = traced({}, False)
+    why, shapes = problem(gm)
+    if why is None:
+        return gm, shapes
+    if why.startswith("fails") and not _runs(work, inputs):
+        site_shapes(safe_deepcopy(gm), inputs)  # the model itself does not run: its own error
+    first = why
+    with_values = _or_none(traced, {}, True) or gm  # with example values: a leaf's tuple is a tuple
+    why, shapes = problem(with_values)
+    if why is None:
+        return with_values, shapes
+    leaves = _culprits(with_values, faithful, first.split(":", 1)[0])
+    if leaves:
+        gm = traced(leaves, True)
+        why, shapes = problem(gm)
+        if why is None:
+            return gm, shapes
+    raise TraceError(
+        f"the traced graph of {type(work).__name__} {first}; keeping no part of it whole helps. Python "
+        "code that looks at a traced value (isinstance(out, tuple) on a module's output, an if on a value) "
+        "took one branch while tracing, or a function ran once at trace time (or read a traced value as a "
+        "number); keep the module that does it whole with revpass.trace.register_leaf(ItsClass), or make "
+        "the branch independent of the value")
+
+
+def _or_none(fn, *args):
+    """``fn(*args)``, or None where it raises a RevpassError."""
+    try:
+        return fn(*args)
+    except RevpassError:
+        return None
+
+
+def _culprits(gm: fx.GraphModule, faithful, why: str) -> Dict[str, str]:
+    """The fewest parts of the traced model, innermost where possible, that must be kept whole
+    for its trace to be ``faithful(leaves)``; {} if none does. Top down: all traced-through
+    children of a part kept whole, then each one traced again unless that breaks it (so that only
+    the guilty stay whole), then the guilty ones' children in their place. One trace per try:
+    this only runs for a model whose plain trace is wrong."""
+    children: Dict[str, List[str]] = {}  # every module the trace went into, by its parent's path
+    for n in gm.graph.nodes:
+        for path, _ in (n.meta.get("nn_module_stack") or {}).values():
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            if path and path not in children.setdefault(parent, []):
+                children[parent].append(path)
+            children.setdefault(path, [])
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for paths in children.values():  # a module called as one node is kept whole already
+        paths[:] = [p for p in paths if p not in called]
+    reason = f"kept whole: the graph traced through it {why}"
+
+    def narrowed(kept: List[str], fixed: Dict[str, str]) -> Optional[List[str]]:
+        if not faithful({**fixed, **{p: reason for p in kept}}):
+            return None
+        for p in list(kept):
+            rest = [q for q in kept if q != p]
+            if faithful({**fixed, **{q: reason for q in rest}}):
+                kept = rest
+        return kept
+
+    guilty = narrowed(children.get("", []), {})
+    if guilty is None:
+        return {}
+    leaves = {p: reason for p in guilty}
+    todo = list(guilty)
+    while todo:
+        part = todo.pop()
+        inner = children.get(part, [])
+        if not inner:
+            continue
+        without = {k: v for k, v in leaves.items() if k != part}
+        found = narrowed(inner, without)
+        if found is not None:  # its children explain it: keep them whole instead of the part
+            leaves = {**without, **{p: reason for p in found}}
+            todo.extend(found)
+    return leaves
 
 
 def _runs(model: nn.Module, inputs: tuple) -> bool:

@@ -116,8 +116,10 @@ class RevpassTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args, kwargs) -> Any:
         """As fx's; an exception raised while tracing through ``m``'s forward is marked with
         ``m``'s path, innermost first (the part :func:`trace` keeps whole on its next try)."""
+        if self._made_in_forward(m):  # nn.Upsample(...)(x) in forward: its operations are the graph's
+            return forward(*args, **kwargs)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
         except Exception as exc:
             if not hasattr(exc, "_revpass_module"):
                 try:
@@ -127,6 +129,20 @@ class RevpassTracer(fx.Tracer):
                 if path is not None and not self.is_leaf_module(m, path):
                     exc._revpass_module = (path, type(m).__name__)
             raise
+        value = out.__dict__.get("_rp_value", _NO) if isinstance(out, fx.Proxy) else _NO
+        if isinstance(value, tuple):  # a leaf returning a tuple: a tuple of its traced items
+            return tuple(out[i] for i in range(len(value)))
+        return out
+
+    def _made_in_forward(self, m: nn.Module) -> bool:
+        """A module that is not the model's (made in forward) and holds no tensor: tracing through
+        it is exact (one with parameters would be made, so drawn, anew each call: it stays an
+        error, and the part that makes it is kept whole)."""
+        try:
+            self.path_of_module(m)
+            return False
+        except NameError:
+            return next(iter([*m.parameters(), *m.buffers()]), None) is None and not is_neuron(m)
 
     # -- values carried alongside -----------------------------------------------------------------
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -462,6 +478,8 @@ def trace(
     input_shapes: Optional[List[Any]] = None,
     example_inputs: Optional[List[Any]] = None,
     keep_untraceable: bool = True,
+    leaves: Optional[Dict[str, str]] = None,
+    with_values: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule that behaves like it over repeated calls.
 
@@ -475,6 +493,10 @@ def trace(
     graph assumes). ``keep_untraceable``: a submodule whose forward still cannot be traced is
     kept whole (innermost first) instead of failing the model; ``gm.revpass_untraced`` says which
     and why. A failure in ``model``'s own forward raises :class:`TraceError`.
+    ``leaves`` ({path: why}): parts kept whole from the start (the driver's, where tracing
+    through them gave a graph that is not the model); ``with_values``: carry example values from
+    the first try (a framework leaf whose output is a tuple is then a tuple of traced values, so
+    that ``isinstance(out, tuple)`` in forward sees what it sees when the model runs).
     """
     concrete_args = dict(concrete_args or {})
     _default_concrete_args(model, concrete_args)
@@ -485,8 +507,8 @@ def trace(
     else:
         examples = None
     own_attrs = set(vars(model))
-    leaves: Dict[str, str] = {}
-    with_values = False
+    leaves = dict(leaves or {})
+    with_values = with_values and examples is not None
     tries = 0
     limit = 2 + sum(1 for _ in model.modules())
     while True:

@@ -1,6 +1,8 @@
 """What a user would otherwise meet silently: neurons whose behaviour a node cannot keep are left
 with the reason, registered neurons' state behaves as declared."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -224,10 +226,17 @@ def test_a_model_traced_at_the_examples_shapes_refuses_others():
         gm(torch.randn(4, 5, 4))
 
 
-def test_a_trace_that_does_not_compute_the_model_is_refused():
-    """isinstance() on a neuron's output while tracing sees a proxy, not the tuple the neuron
-    returns: the traced graph takes the other branch. convert compares it with the model on the
-    example inputs and refuses rather than convert something else."""
+def _same_outputs(net, gm, x):
+    reset_states(net), reset_states(gm)
+    with torch.no_grad():
+        a, b = revpass.utils.flatten(net(x)), revpass.utils.flatten(gm(x))
+    return len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_isinstance_on_a_neurons_tuple_output_traces_as_the_model_runs():
+    """isinstance() on a neuron's output sees a proxy, not the tuple the neuron returns, in a
+    plain symbolic trace: the graph took the other branch. convert finds that the graph is not the
+    model and traces again with example values, where a leaf's tuple output is a tuple."""
     import snntorch as snn
 
     class Tupled(nn.Module):
@@ -242,27 +251,201 @@ def test_a_trace_that_does_not_compute_the_model_is_refused():
             return torch.stack(list(out))
 
     net, x = Tupled(), torch.randn(3, 2, 6)
-    with pytest.raises(revpass.trace.TraceError, match=r"does not compute what the model does on the example "
-                                                        r"inputs: output 0: the model gives \(3, 2, 4\)"):
-        revpass.convert(net, x)
+    gm = _quiet_convert(net, x)
+    assert _same_outputs(net, gm, x)
+    (row,) = gm.revpass_report.rows
+    assert row.decision == "unchanged" and "StateLeaky is not supported" in row.reason
 
 
-def test_a_trace_that_fails_where_the_model_runs_is_a_trace_error_not_an_input_error():
+def _quiet_convert(net, x, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", revpass.RevpassWarning)
+        return revpass.convert(net, x, mode="exact", **kw)
+
+
+def test_a_neuron_whose_reset_state_is_none_traces():
+    """DeltaLeaky.init_leaky() returns (None, None): traced, its reset state stays None (a fresh
+    empty tensor in its place made the graph fail where the model runs)."""
     import snntorch as snn
 
-    class Delta(nn.Module):  # DeltaLeaky.init_leaky() returns (None, None): traced, a fresh state breaks it
+    class Delta(nn.Module):
         def __init__(self):
             super().__init__()
+            torch.manual_seed(0)
             self.fc, self.lif = nn.Linear(6, 4), snn.DeltaLeaky(beta=0.9)
 
         def forward(self, x):
-            state, out = (self.lif.init_leaky(),), []
+            state, out = self.lif.init_leaky(), []
             for t in range(x.shape[0]):
-                spk, *state = self.lif(self.fc(x[t]), *state)
+                spk, state = self.lif(self.fc(x[t]), state)
                 out.append(spk)
             return torch.stack(out)
 
     net, x = Delta(), torch.randn(3, 2, 6)
-    net(x)  # the model itself runs
-    with pytest.raises(revpass.trace.TraceError, match="fails on the example inputs, which the model itself runs"):
-        revpass.convert(net, x)
+    gm = _quiet_convert(net, x)
+    assert _same_outputs(net, gm, x)
+    assert not gm.revpass_untraced  # traced through, not kept whole
+
+
+class _Checked(nn.Module):
+    """A block whose forward branches on isinstance(): traced, the Linear's output is a proxy."""
+
+    def __init__(self):
+        super().__init__()
+        from spikingjelly.activation_based import neuron
+
+        self.fc, self.lif = nn.Linear(6, 6), neuron.LIFNode(step_mode="m")
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.lif(y) if isinstance(y, torch.Tensor) else y
+
+
+def test_a_part_that_traces_wrong_is_kept_whole_and_its_neurons_converted():
+    """The graph traced through _Checked is not the model: convert finds that part (and only it),
+    keeps it whole, says so, and still converts the multi-step neuron inside it by module swap."""
+    from spikingjelly.activation_based import neuron
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.pre = nn.Sequential(nn.Linear(6, 6), neuron.LIFNode(step_mode="m"))
+            self.block = _Checked()
+            self.head = nn.Sequential(nn.Linear(6, 6), neuron.LIFNode(step_mode="m"))
+
+        def forward(self, x):
+            z = self.block(self.pre(x))
+            return self.head(z), z
+
+    net, x = Net(), torch.randn(3, 2, 6) * 3
+    gm = _quiet_convert(net, x)
+    assert list(gm.revpass_untraced) == ["block"]
+    assert "the graph traced through it does not compute what the model does" in gm.revpass_untraced["block"]
+    assert {r.path: r.decision for r in gm.revpass_report.rows} == {
+        "pre.1": "exact", "block.lif": "exact", "head.1": "exact"}
+    assert _same_outputs(net, gm, x)
+    assert type(gm.block.lif) is not neuron.LIFNode  # swapped inside the part kept whole
+
+
+def test_a_trace_wrong_in_the_models_own_forward_is_refused():
+    """No part kept whole helps when the model's own forward branches on a traced value: convert
+    refuses rather than convert something else."""
+    class Own(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y * 2 if isinstance(y, torch.Tensor) else y
+
+    with pytest.raises(revpass.trace.TraceError, match=r"does not compute what the model does on the example "
+                                                        r"inputs: output 0: values differ .*keeping no part of it "
+                                                        r"whole helps"):
+        revpass.convert(Own(), torch.randn(3, 2, 6))
+
+
+def test_a_zoo_subclass_of_a_library_neuron_is_a_site():
+    """A model zoo's own subclass of LIFNode (SpikeDHS's save_v_LIFNode) is a neuron: converted
+    when it only sets itself up differently, left with a reason naming what it redefines when it
+    has its own step (what that step records would be lost)."""
+    from spikingjelly.activation_based import neuron
+
+    class Tuned(neuron.LIFNode):
+        def __init__(self):
+            super().__init__(tau=3.0, step_mode="m")
+
+    class Recording(neuron.LIFNode):
+        def multi_step_forward(self, x_seq):
+            self.mean_input = x_seq.mean()
+            return super().multi_step_forward(x_seq)
+
+    net = nn.Sequential(nn.Linear(6, 6), Tuned(), nn.Linear(6, 6), Recording(step_mode="m"))
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 6) * 3
+    gm = _quiet_convert(net, x)
+    rows = {r.path: r for r in gm.revpass_report.rows}
+    assert rows["1"].decision == "exact" and rows["3"].decision == "unchanged"
+    assert "subclasses SpikingJelly's LIFNode and defines its own multi_step_forward" in rows["3"].reason
+    assert type(gm.get_submodule("3")) is Recording
+    assert _same_outputs(net, gm, x)
+
+
+def test_a_module_made_in_forward_is_traced_through():
+    """nn.Upsample(...)(x) in forward (SpikeDHS's cells): not a submodule, so fx cannot call it as
+    one; it holds no tensor, so its operations are traced and the block is not kept whole."""
+    from spikingjelly.activation_based import layer, neuron
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lif = layer.Conv2d(2, 2, 3, padding=1, step_mode="m"), neuron.LIFNode(step_mode="m")
+
+        def forward(self, x):
+            return self.lif(layer.SeqToANNContainer(nn.Upsample(scale_factor=2))(self.conv(x)))
+
+    torch.manual_seed(0)
+    net, x = Up(), torch.randn(2, 1, 2, 4, 4) * 3
+    gm = _quiet_convert(net, x)
+    assert not gm.revpass_untraced
+    assert [r.decision for r in gm.revpass_report.rows] == ["exact"]
+    assert _same_outputs(net, gm, x)
+
+
+def test_snntorch_leaky_parallel_is_named_and_keeps_the_input_gradient():
+    """LeakyParallel (an nn.RNN over the sequence, not a SpikingNeuron) is a neuron the report
+    names as unsupported, called whole: the converted model's input gradient is the model's."""
+    import snntorch as snn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), snn.LeakyParallel(4, 4, beta=0.9))
+    x = torch.randn(3, 2, 6) * 3
+    gm = _quiet_convert(net, x)
+    (row,) = gm.revpass_report.rows
+    assert row.decision == "unchanged" and "LeakyParallel is not supported" in row.reason
+    grads = []
+    for m in (net, gm):
+        xi = x.clone().requires_grad_()
+        m(xi).sum().backward()
+        grads.append(xi.grad)
+    assert grads[1] is not None and torch.equal(grads[0], grads[1])
+
+
+def test_norse_box_cells_sharing_default_parameters_train_under_the_smallest_budget():
+    """Two LIFBoxCell() share their default parameters' tensors; with budget="min" both become
+    recomputed segments. Two training steps run, with the original's gradients (exact function)."""
+    import norse.torch as norse
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.c1 = nn.Linear(8, 16), norse.LIFBoxCell()
+            self.fc2, self.c2 = nn.Linear(16, 8), norse.LIFBoxCell()
+
+        def forward(self, x_seq):
+            s1 = s2 = None
+            out = []
+            for t in range(x_seq.shape[0]):
+                z, s1 = self.c1(self.fc1(x_seq[t]), s1)
+                z, s2 = self.c2(self.fc2(z), s2)
+                out.append(z)
+            return torch.stack(out)
+
+    torch.manual_seed(0)
+    net, x = Loop(), torch.randn(6, 4, 8) * 8 + 4
+    assert net.c1.p.tau_mem_inv is net.c2.p.tau_mem_inv
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", revpass.RevpassWarning)
+        gm = revpass.convert(net, x, budget="min")
+    assert [r.decision for r in gm.revpass_report.rows] == ["recompute", "recompute"]
+    w = torch.randn(6, 4, 8)
+    for step in range(2):
+        grads = []
+        for m in (net, gm):
+            m.zero_grad()
+            (m(x) * w).sum().backward()
+            grads.append([p.grad.clone() for p in (m.fc1.weight, m.fc2.weight)])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+        assert grads[0][0].abs().sum() > 0

@@ -49,12 +49,14 @@ STATES = ("carried", "restart")
 
 def framework_adapter(m: nn.Module) -> Optional[Adapter]:
     """The adapter of ``m``'s framework, or None (imports the adapter only then; the framework
-    is already imported, since ``m`` is one of its modules)."""
-    root = type(m).__module__.split(".")[0]
-    name = _ADAPTERS.get(root)
-    if name is None or root not in sys.modules:
-        return None
-    return importlib.import_module(name).ADAPTER
+    is already imported, since ``m`` is one of its modules). A user's subclass of a framework's
+    class belongs to that framework (its adapter says whether it converts)."""
+    for cls in type(m).__mro__:
+        root = cls.__module__.split(".")[0]
+        name = _ADAPTERS.get(root)
+        if name is not None and root in sys.modules:
+            return importlib.import_module(name).ADAPTER
+    return None
 
 
 def adapter_for(m: nn.Module) -> Optional[Adapter]:

@@ -24,7 +24,11 @@ SUPPORTED = (snn.Leaky, snn.Synaptic)
 
 
 def is_neuron(m: nn.Module) -> bool:
-    return isinstance(m, snn.SpikingNeuron)
+    # LeakyParallel (an nn.RNN over the whole sequence) is a neuron that is not a SpikingNeuron
+    return isinstance(m, (snn.SpikingNeuron, *_PARALLEL))
+
+
+_PARALLEL = tuple(c for c in (getattr(snn, "LeakyParallel", None),) if c is not None)
 
 
 is_leaf = is_neuron
@@ -167,10 +171,10 @@ class SnnTorchAdapter(Adapter):
         # they return fresh empty tensors made in the graph ("start from the reset state")
         def fresh_like(original):
             def fresh(self, *args, **kwargs):
-                out = original(self, *args, **kwargs)
+                out = original(self, *args, **kwargs)  # None where the reset state is None
                 if isinstance(out, tuple):
-                    return tuple(make_node("fresh_state") for _ in out)
-                return make_node("fresh_state")
+                    return tuple(None if o is None else make_node("fresh_state") for o in out)
+                return None if out is None else make_node("fresh_state")
 
             return fresh
 

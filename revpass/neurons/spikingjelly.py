@@ -26,8 +26,21 @@ SUPPORTED = (sj_neuron.LIFNode, sj_neuron.IFNode, sj_neuron.ParametricLIFNode)
 
 
 def is_neuron(m: nn.Module) -> bool:
-    """A SpikingJelly spiking neuron (a class of spikingjelly.activation_based.neuron)."""
-    return isinstance(m, sj_base.MemoryModule) and type(m).__module__.startswith(sj_neuron.__name__)
+    """A SpikingJelly spiking neuron: a class of spikingjelly.activation_based.neuron, or a
+    subclass of its BaseNode defined elsewhere (a model zoo's own LIFNode variant)."""
+    return isinstance(m, sj_base.MemoryModule) and (
+        type(m).__module__.startswith(sj_neuron.__name__) or isinstance(m, sj_neuron.BaseNode))
+
+
+def _overrides(m: nn.Module) -> list:
+    """The methods a subclass of a supported class defines itself, besides ``__init__``."""
+    base = next(c for c in type(m).__mro__ if c in SUPPORTED)
+    own = set()
+    for c in type(m).__mro__:
+        if c is base:
+            break
+        own |= {k for k, v in vars(c).items() if callable(v) and k != "__init__"}
+    return sorted(own)
 
 
 def is_leaf(m: nn.Module) -> bool:
@@ -54,7 +67,15 @@ def surrogate_of(fn: nn.Module, where: str) -> Surrogate:
 
 def to_spec(m: nn.Module, where: str = "") -> NeuronSpec:
     where = where or type(m).__name__
-    if type(m) not in SUPPORTED:
+    if type(m) not in SUPPORTED and isinstance(m, SUPPORTED) and _overrides(m):
+        base = next(c for c in type(m).__mro__ if c in SUPPORTED).__name__
+        raise UnsupportedNeuronError(
+            f"{where}: {type(m).__name__} (from {type(m).__module__}) subclasses SpikingJelly's {base} and "
+            f"defines its own {', '.join(_overrides(m))}: revpass cannot tell that it computes what {base} "
+            "does, and what its own step keeps (attributes it sets) would be lost; it is left as it is "
+            "(exclude it to silence this)"
+        )
+    if not isinstance(m, SUPPORTED):
         raise UnsupportedNeuronError(
             f"{where}: SpikingJelly {type(m).__name__} is not supported; revpass converts "
             "LIFNode, IFNode and ParametricLIFNode. Register it with revpass.register_neuron "

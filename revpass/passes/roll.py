@@ -87,7 +87,9 @@ def plan_roll(site: Site, g: nx.DiGraph) -> Tuple[bool, str, Dict[str, object]]:
                 if readers:
                     return False, (
                         f"its state (output {i} of step {t}) is read by '{readers[0].name}', not "
-                        "only by its own next step; the nodes do not return per-step states"
+                        "only by its own next step (a membrane recorded for the output or the loss): "
+                        "the model then keeps every step's state itself, which is what a node saves "
+                        "by dropping, so it is left as it is"
                     ), {}
                 drop.append(node)
         else:
