@@ -10,6 +10,7 @@
     rewrite   a node at every decided site, single-step calls rolled        passes/rewrite.py, passes/roll.py
     fold      batch norms into the reversible nodes that read them          passes/fold.py
     segments  the layers before each "recompute" site, recomputed           passes/segments.py
+    bits      layers that read an exact node's spikes keep them as bits     passes/spikes.py
     annotate  node.meta: measured memory, lifetimes, backward slices        analysis/, planning/peak.py
 
 With ``budget=`` the driver converts the model once per strategy (probes), asks the planner
@@ -41,8 +42,9 @@ from revpass.passes.guards import guard_time_steps
 from revpass.passes.patterns import PatternSite, find_pattern_sites
 from revpass.passes.rewrite import rewrite
 from revpass.passes.segments import form_segments
+from revpass.passes.spikes import keep_spike_inputs_as_bits
 from revpass.passes.untraced import settle, untraced_parts, untraced_sites
-from revpass.planning.budget import MIN_TRIES, STRATEGIES, BudgetError, choose, site_savings, workspaces
+from revpass.planning.budget import MIN_TRIES, BudgetError, allowed, choose, site_savings, workspaces
 from revpass.planning.memory_plan import MemoryPlan, plan_of
 from revpass.planning.peak import estimate_peak, slice_where_it_sets_the_peak
 from revpass.report import ConversionReport, SiteRow
@@ -84,8 +86,10 @@ def convert(
         budget: bytes of activations kept for backward at the end of the forward: the planner
             (revpass/planning/budget.py) chooses for each site between unchanged, exact,
             reversible and recompute to fit it at the least extra compute; or ``"min"``: the
-            choice with the lowest estimated peak of a training step. Needs ``example_inputs``;
-            ``mode`` is then ignored. A budget that cannot be met raises ``BudgetError`` with the
+            choice with the lowest estimated peak of a training step. Needs ``example_inputs``.
+            ``mode`` says what the planner may choose: with ``"reversible"`` every strategy,
+            with ``"exact"`` or ``"recompute"`` only those that keep the original function
+            (exact and recomputed sites). A budget that cannot be met raises ``BudgetError`` with the
             smallest reachable figure.
 
     Returns:
@@ -210,6 +214,10 @@ def _segments(gm: fx.GraphModule, run: _Run) -> list:
     return formed
 
 
+def _bits(gm: fx.GraphModule, run: _Run) -> List[str]:
+    return keep_spike_inputs_as_bits(gm)  # after segments: a recomputed segment keeps its own bits
+
+
 def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     if run.inputs is None:  # nothing measured: no annotations
         return
@@ -222,7 +230,7 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
 
 #: the passes after tracing, in order; each takes the GraphModule (and what the run shares)
 PASSES = (("detect", _detect), ("decide", _decide), ("rewrite", _rewrite), ("fold", _fold),
-          ("segments", _segments), ("annotate", _annotate))
+          ("segments", _segments), ("bits", _bits), ("annotate", _annotate))
 
 
 def _pipeline(model: nn.Module, example_inputs, options: _Options) -> fx.GraphModule:
@@ -391,9 +399,10 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     if example_inputs is None:
         raise ValueError("convert(..., budget=...) needs example_inputs: the planner measures the model")
     probe = replace(options, inplace=False)
-    probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s)) for s in STRATEGIES}
+    strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
+    probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s)) for s in strategies}
     total_before = plan_of(probes["exact"], "exact").kept_before
-    choice, predicted = choose(total_before, {s: site_savings(g) for s, g in probes.items()}, budget)
+    choice, predicted = choose(total_before, {s: site_savings(g) for s, g in probes.items()}, budget, strategies)
     workspace = workspaces(probes["recompute"])
     uniform = {s: estimate_peak(g) for s, g in probes.items()}
     uniform[None] = probes["exact"].revpass_peak_before  # leaving every site as it is
@@ -406,7 +415,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     if budget == "min":
         peak = estimate_peak(gm)
         tries = sorted((p for p, (s, _) in choice.items() if s == "recompute"), key=lambda p: -workspace.get(p, 0))
-        for p in tries[:MIN_TRIES]:
+        for p in tries[:MIN_TRIES] if "reversible" in strategies else ():
             trial = dict(choice)
             trial[p] = ("reversible", "'min': reversible instead of recompute lowers the estimated peak "
                                       f"(the segment's backward would rebuild {workspace[p]} bytes)")
@@ -423,7 +432,8 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             gm = with_plan(choice)
         if options.inplace:
             gm = with_plan(choice, inplace=True)
-    gm.revpass_report.mode = f"budget={budget!r}"
+    gm.revpass_report.mode = f"budget={budget!r}" if options.mode == "reversible" else \
+        f"{options.mode}, budget={budget!r}"  # the function kept: exact and recomputed sites only
     measured = plan_of(gm, "planned").kept_after
     gm.revpass_budget = {"budget": budget, "predicted_bytes": predicted, "measured_bytes": measured,
                          "bytes_before": total_before, "estimated_peak": estimate_peak(gm)}

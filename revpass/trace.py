@@ -46,6 +46,7 @@ from torch.fx.proxy import Attribute
 from revpass.errors import RevpassError
 from revpass.neurons import is_leaf, is_neuron, loaded_adapters
 from revpass.nodes import Node
+from revpass.nodes.spike_input import ON_SPIKES
 from revpass.state import StateReset
 from revpass.utils import detached_memo, safe_deepcopy
 
@@ -98,6 +99,8 @@ class RevpassTracer(fx.Tracer):
 
     def __init__(self, time_steps: Optional[int] = None, input_shapes: Optional[List[Any]] = None,
                  examples: Optional[List[Any]] = None, leaves: Optional[Dict[str, str]] = None, **kwargs):
+        # a converted graph's layers that keep spikes as bits stay calls (tracing a converted model)
+        kwargs["autowrap_functions"] = (*kwargs.get("autowrap_functions", ()), *ON_SPIKES)
         super().__init__(**kwargs)
         self.time_steps = time_steps
         if examples is None and input_shapes is not None:

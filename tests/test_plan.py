@@ -133,3 +133,4 @@ def test_annotations_survive_torch_export():
         info = n.meta["custom"]["revpass"]
         assert info["strategy"] == "exact"
         assert info["kept_bytes"] == math.prod(info["shape"]) * 4  # H: one float per element and step
+

@@ -111,6 +111,16 @@ def multi_step_batch_norm(bn: nn.Module) -> bool:
     return bool(ad is not None and ad.multi_step_batch_norm(bn))
 
 
+def folds_time(m: nn.Module) -> Optional[bool]:
+    """How a framework's subclass of a torch layer runs (Adapter.folds_time); False for a
+    module of no framework whose forward is its torch class's own, None otherwise."""
+    ad = framework_adapter(m)
+    if ad is not None:
+        return ad.folds_time(m)
+    own = [c for c in type(m).__mro__ if "forward" in vars(c)]
+    return False if own and own[0].__module__.startswith("torch.nn") else None
+
+
 def invalidate_reset_caches(model: nn.Module) -> None:
     """Tell every loaded framework that ``model``'s module tree changed."""
     for ad in loaded_adapters():

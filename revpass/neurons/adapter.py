@@ -87,6 +87,13 @@ class Adapter:
         sequence (what a reversible node can fold: revpass/nodes/batchnorm.py)."""
         return False
 
+    def folds_time(self, m: nn.Module) -> Optional[bool]:
+        """For a stateless layer of this framework that subclasses a torch layer: True when its
+        forward runs the torch layer over ``x.flatten(0, 1)`` of a (T, B, ...) input and
+        unflattens the result, False when its forward is the torch layer's own; None when it
+        is neither (revpass/passes/spikes.py then leaves it as it is)."""
+        return None
+
     def set_step_mode(self, model: nn.Module, mode: str) -> bool:
         """Set the step mode of every module of this framework in ``model``; False if the
         framework has no such setting."""

@@ -7,7 +7,7 @@ Imported only when a model contains a SpikingJelly module.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from revpass.neurons.surrogate import BUILTIN, Surrogate, builtin, check_derivat
 
 from spikingjelly.activation_based import base as sj_base  # noqa: E402
 from spikingjelly.activation_based import functional as sj_functional  # noqa: E402
+from spikingjelly.activation_based import layer as sj_layer  # noqa: E402
 from spikingjelly.activation_based import neuron as sj_neuron  # noqa: E402
 
 from revpass.neurons.adapter import Adapter, Patch
@@ -169,6 +170,15 @@ class SpikingJellyAdapter(Adapter):
 
     def multi_step_batch_norm(self, bn: nn.Module) -> bool:
         return isinstance(bn, nn.modules.batchnorm._BatchNorm) and getattr(bn, "step_mode", "s") == "m"
+
+    def folds_time(self, m: nn.Module) -> Optional[bool]:
+        # layer.Conv2d, layer.MaxPool2d & co.: seq_to_ann_forward in step mode 'm'; layer.Linear
+        # has no forward of its own (nn.Linear's runs over any leading dimensions)
+        if not type(m).__module__.startswith(sj_layer.__name__) or isinstance(m, sj_base.MemoryModule):
+            return None
+        if "forward" not in vars(type(m)):
+            return False
+        return getattr(m, "step_mode", "s") == "m"
 
     def set_step_mode(self, model: nn.Module, mode: str) -> bool:
         sj_functional.set_step_mode(model, mode)

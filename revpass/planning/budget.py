@@ -37,6 +37,14 @@ from revpass.errors import RevpassError
 from revpass.nodes.segment import RecomputeSegment
 
 STRATEGIES = ("exact", "reversible", "recompute")  # in order of extra compute
+#: the strategies that keep the original function (convert(mode="exact" or "recompute", budget=))
+SAME_FUNCTION = ("exact", "recompute")
+
+
+def allowed(mode: str) -> Tuple[str, ...]:
+    """The strategies the planner may choose under convert's ``mode``: every one with
+    ``"reversible"`` (which changes the function anyway), only :data:`SAME_FUNCTION` else."""
+    return STRATEGIES if mode == "reversible" else SAME_FUNCTION
 MIN_TRIES = 4  # sites "min" tries as reversible instead of recompute
 
 
@@ -79,15 +87,18 @@ def choose(
     total_before: int,
     savings: Dict[str, Dict[str, int]],
     budget: Union[int, str],
+    strategies: Tuple[str, ...] = STRATEGIES,
 ) -> Tuple[Dict[str, Tuple[Optional[str], str]], int]:
     """Strategies {path: (strategy or None, reason)} for ``savings`` {strategy: {path: bytes}},
-    and the predicted bytes kept. ``"min"``: every site at the strategy that saves most."""
+    and the predicted bytes kept. ``"min"``: every site at the strategy that saves most. Only
+    ``strategies`` are chosen (:func:`allowed`)."""
+    order = tuple(s for s in STRATEGIES if s in strategies)  # least extra compute first
     paths = sorted(set().union(*savings.values()))
 
     def gain(s, p):
         return savings.get(s, {}).get(p, 0)
 
-    best = {p: max([0] + [gain(s, p) for s in STRATEGIES]) for p in paths}
+    best = {p: max([0] + [gain(s, p) for s in order]) for p in paths}
     floor = total_before - sum(best.values())
     choice: Dict[str, Tuple[Optional[str], str]] = {}
     if budget == "min":
@@ -95,7 +106,7 @@ def choose(
             if best[p] <= 0:
                 choice[p] = (None, "no strategy keeps less than the library neuron")
             else:
-                s = max(STRATEGIES, key=lambda s: (gain(s, p), -STRATEGIES.index(s)))
+                s = max(order, key=lambda s: (gain(s, p), -order.index(s)))
                 choice[p] = (s, f"'min': {s} keeps the least ({gain(s, p)} bytes saved)")
         return choice, floor
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
@@ -116,7 +127,7 @@ def choose(
                          else "no strategy keeps less than the library neuron")
     costs = {"reversible": "costs a reconstruction of the neuron in backward",
              "recompute": "costs one more forward of the segment ending at it"}
-    for s in ("reversible", "recompute"):
+    for s in (s for s in ("reversible", "recompute") if s in order):
         def more(p, s=s):
             return gain(s, p) - (gain(choice[p][0], p) if choice[p][0] else 0)
 

@@ -62,7 +62,10 @@ def estimate_peak(gm) -> int:
     for n in reversed(nodes):
         info = meta.info(n)
         pending.pop(n, None)
-        inputs = [a for a in n.all_input_nodes if (meta.info(a) or {}).get("shape")]
+        # a parameter read with get_attr (a layer that keeps its spike input as bits,
+        # revpass/passes/spikes.py) is no activation: its gradient counts with the parameters'
+        params = [a for a in n.all_input_nodes if a.op == "get_attr"]
+        inputs = [a for a in n.all_input_nodes if a.op != "get_attr" and (meta.info(a) or {}).get("shape")]
         temp = 0
         if kept[n] or n.op == "call_module":
             temp = _bytes(info) + sum(_bytes(meta.info(a)) for a in inputs)
@@ -74,6 +77,11 @@ def estimate_peak(gm) -> int:
         if n.op == "call_module" and n.target not in seen:
             seen.add(n.target)
             grads += sum(p.numel() * p.element_size() for p in trained_params(gm.get_submodule(n.target)))
+        for a in params:
+            t = getattr(gm.get_submodule(a.target.rpartition(".")[0]), a.target.rpartition(".")[2])
+            if a.target not in seen and isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                seen.add(a.target)
+                grads += t.numel() * t.element_size()
         if grads + held + temp > best_total:
             best_total, best = grads + held + temp, held + temp
         held -= kept[n]

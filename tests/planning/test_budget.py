@@ -88,3 +88,18 @@ def test_anything_but_bytes_or_min_is_refused(budget):
 def test_no_sites():
     assert choose(123, {s: {} for s in STRATEGIES}, "min") == ({}, 123)
     assert choose(123, {s: {} for s in STRATEGIES}, 123) == ({}, 123)
+
+
+def test_same_function_strategies_only_when_the_mode_keeps_the_function():
+    from revpass.planning.budget import allowed
+
+    assert allowed("reversible") == STRATEGIES
+    assert allowed("exact") == allowed("recompute") == ("exact", "recompute")
+    same = allowed("exact")
+    choice, kept = choose(TOTAL, SAVINGS, "min", same)
+    assert _strategies(choice) == {"a": "recompute", "b": "recompute", "c": None}  # c: only reversible saved
+    assert kept == TOTAL - 350 - 600
+    choice, kept = choose(TOTAL, SAVINGS, 1500, same)
+    assert "reversible" not in _strategies(choice).values() and kept <= 1500
+    with pytest.raises(BudgetError, match="smallest reachable figure is 1050 bytes"):
+        choose(TOTAL, SAVINGS, 1000, same)

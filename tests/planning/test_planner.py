@@ -5,6 +5,7 @@ import torch
 
 import models
 import revpass
+from revpass.state import reset_states
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +72,19 @@ def test_planner_on_rolled_snntorch_sites():
     assert revpass.verify(net, conv, x).passed  # against the same model with the autograd backward
     tight = revpass.convert(net, x, budget=conv.revpass_budget["bytes_before"] // 2)
     assert tight.revpass_budget["measured_bytes"] <= conv.revpass_budget["bytes_before"] // 2
+
+
+@pytest.mark.parametrize("mode", ["exact", "recompute"])
+def test_a_budget_with_a_mode_that_keeps_the_function_keeps_it(mode):
+    """mode="exact" (or "recompute") with budget="min" chooses only exact and recomputed sites:
+    the forward is bit-equal to the original's, and the report says which mode was kept."""
+    net = models.sj_zoo("spiking_resnet18")
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 3, 32, 32)
+    conv = revpass.convert(net, x, mode=mode, budget="min")
+    rep = conv.revpass_report
+    assert rep.count("reversible") == 0 and rep.count("exact") + rep.count("recompute") == len(rep) == 17
+    assert rep.mode == f"{mode}, budget='min'"
+    reset_states(net), reset_states(conv)
+    with torch.no_grad():
+        assert torch.equal(net(x), conv(x))

@@ -1,0 +1,160 @@
+"""Layers that read spikes keep them as bits (docs/method.md, "Spike inputs kept as bits").
+
+A convolution, a linear layer or a max pool keeps its input for backward, as float32 (or the
+model's dtype): 32 bits for a value that is 0 or 1 when the input is the output of an exact node.
+These functions compute the layer's own forward (the same torch call, so bit for bit the same
+output) and keep that input packed 8 per byte; the backward unpacks it (the same values) and runs
+the operation autograd would have run on it, so the gradients are the original's bit for bit:
+
+* convolution: ``aten.convolution_backward`` with the arguments autograd's ConvolutionBackward
+  passes;
+* linear: autograd's own backward of ``F.linear`` on the unpacked input (one more matrix product:
+  ``linear`` is composite, and the products its backward runs depend on the input's shape);
+* max pool: its indices are found again from the unpacked input (``max_pool_with_indices``, the
+  first maximum of each window: the same indices), then ``max_poolNd_with_indices_backward``; no
+  int64 index is kept.
+
+``folds_time``: the layer runs over (T, B, ...) by folding T into the batch and back (SpikingJelly's
+multi-step layers, ``seq_to_ann_forward``). Without gradients (inference, export) each is the
+plain torch call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from revpass.nodes.bits import pack_bits, unpack_bits
+
+Tensor = torch.Tensor
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_POOL = {1: torch.ops.aten.max_pool1d_with_indices, 2: torch.ops.aten.max_pool2d_with_indices,
+         3: torch.ops.aten.max_pool3d_with_indices}
+_POOL_BACKWARD = {2: torch.ops.aten.max_pool2d_with_indices_backward,
+                  3: torch.ops.aten.max_pool3d_with_indices_backward}
+_PLAIN_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _needs_grad(*ts: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _pack(x: Tensor) -> Tuple[Tensor, tuple]:
+    return pack_bits(x.reshape(1, -1) != 0), tuple(x.shape)
+
+
+def _unpack(bits: Tensor, shape: tuple, like_dtype: torch.dtype) -> Tensor:
+    return unpack_bits(bits, (1, _numel(shape))).reshape(shape).to(like_dtype)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _folded(fn, x: Tensor, folds_time: bool, *args) -> Tensor:
+    if not folds_time:
+        return fn(x, *args)
+    y = fn(x.flatten(0, 1), *args)
+    return y.view(x.shape[0], x.shape[1], *y.shape[1:])
+
+
+# -- convolution ----------------------------------------------------------------------------------
+class _ConvOnSpikes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, dims, stride, padding, dilation, groups):
+        y = _CONV[dims](x, weight, bias, stride, padding, dilation, groups)
+        bits, ctx.shape = _pack(x)
+        ctx.dtype, ctx.conf = x.dtype, (dims, stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(bits, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        bits, weight = ctx.saved_tensors
+        dims, stride, padding, dilation, groups = ctx.conf
+        x = _unpack(bits, ctx.shape, ctx.dtype)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(stride), list(padding), list(dilation),
+            False, [0] * dims, groups, mask)
+        return gx, gw, gb, None, None, None, None, None
+
+
+def conv_on_spikes(x: Tensor, weight: Tensor, bias: Optional[Tensor], dims: int, stride: tuple, padding: tuple,
+                   dilation: tuple, groups: int, folds_time: bool) -> Tensor:
+    """``F.convNd(x, weight, bias, ...)`` (over (T, B, ...) with ``folds_time``), keeping ``x``
+    as bits for backward (module docstring); ``x`` must be 0 or 1."""
+    if not _needs_grad(x, weight, bias):
+        return _folded(_CONV[dims], x, folds_time, weight, bias, stride, padding, dilation, groups)
+    return _folded(_ConvOnSpikes.apply, x, folds_time, weight, bias, dims, stride, padding, dilation, groups)
+
+
+# -- linear ---------------------------------------------------------------------------------------
+class _LinearOnSpikes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = F.linear(x, weight, bias)
+        bits, ctx.shape = _pack(x)
+        ctx.dtype = x.dtype
+        ctx.save_for_backward(bits, weight, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        bits, weight, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        with torch.enable_grad():
+            x = _unpack(bits, ctx.shape, ctx.dtype).requires_grad_(need[0])
+            w = weight.detach().requires_grad_(need[1])
+            b = bias.detach().requires_grad_(need[2]) if bias is not None else None
+            inputs = [t for t, n in zip((x, w, b), need) if t is not None and n]
+            grads = iter(torch.autograd.grad(F.linear(x, w, b), inputs, gy))
+        return tuple(next(grads) if t is not None and n else None for t, n in zip((x, w, b), need))
+
+
+def linear_on_spikes(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(x, weight, bias)``, keeping ``x`` as bits for backward; ``x`` must be 0 or 1."""
+    if not _needs_grad(x, weight, bias):
+        return F.linear(x, weight, bias)
+    return _LinearOnSpikes.apply(x, weight, bias)
+
+
+# -- max pool -------------------------------------------------------------------------------------
+class _MaxPoolOnSpikes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dims, kernel_size, stride, padding, dilation, ceil_mode):
+        ctx.conf = (dims, kernel_size, stride, padding, dilation, ceil_mode)
+        y, _ = _POOL[dims](x, kernel_size, stride, padding, dilation, ceil_mode)
+        bits, ctx.shape = _pack(x)
+        ctx.dtype = x.dtype
+        ctx.save_for_backward(bits)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (bits,) = ctx.saved_tensors
+        dims, kernel_size, stride, padding, dilation, ceil_mode = ctx.conf
+        x = _unpack(bits, ctx.shape, ctx.dtype)
+        _, indices = _POOL[dims](x, kernel_size, stride, padding, dilation, ceil_mode)
+        gx = _POOL_BACKWARD[dims](gy, x, kernel_size, stride, padding, dilation, ceil_mode, indices)
+        return gx, None, None, None, None, None, None
+
+
+def max_pool_on_spikes(x: Tensor, dims: int, kernel_size: tuple, stride: tuple, padding: tuple, dilation: tuple,
+                       ceil_mode: bool, folds_time: bool) -> Tensor:
+    """``F.max_poolNd(x, ...)`` (over (T, B, ...) with ``folds_time``), keeping ``x`` as bits for
+    backward (its indices are found again there); ``x`` must be 0 or 1."""
+    if not _needs_grad(x) or dims not in _POOL_BACKWARD:
+        return _folded(_PLAIN_POOL[dims], x, folds_time, kernel_size, stride, padding, dilation, ceil_mode)
+    return _folded(_MaxPoolOnSpikes.apply, x, folds_time, dims, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+#: the functions a graph calls in place of a layer on spikes (the tracer keeps them as calls)
+ON_SPIKES = (conv_on_spikes, linear_on_spikes, max_pool_on_spikes)

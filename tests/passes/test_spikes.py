@@ -1,0 +1,163 @@
+"""Spike-typed edges (revpass/passes/spikes.py, revpass/nodes/spike_input.py): a convolution,
+linear layer or max pool that reads an exact node's spikes keeps them as bits, with the original's
+output and gradients bit for bit."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import models
+import revpass
+from revpass.nodes.spike_input import conv_on_spikes, linear_on_spikes, max_pool_on_spikes
+from revpass.state import reset_states
+
+ON_SPIKES = (conv_on_spikes, linear_on_spikes, max_pool_on_spikes)
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward while ``fn`` runs (parameters excluded)."""
+    kept = []
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            kept.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(kept)
+
+
+def _grads(fn, *ts):
+    ts = [t.detach().requires_grad_() for t in ts]
+    out = fn(*ts)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))  # the same for both
+    return out, torch.autograd.grad(out, ts, g)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_a_convolution_on_spikes_is_the_convolution_and_keeps_bits(dims):
+    torch.manual_seed(0)
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](3, 5, 3, stride=2, padding=1, bias=True)
+    x = (torch.rand(2, 3, *([9] * dims)) > 0.6).float()
+    args = (dims, conv.stride, conv.padding, conv.dilation, conv.groups, False)
+    (y, gs), (y_ref, gs_ref) = [_grads(f, x, conv.weight, conv.bias) for f in (
+        lambda x, w, b: conv_on_spikes(x, w, b, *args),
+        lambda x, w, b: torch.nn.functional.__dict__[f"conv{dims}d"](x, w, b, conv.stride, conv.padding))]
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(gs, gs_ref))
+    xx = x.clone().requires_grad_()
+    _, kept = _saved_bytes(lambda: conv_on_spikes(xx, conv.weight, conv.bias, *args))
+    assert kept == math.ceil(x.numel() / 8)  # the input as bits; the weight is a parameter
+
+
+def test_a_linear_layer_and_a_max_pool_on_spikes_are_theirs_bit_for_bit():
+    torch.manual_seed(0)
+    fc = nn.Linear(12, 7)
+    x = (torch.rand(4, 3, 12) > 0.5).float()
+    (y, gs), (y_ref, gs_ref) = [_grads(f, x, fc.weight, fc.bias) for f in (linear_on_spikes, torch.nn.functional.linear)]
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(gs, gs_ref))
+    xx = x.clone().requires_grad_()
+    assert _saved_bytes(lambda: linear_on_spikes(xx, fc.weight, fc.bias))[1] == math.ceil(x.numel() / 8)
+
+    x = (torch.rand(3, 2, 4, 8, 8) > 0.7).float()  # (T, B, C, H, W), folded into the batch
+    pool_args = (2, (2, 2), (2, 2), (0, 0), (1, 1), False, True)
+
+    def ref(x):
+        return nn.MaxPool2d(2)(x.flatten(0, 1)).view(3, 2, 4, 4, 4)
+
+    (y, (g,)), (y_ref, (g_ref,)) = _grads(lambda x: max_pool_on_spikes(x, *pool_args), x), _grads(ref, x)
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+    xx = x.clone().requires_grad_()
+    assert _saved_bytes(lambda: max_pool_on_spikes(xx, *pool_args))[1] == math.ceil(x.numel() / 8)  # no indices
+    with torch.no_grad():  # no gradient: the plain torch call
+        assert torch.equal(max_pool_on_spikes(x, *pool_args), ref(x))
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return models.sj_zoo("spiking_resnet18"), torch.randn(2, 2, 3, 32, 32)
+
+
+def test_exact_spiking_resnet_keeps_its_spike_inputs_as_bits_bit_for_bit(resnet):
+    net, x = resnet
+    gm = revpass.convert(net, x, mode="exact")
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ON_SPIKES]
+    # every conv but the stem's (it reads the image) and the max pool; the classifier reads an average
+    assert sorted(n.target.__name__ for n in calls).count("conv_on_spikes") == 19
+    assert [n.target.__name__ for n in calls].count("max_pool_on_spikes") == 1
+    assert set(gm.state_dict()) == set(net.state_dict())  # the layers stay where they are
+    for n in calls:
+        info = n.meta["revpass"]
+        assert info["strategy"] == "bits" and "keeps its spike input as bits" in info["reason"]
+        shape = n.args[0].meta["revpass"]["shape"]
+        assert info["kept_bytes"] == math.ceil(math.prod(shape) / 8)  # measured: its input's bits
+    reset_states(net), reset_states(gm)
+    xx, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = gm(xx), net(xr)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    assert torch.equal(xx.grad, xr.grad)
+    for (name, p), q in zip(net.named_parameters(), gm.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_a_reversible_nodes_readers_keep_what_they_kept(resnet):
+    """A reversible node keeps its own output, which its readers share: bits would save nothing."""
+    net, x = resnet
+    gm = revpass.convert(net, x)
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ON_SPIKES]
+
+
+def test_a_rolled_exact_node_s_steps_are_spikes_for_each_steps_layer():
+    """A single-step neuron in a time loop, rolled into one node: each step's linear layer reads
+    that step's spikes (unbind, getitem) and keeps them as bits."""
+    from spikingjelly.activation_based import neuron
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.sn, self.fc2 = nn.Linear(6, 8), neuron.LIFNode(), nn.Linear(8, 3)
+
+        def forward(self, x_seq):
+            return torch.stack([self.fc2(self.sn(self.fc1(x))) for x in x_seq])
+
+    torch.manual_seed(0)
+    net, x = Loop(), torch.randn(4, 2, 6) * 3
+    gm = revpass.convert(net, x, mode="exact")
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in ON_SPIKES] == \
+        [linear_on_spikes] * 4
+    reset_states(net), reset_states(gm)
+    out, ref = gm(x), net(x)
+    assert torch.equal(out, ref)
+    out.sum().backward(), ref.sum().backward()
+    assert torch.equal(gm.fc1.weight.grad, net.fc1.weight.grad) and torch.equal(gm.fc2.weight.grad, net.fc2.weight.grad)
+
+
+def test_spikes_modified_in_place_are_no_spikes():
+    """s.mul_(2) after the neuron: fc2 reads 0 and 2, not spikes; it keeps its input as it was."""
+    from spikingjelly.activation_based import neuron
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.sn1, self.fc2 = nn.Linear(6, 8), neuron.LIFNode(step_mode="m"), nn.Linear(8, 3)
+
+        def forward(self, x):
+            s = self.sn1(self.fc1(x))
+            s.mul_(2.0)
+            return self.fc2(s)
+
+    torch.manual_seed(0)
+    net, x = InPlace(), torch.randn(4, 2, 6) * 3
+    gm = revpass.convert(net, x, mode="exact")
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ON_SPIKES]
+    reset_states(net), reset_states(gm)
+    out, ref = gm(x), net(x)
+    assert torch.equal(out, ref)
+    out.sum().backward(), ref.sum().backward()
+    assert torch.equal(gm.fc1.weight.grad, net.fc1.weight.grad)
