@@ -1,4 +1,5 @@
-"""Model memory side by side: the original, revpass exact, reversible and planner "min", and
+"""Model memory side by side: the original, revpass exact, reversible, recompute, planner "min"
+(with reversible sites allowed, and with mode="exact": the original function kept), and
 SpikingJelly's memopt (optimize_memory, level 1 on the CPU; the levels given on CUDA), on the
 SpikingJelly zoo's spiking_resnet18 and spiking_vgg11_bn and the snnTorch convolutional tutorial
 network, at several T, in one run.
@@ -37,8 +38,8 @@ import revpass  # noqa: E402
 from revpass.memory import cuda_step_peak, kept_bytes, step_peak, step_time  # noqa: E402
 from revpass.state import reset_states  # noqa: E402
 
-VARIANTS = ("original", "exact", "reversible", "recompute", "planner-min", "memopt-L1", "memopt-L2", "memopt-L3",
-            "memopt-L4")
+VARIANTS = ("original", "exact", "reversible", "recompute", "planner-min", "exact-min", "memopt-L1", "memopt-L2",
+            "memopt-L3", "memopt-L4")
 
 
 def _models(T: int, batch: int):
@@ -85,6 +86,8 @@ def _variant(name: str, make, x) -> Optional[nn.Module]:
         return revpass.convert(net, x, mode="recompute")
     if name == "planner-min":
         return revpass.convert(net, x, budget="min")
+    if name == "exact-min":  # the planner among strategies that keep the original function
+        return revpass.convert(net, x, mode="exact", budget="min")
     return _memopt(net, x, int(name.rsplit("L", 1)[1]))
 
 
@@ -192,6 +195,12 @@ def _targets(results) -> List[Dict[str, Any]]:
                     "pass": ratio("planner-min") >= 8})
         t = v["planner-min"]["step_s"] / o["step_s"]
         out.append({"target": "planner 'min' step time <= 1.25x the original's", "value": t, "pass": t <= 1.25})
+        if "exact-min" in v:  # issue #15: the original function kept
+            out.append({"target": "mode='exact', budget='min' >= 6x lower measured peak",
+                        "value": ratio("exact-min"), "pass": ratio("exact-min") >= 6})
+            t = v["exact-min"]["step_s"] / o["step_s"]
+            out.append({"target": "mode='exact', budget='min' step time <= 1.3x the original's", "value": t,
+                        "pass": t <= 1.3})
         t = v["reversible"]["step_s"] / o["step_s"]
         limit = 1.15 if r.get("device") == "cuda" else 1.25
         out.append({"target": f"reversible step time <= {limit}x the original's", "value": t, "pass": t <= limit})
@@ -225,9 +234,9 @@ def _markdown(results, targets, meta) -> str:
 def _summary(results) -> List[str]:
     """The peak ratios as one row per model and T (the README's table)."""
     levels = sorted({v for r in results for v in r["variants"] if v.startswith("memopt")}) or ["memopt-L1"]
-    lines = ["| model | T | exact | reversible | recompute | planner \"min\" | "
+    lines = ["| model | T | exact | reversible | recompute | planner \"min\" | exact, \"min\" | "
              + " | ".join(f"SpikingJelly memopt {lv.split('-')[1]}" for lv in levels)
-             + " | step time: reversible / recompute / min |", "|---|---:|---:|---:|---:|---:|"
+             + " | step time: reversible / recompute / min / exact min |", "|---|---:|---:|---:|---:|---:|---:|"
              + "---:|" * len(levels) + "---:|"]
     for r in results:  # in run order: T, then model
         v = r["variants"]
@@ -236,9 +245,11 @@ def _summary(results) -> List[str]:
         def peak(name, v=v, o=o):
             return f"{o['peak_bytes'] / v[name]['peak_bytes']:.2f}x" if name in v else "n/a"
 
-        times = " / ".join(f"{v[n]['step_s'] / o['step_s']:.2f}x" for n in ("reversible", "recompute", "planner-min"))
+        times = " / ".join(f"{v[n]['step_s'] / o['step_s']:.2f}x" if n in v else "n/a"
+                           for n in ("reversible", "recompute", "planner-min", "exact-min"))
         lines.append(f"| {r['model']} | {r['T']} | {peak('exact')} | {peak('reversible')} | {peak('recompute')} | "
-                     f"{peak('planner-min')} | " + " | ".join(peak(lv) for lv in levels) + f" | {times} |")
+                     f"{peak('planner-min')} | {peak('exact-min')} | " + " | ".join(peak(lv) for lv in levels)
+                     + f" | {times} |")
     return lines
 
 
@@ -252,19 +263,22 @@ def _plot(results, path: Path) -> None:
         print("bench_memory: matplotlib not installed, no plot (pip install matplotlib)", file=sys.stderr)
         return
     models = sorted({r["model"] for r in results})
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, m in zip(axes[0], models):
-        rows = sorted((r for r in results if r["model"] == m), key=lambda r: r["T"])
-        for v in VARIANTS:
-            pts = [(r["T"], r["variants"][v]["peak_bytes"] / 2**20) for r in rows if v in r["variants"]]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=v)
-        ax.set_title(m)
-        ax.set_xlabel("T (time steps)")
-        ax.set_ylabel("measured peak, MiB (activations + temporaries)")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 8), squeeze=False)
+    panels = (("peak_bytes", 2**-20, "measured peak, MiB (activations + temporaries)"),
+              ("step_s", 1e3, "training step, ms"))
+    for row, (key, scale, label) in zip(axes, panels):
+        for ax, m in zip(row, models):
+            rows = sorted((r for r in results if r["model"] == m), key=lambda r: r["T"])
+            for v in VARIANTS:
+                pts = [(r["T"], r["variants"][v][key] * scale) for r in rows if v in r["variants"]]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=v)
+            ax.set_title(m)
+            ax.set_xlabel("T (time steps)")
+            ax.set_ylabel(label)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"bench_memory: wrote {path}", file=sys.stderr)

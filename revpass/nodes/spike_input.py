@@ -21,10 +21,11 @@ plain torch call.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from revpass.nodes.bits import pack_bits, unpack_bits
 
@@ -158,3 +159,24 @@ def max_pool_on_spikes(x: Tensor, dims: int, kernel_size: tuple, stride: tuple, 
 
 #: the functions a graph calls in place of a layer on spikes (the tracer keeps them as calls)
 ON_SPIKES = (conv_on_spikes, linear_on_spikes, max_pool_on_spikes)
+
+
+class LayerOnSpikes(nn.Module):
+    """A convolution, linear layer or max pool whose input is spikes, at the layer's place in the
+    model: the layer's very parameters under their names (so its state_dict keys, and a
+    parameter shared elsewhere, stay), its forward one of :data:`ON_SPIKES`. A module, not a bare
+    call in the graph, so that what wraps modules (FSDP's ``fully_shard``, hooks added after
+    conversion) finds it; hooks the layer had are not carried over."""
+
+    def __init__(self, layer: nn.Module, fn: Callable, param_names: Sequence[str], consts: tuple):
+        super().__init__()
+        for name in param_names:
+            self.register_parameter(name, getattr(layer, name, None))
+        self.fn, self.param_names, self.consts = fn, tuple(param_names), tuple(consts)
+        self.layer = type(layer).__name__
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x, *(getattr(self, n) for n in self.param_names), *self.consts)
+
+    def extra_repr(self) -> str:
+        return f"{self.layer}, {self.fn.__name__}"

@@ -3,22 +3,23 @@
 The graph knows which values are spikes: the output of an exact node whose family fires 0 or 1
 (``Family.binary_spikes``), and what a max pool or a reshape makes of one. A convolution, linear
 layer or max pool called on such a value keeps that input for backward as a float per element;
-:func:`keep_spike_inputs_as_bits` calls revpass/nodes/spike_input.py's function in its place,
-which computes the same output and keeps the input as bits, 32 times less for float32, with
-gradients bit for bit autograd's (docs/method.md, "Spike inputs kept as bits").
+:func:`keep_spike_inputs_as_bits` puts revpass/nodes/spike_input.py's ``LayerOnSpikes`` in its
+place, which computes the same output and keeps the input as bits, 32 times less for float32,
+with gradients bit for bit autograd's (docs/method.md section 11).
 
 Only an exact node's spikes: a reversible node keeps its own output for backward, which its
-readers share, so bits there would save nothing. The layer's module stays where it is (its
-parameters, their state_dict keys); its call leaves the graph, and its parameters are read with
-``get_attr``. A layer whose forward is neither torch's own nor one its framework's adapter vouches
-for (``Adapter.folds_time``), a convolution with a ``padding_mode`` other than zeros or a string
+readers share, so bits there would save nothing. ``LayerOnSpikes`` holds the layer's very
+parameters under their names (state_dict keys unchanged), and is a module so that what wraps
+modules (FSDP) finds it; only a layer whose every call reads spikes is replaced. A layer whose
+forward is neither torch's own nor one its framework's adapter vouches for
+(``Adapter.folds_time``), a convolution with a ``padding_mode`` other than zeros or a string
 padding, a max pool returning indices: left as they are.
 """
 
 from __future__ import annotations
 
 import operator
-from typing import Callable, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
@@ -29,7 +30,8 @@ from revpass.neurons import folds_time
 from revpass.neurons.spec import family_of
 from revpass.nodes import ExactNode
 from revpass.passes.decide import written_in_place
-from revpass.nodes.spike_input import conv_on_spikes, linear_on_spikes, max_pool_on_spikes
+from revpass.nodes.spike_input import LayerOnSpikes, conv_on_spikes, linear_on_spikes, max_pool_on_spikes
+from revpass.utils import set_module
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
@@ -49,14 +51,15 @@ def spike_values(gm: fx.GraphModule) -> Set[fx.Node]:
             if isinstance(m, ExactNode) and family_of(m.spec).binary_spikes and m.step_mode == "m":
                 if not m.return_state:
                     spikes.add(n)
-            elif src in spikes and (isinstance(m, (nn.Flatten, *_POOLS)) and not getattr(m, "return_indices", False)):
+            elif src in spikes and (isinstance(m, (nn.Flatten, *_POOLS)) and not getattr(m, "return_indices", False)
+                                    or isinstance(m, LayerOnSpikes) and m.fn is max_pool_on_spikes):
                 spikes.add(n)
         elif n.op == "call_function":
             if n.target is operator.getitem and src is not None and src.op == "call_module" and n.args[1] == 0:
                 m = gm.get_submodule(src.target)
                 if isinstance(m, ExactNode) and m.return_state and family_of(m.spec).binary_spikes:
                     spikes.add(n)  # (spikes, state): the spikes
-            elif (n.target in _SHAPE_FUNCTIONS or n.target in (max_pool_on_spikes, torch.unbind)) and src in spikes:
+            elif (n.target in _SHAPE_FUNCTIONS or n.target is torch.unbind) and src in spikes:
                 spikes.add(n)  # a rolled node's (T, ...) spikes unbound into steps, too
             elif n.target is operator.getitem and src in spikes and src.target is torch.unbind:
                 spikes.add(n)
@@ -107,32 +110,25 @@ def _replacement(m: nn.Module) -> Optional[Tuple[Callable, List[str], tuple]]:
 
 
 def keep_spike_inputs_as_bits(gm: fx.GraphModule) -> List[str]:
-    """Call every convolution, linear layer and max pool that reads an exact node's spikes
-    through revpass/nodes/spike_input.py (module docstring); returns their module paths."""
+    """Put a :class:`LayerOnSpikes` in the place of every convolution, linear layer and max pool
+    whose every call reads an exact node's spikes (module docstring); returns their paths."""
     spikes = spike_values(gm)
+    calls: Dict[str, List[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, []).append(n)
     done: List[str] = []
-    g = gm.graph
-    for n in list(g.nodes):
-        if n.op != "call_module" or len(n.args) != 1 or n.kwargs or n.args[0] not in spikes:
+    for target, ns in calls.items():  # in graph order: a max pool before the layer that reads it
+        if not all(len(n.args) == 1 and not n.kwargs and n.args[0] in spikes for n in ns):
             continue
-        m = gm.get_submodule(n.target)
+        m = gm.get_submodule(target)
         how = _replacement(m)
         if how is None:
             continue
-        fn, names, consts = how
-        with g.inserting_before(n):
-            params = [g.get_attr(f"{n.target}.{p}") if getattr(m, p, None) is not None else None for p in names]
-            call = g.call_function(fn, (n.args[0], *params, *consts))
-        call.meta.update(n.meta)
-        meta.set_replaces(call, meta.replaces(n))
-        meta.set_strategy(call, "bits", f"{type(m).__name__} '{n.target}' keeps its spike input as bits")
-        n.replace_all_uses_with(call)
-        g.erase_node(n)
-        if fn is max_pool_on_spikes:
-            spikes.add(call)  # a max pool of spikes is spikes: the layer after it reads them too
-        done.append(str(n.target))
-    g.lint()
-    gm.recompile()
+        set_module(gm, target, LayerOnSpikes(m, *how))
+        for n in ns:
+            meta.set_strategy(n, "bits", f"{type(m).__name__} '{target}' keeps its spike input as bits")
+            if how[0] is max_pool_on_spikes:
+                spikes.add(n)  # a max pool of spikes is spikes: the layer after it reads them too
+        done.append(str(target))
     return done
-
-

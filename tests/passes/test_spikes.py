@@ -10,10 +10,15 @@ from torch import nn
 
 import models
 import revpass
-from revpass.nodes.spike_input import conv_on_spikes, linear_on_spikes, max_pool_on_spikes
+from revpass.nodes.spike_input import LayerOnSpikes, conv_on_spikes, linear_on_spikes, max_pool_on_spikes
 from revpass.state import reset_states
 
-ON_SPIKES = (conv_on_spikes, linear_on_spikes, max_pool_on_spikes)
+
+
+def _on_spikes(gm):
+    """The call nodes of the layers that keep their spike input as bits, and the functions."""
+    return [(n, gm.get_submodule(n.target).fn) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LayerOnSpikes)]
 
 
 def _saved_bytes(fn):
@@ -84,12 +89,14 @@ def resnet():
 def test_exact_spiking_resnet_keeps_its_spike_inputs_as_bits_bit_for_bit(resnet):
     net, x = resnet
     gm = revpass.convert(net, x, mode="exact")
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ON_SPIKES]
+    found = _on_spikes(gm)
     # every conv but the stem's (it reads the image) and the max pool; the classifier reads an average
-    assert sorted(n.target.__name__ for n in calls).count("conv_on_spikes") == 19
-    assert [n.target.__name__ for n in calls].count("max_pool_on_spikes") == 1
-    assert set(gm.state_dict()) == set(net.state_dict())  # the layers stay where they are
-    for n in calls:
+    assert [fn for _, fn in found].count(conv_on_spikes) == 19
+    assert [fn for _, fn in found].count(max_pool_on_spikes) == 1 and len(found) == 20
+    assert set(gm.state_dict()) == set(net.state_dict())  # the layers' parameters keep their keys
+    layer = gm.get_submodule("layer1.0.conv1")
+    assert isinstance(layer, LayerOnSpikes) and torch.equal(layer.weight, net.get_submodule("layer1.0.conv1").weight)
+    for n, _ in found:
         info = n.meta["revpass"]
         assert info["strategy"] == "bits" and "keeps its spike input as bits" in info["reason"]
         shape = n.args[0].meta["revpass"]["shape"]
@@ -110,7 +117,7 @@ def test_a_reversible_nodes_readers_keep_what_they_kept(resnet):
     """A reversible node keeps its own output, which its readers share: bits would save nothing."""
     net, x = resnet
     gm = revpass.convert(net, x)
-    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ON_SPIKES]
+    assert not _on_spikes(gm)
 
 
 def test_a_rolled_exact_node_s_steps_are_spikes_for_each_steps_layer():
@@ -129,8 +136,7 @@ def test_a_rolled_exact_node_s_steps_are_spikes_for_each_steps_layer():
     torch.manual_seed(0)
     net, x = Loop(), torch.randn(4, 2, 6) * 3
     gm = revpass.convert(net, x, mode="exact")
-    assert [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in ON_SPIKES] == \
-        [linear_on_spikes] * 4
+    assert [fn for _, fn in _on_spikes(gm)] == [linear_on_spikes] * 4  # fc2, one call per step
     reset_states(net), reset_states(gm)
     out, ref = gm(x), net(x)
     assert torch.equal(out, ref)
@@ -155,7 +161,7 @@ def test_spikes_modified_in_place_are_no_spikes():
     torch.manual_seed(0)
     net, x = InPlace(), torch.randn(4, 2, 6) * 3
     gm = revpass.convert(net, x, mode="exact")
-    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ON_SPIKES]
+    assert not _on_spikes(gm)
     reset_states(net), reset_states(gm)
     out, ref = gm(x), net(x)
     assert torch.equal(out, ref)
