@@ -134,3 +134,25 @@ def test_annotations_survive_torch_export():
         assert info["strategy"] == "exact"
         assert info["kept_bytes"] == math.prod(info["shape"]) * 4  # H: one float per element and step
 
+
+
+def test_a_nodes_workspace_is_measured_once_per_configuration(monkeypatch):
+    """The planner converts a model several times: a node's backward workspace is remembered by
+    what it depends on (revpass.analysis.workspace._node_key), measured again when that changes."""
+    from revpass.analysis import workspace as ws
+    from spikingjelly.activation_based import neuron
+
+    calls = []
+    measure = ws.measure_workspace
+    monkeypatch.setattr(ws, "measure_workspace", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    monkeypatch.setattr(ws, "_NODE_WORKSPACE", {})
+    node = revpass.ReversibleNode.from_neuron(neuron.LIFNode(step_mode="m"), carry_state=False)
+    shape = (4, 2, 16, 8, 8)
+    first = ws.node_workspace(node, shape, torch.float32)
+    twin = revpass.ReversibleNode.from_neuron(neuron.LIFNode(step_mode="m"), carry_state=False)
+    assert ws.node_workspace(twin, shape, torch.float32) == first > 0 and len(calls) == 1
+    node.set_slicing(2 * 16 * 8 * 8 // 8)  # finer slices: another transient
+    sliced = ws.node_workspace(node, shape, torch.float32)
+    assert len(calls) == 2 and sliced < first
+    ws.node_workspace(node, (8, 2, 16, 8, 8), torch.float32)  # another shape
+    assert len(calls) == 3

@@ -8,13 +8,14 @@ modules whose parameters and buffers it uses: a segment's body, folded batch nor
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List
+import os
+from typing import Any, Dict, Iterator, List
 
 import torch
 from torch import nn
 
 from revpass.memory import tracker_bytes
-from revpass.nodes import Node
+from revpass.nodes import Node, ReversibleNode
 from revpass.nodes.ops import visible_internals
 from revpass.nodes.segment import RecomputeSegment
 
@@ -43,7 +44,41 @@ def node_workspace(node, shape, dtype, device="cpu") -> int:
     return workspace(node, [(shape, dtype, False)], device)
 
 
+#: measured workspaces of revpass nodes by everything the measure depends on (:func:`_node_key`):
+#: the planner converts a model several times, and every conversion measures its nodes again
+_NODE_WORKSPACE: Dict[tuple, int] = {}
+_CACHE_LIMIT = 4096
+
+
+def _node_key(node, inputs, device) -> tuple:
+    """What a revpass node's backward workspace depends on: its op configuration (family,
+    constants, surrogate, parameters, backward, slicing), how it is called, a folded batch
+    norm, its parameters, the inputs, the device and the kernel backend chosen by the
+    environment (docs/method.md section 8)."""
+    bn = node.folded_bn if isinstance(node, ReversibleNode) else None
+    return (type(node), node._config, node.step_mode, node.carry_state, node.return_state, node.plain,
+            node.backward_mode, None if bn is None else (type(bn), bn.num_features, bn.affine, bn.training,
+                                                          bn.track_running_stats, str(bn.weight.dtype)
+                                                          if bn.weight is not None else None),
+            tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in node.named_parameters()),
+            tuple((tuple(s), str(d), b) for s, d, b in inputs), str(device),
+            os.environ.get("REVPASS_KERNELS"), os.environ.get("TRITON_INTERPRET"))
+
+
 def workspace(module, inputs, device="cpu") -> int:
+    """:func:`measure_workspace`, remembered for a revpass node (:func:`_node_key`): the same
+    node on the same inputs allocates the same in every conversion of a model."""
+    if not isinstance(module, Node):
+        return measure_workspace(module, inputs, device)
+    key = _node_key(module, inputs, device)
+    if key not in _NODE_WORKSPACE:
+        if len(_NODE_WORKSPACE) >= _CACHE_LIMIT:
+            _NODE_WORKSPACE.clear()
+        _NODE_WORKSPACE[key] = measure_workspace(module, inputs, device)
+    return _NODE_WORKSPACE[key]
+
+
+def measure_workspace(module, inputs, device="cpu") -> int:
     """What ``module``'s backward (a revpass node or a recomputed segment) allocates besides its
     inputs' and parameters' gradients, on random inputs described by ``inputs`` [(shape, dtype,
     binary)] (binary: 0/1 values, as spikes, which a segment keeps as bits): MemTracker's peak
