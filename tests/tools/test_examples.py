@@ -78,15 +78,16 @@ def test_custom_neuron():
 @pytest.mark.parametrize("encoding", ["direct", "rate"])
 def test_train_digits(encoding):
     out = run_example("train_digits.py", "--encoding", encoding)
-    assert set(out) == {"original", "reversible", "exact", "exact-autograd"}
+    assert set(out) == {"original", "reversible", "exact", "exact-autograd", "exact-min"}
     for r in out.values():
         assert 0.8 < r["accuracy"] <= 1.0 and r["train_s"] > 0  # 5 epochs: far above chance (0.1)
     # the exact conversion trains to the original's weights bit for bit (its optimized backward
     # repeats SpikingJelly's own CPU backward), so its accuracy is the original's
-    for name in ("exact", "exact-autograd"):
+    for name in ("exact", "exact-autograd", "exact-min"):  # exact-min: the planner keeps the function
         assert out[name]["weights_identical"], name
         assert out[name]["accuracy"] == out["original"]["accuracy"], name
     assert not out["reversible"]["weights_identical"]  # a different function: a real comparison
     assert out["reversible"]["accuracy"] >= out["original"]["accuracy"] - 0.03
     assert out["exact"]["kept_bytes"] < out["original"]["kept_bytes"]
     assert out["reversible"]["kept_bytes"] < out["exact"]["kept_bytes"]
+    assert out["exact-min"]["peak_bytes"] <= out["exact"]["peak_bytes"] < out["original"]["peak_bytes"]
