@@ -216,7 +216,8 @@ def _markdown(results, targets, meta) -> str:
            "MemTracker's peak minus parameters, gradients, buffers and optimizer state")
     lines = ["# revpass model memory", "",
              f"{meta.get('device_name', 'CPU')}, torch {meta['torch']}, batch {meta['batch']}, median of "
-             f"{meta['repeat']} training steps; {meta['date']}. Peak: {how}. Ratios: original / variant.", "",
+             f"{meta['repeat']} training steps; {meta['date']}. Peak: {how}. Ratios: original / variant."
+             + (f" Note: {meta['note']}." if meta.get("note") else ""), "",
              "| model | T | variant | kept for backward | measured peak | step time | peak ratio | time ratio |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in results:
