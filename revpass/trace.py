@@ -46,7 +46,7 @@ from torch.fx.proxy import Attribute
 from revpass.errors import RevpassError
 from revpass.neurons import is_leaf, is_neuron, loaded_adapters
 from revpass.nodes import Node
-from revpass.nodes.spike_input import ON_SPIKES
+from revpass.nodes.spike_input import LayerOnSpikes
 from revpass.state import StateReset
 from revpass.utils import detached_memo, safe_deepcopy
 
@@ -71,7 +71,7 @@ def register_leaf(cls: type) -> None:
 
 
 def _framework_leaf(m: nn.Module) -> bool:
-    return isinstance(m, (Node, StateReset, *_EXTRA_LEAVES)) or is_leaf(m)
+    return isinstance(m, (Node, LayerOnSpikes, StateReset, *_EXTRA_LEAVES)) or is_leaf(m)
 
 
 _NO = object()  # no example value
@@ -99,8 +99,6 @@ class RevpassTracer(fx.Tracer):
 
     def __init__(self, time_steps: Optional[int] = None, input_shapes: Optional[List[Any]] = None,
                  examples: Optional[List[Any]] = None, leaves: Optional[Dict[str, str]] = None, **kwargs):
-        # a converted graph's layers that keep spikes as bits stay calls (tracing a converted model)
-        kwargs["autowrap_functions"] = (*kwargs.get("autowrap_functions", ()), *ON_SPIKES)
         super().__init__(**kwargs)
         self.time_steps = time_steps
         if examples is None and input_shapes is not None:

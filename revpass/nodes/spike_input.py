@@ -157,14 +157,10 @@ def max_pool_on_spikes(x: Tensor, dims: int, kernel_size: tuple, stride: tuple, 
     return _folded(_MaxPoolOnSpikes.apply, x, folds_time, dims, kernel_size, stride, padding, dilation, ceil_mode)
 
 
-#: the functions a graph calls in place of a layer on spikes (the tracer keeps them as calls)
-ON_SPIKES = (conv_on_spikes, linear_on_spikes, max_pool_on_spikes)
-
-
 class LayerOnSpikes(nn.Module):
     """A convolution, linear layer or max pool whose input is spikes, at the layer's place in the
     model: the layer's very parameters under their names (so its state_dict keys, and a
-    parameter shared elsewhere, stay), its forward one of :data:`ON_SPIKES`. A module, not a bare
+    parameter shared elsewhere, stay), its forward one of the functions above. A module, not a bare
     call in the graph, so that what wraps modules (FSDP's ``fully_shard``, hooks added after
     conversion) finds it; hooks the layer had are not carried over."""
 

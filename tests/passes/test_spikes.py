@@ -167,3 +167,13 @@ def test_spikes_modified_in_place_are_no_spikes():
     assert torch.equal(out, ref)
     out.sum().backward(), ref.sum().backward()
     assert torch.equal(gm.fc1.weight.grad, net.fc1.weight.grad)
+
+
+def test_a_converted_model_converted_again_keeps_its_layers_on_spikes(resnet):
+    """LayerOnSpikes is a leaf of the tracer: converting again finds each as one call."""
+    net, x = resnet
+    once = revpass.convert(net, x, mode="exact")
+    twice = revpass.convert(once, x, mode="exact")
+    assert [n.target for n, _ in _on_spikes(twice)] == [n.target for n, _ in _on_spikes(once)]
+    reset_states(once), reset_states(twice)
+    assert torch.equal(once(x), twice(x))
