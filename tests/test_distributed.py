@@ -129,6 +129,10 @@ def _worker(rank, port, configs, out):
         results = {name: _train(name, rank, mesh) for name in configs}
         if rank == 0:
             torch.save(results, out)
+        # both ranks done with every collective before either tears gloo down: without it, a rank
+        # could destroy its process group while gloo's threads still served the other, and abort
+        # at exit ("terminate called without an active exception", seen once in a few runs)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -481,6 +481,7 @@ class NorseLIFFamily(Family):
     name = "norse_lif"
     equations = "current_lif"
     public_state = ("v", "i")
+    binary_spikes = True  # heaviside forward, whatever p.method's surrogate
 
     def init_state(self, spec, x0, P):
         return (torch.zeros_like(x0) + P["v_leak"], torch.zeros_like(x0))
@@ -531,6 +532,7 @@ class NorseLIFBoxFamily(Family):
     name = "norse_lif_box"
     equations = "lif_box"
     public_state = ("v",)
+    binary_spikes = True
 
     def init_state(self, spec, x0, P):
         return (torch.zeros_like(x0) + P["v_leak"],)

@@ -67,7 +67,8 @@ class Family:
     #: names of the state tensors that are the framework's visible state (others are derived)
     public_state: Tuple[str, ...] = ("v",)
     #: every spike is exactly 0 or 1 (no graded spikes): a reversible node's input is then its
-    #: output less its spikes, which a folded batch norm relies on (revpass/nodes/batchnorm.py)
+    #: output less its spikes, which a folded batch norm relies on (revpass/nodes/batchnorm.py),
+    #: and a layer reading an exact node's spikes keeps them as bits (revpass/passes/spikes.py)
     binary_spikes: bool = False
     #: the form of its equations, which fused kernels key on (revpass/nodes/kernels): "lif"
     #: (H = charge(V, X), fire, reset), "leaky_synaptic" (a reset signal carried in the state),

@@ -177,3 +177,26 @@ def test_a_converted_model_converted_again_keeps_its_layers_on_spikes(resnet):
     assert [n.target for n, _ in _on_spikes(twice)] == [n.target for n, _ in _on_spikes(once)]
     reset_states(once), reset_states(twice)
     assert torch.equal(once(x), twice(x))
+
+
+def test_norse_spikes_are_bits_for_the_layer_after_them():
+    """norse fires 0 or 1 (a heaviside forward whatever the surrogate): in a SequentialState
+    the linear layer after the first LIF reads its (spikes, state)[0] and keeps it as bits (the
+    gradients to a rounding: norse's exact node is not bit for bit norse's autograd)."""
+    import norse.torch as norse
+
+    torch.manual_seed(0)
+    net = norse.SequentialState(nn.Linear(8, 6), norse.LIF(), nn.Linear(6, 4), norse.LIF())
+    x = torch.randn(8, 2, 8) * 40 + 20
+    gm = revpass.convert(net, x, mode="exact")
+    assert [fn for _, fn in _on_spikes(gm)] == [linear_on_spikes]
+    with torch.no_grad():
+        assert net[1](net[0](x))[0].sum() > 0  # the linear layer reads real spikes
+    reset_states(net), reset_states(gm)
+    out, ref = gm(x)[0], net(x)[0]
+    assert torch.equal(out, ref) and out.abs().sum() > 0
+    g = torch.randn_like(out)
+    (out * g).sum().backward(), (ref * g).sum().backward()
+    for (name, p), q in zip(net.named_parameters(), gm.parameters()):  # norse's exact node: to a rounding
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert p.grad.abs().sum() > 0
