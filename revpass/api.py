@@ -321,13 +321,15 @@ def _culprits(gm: fx.GraphModule, faithful, why: str) -> Dict[str, str]:
     children of a part kept whole, then each one traced again unless that breaks it (so that only
     the guilty stay whole), then the guilty ones' children in their place. One trace per try:
     this only runs for a model whose plain trace is wrong."""
-    children: Dict[str, List[str]] = {}  # every module the trace went into, by its parent's path
-    for n in gm.graph.nodes:
-        for path, _ in (n.meta.get("nn_module_stack") or {}).values():
-            parent = path.rsplit(".", 1)[0] if "." in path else ""
-            if path and path not in children.setdefault(parent, []):
-                children[parent].append(path)
-            children.setdefault(path, [])
+    entered = list(dict.fromkeys(path for n in gm.graph.nodes
+                                 for path, _ in (n.meta.get("nn_module_stack") or {}).values() if path))
+    children: Dict[str, List[str]] = {"": []}  # every module the trace went into, by its caller's path
+    for path in entered:
+        # the nearest enclosing module that was called: a ModuleList's items belong to its owner
+        prefixes = [path.rsplit(".", k)[0] for k in range(1, path.count(".") + 1)]
+        parent = next((q for q in prefixes if q in entered), "")
+        children.setdefault(parent, []).append(path)
+        children.setdefault(path, [])
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     for paths in children.values():  # a module called as one node is kept whole already
         paths[:] = [p for p in paths if p not in called]

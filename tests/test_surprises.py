@@ -328,6 +328,25 @@ def test_a_part_that_traces_wrong_is_kept_whole_and_its_neurons_converted():
     assert type(gm.block.lif) is not neuron.LIFNode  # swapped inside the part kept whole
 
 
+def test_a_part_that_traces_wrong_in_a_module_list_is_found():
+    """The items of a ModuleList (never called itself) are searched as children of its owner."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.blocks = nn.ModuleList([nn.Linear(6, 6), _Checked()])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x, x * 2
+
+    net, x = Net(), torch.randn(3, 2, 6) * 3
+    gm = _quiet_convert(net, x)
+    assert list(gm.revpass_untraced) == ["blocks.1"]
+    assert _same_outputs(net, gm, x)
+
+
 def test_a_trace_wrong_in_the_models_own_forward_is_refused():
     """No part kept whole helps when the model's own forward branches on a traced value: convert
     refuses rather than convert something else."""

@@ -37,15 +37,10 @@ def main(argv=None) -> int:
         return _planner(a)
 
     import revpass
-    from spikingjelly.activation_based import functional, neuron
-    from spikingjelly.activation_based.model import spiking_resnet
-
-    torch.manual_seed(0)
-    net = spiking_resnet.spiking_resnet18(spiking_neuron=neuron.LIFNode, num_classes=10)
-    functional.set_step_mode(net, "m")
-    x = torch.randn(4, 2, 3, 32, 32) if a.with_inputs else None
     from revpass.analysis import workspace
 
+    net = _resnet18()
+    x = torch.randn(4, 2, 3, 32, 32) if a.with_inputs else None
     times = []
     for i in range(a.repeat + 1):  # the first run imports and warms up; not counted
         workspace._NODE_WORKSPACE.clear()  # measured node workspaces: what a fresh process pays
@@ -80,15 +75,21 @@ def main(argv=None) -> int:
 PLANNER_TARGET = 3.0
 
 
-def _planner(a) -> int:
-    import revpass
-    from revpass.analysis import workspace
+def _resnet18():
+    """SpikingJelly's spiking_resnet18 with LIFNode, multi-step, seeded."""
     from spikingjelly.activation_based import functional, neuron
     from spikingjelly.activation_based.model import spiking_resnet
 
     torch.manual_seed(0)
     net = spiking_resnet.spiking_resnet18(spiking_neuron=neuron.LIFNode, num_classes=10)
     functional.set_step_mode(net, "m")
+    return net
+
+
+def _planner(a) -> int:
+    import revpass
+    from revpass.analysis import workspace
+    net = _resnet18()
     x = torch.randn(4, 2, 3, 32, 32)
     runs = {"one": lambda: revpass.convert(net, x, mode=a.mode),
             "min": lambda: revpass.convert(net, x, mode=a.mode, budget="min")}
