@@ -53,8 +53,8 @@ def test_norse_network():
     T, B, H = 8, 4, 32
     E = T * B * H * 4
     # exact: each node keeps H, one float per element and step (docs/method.md section 6), and
-    # the next linear layer keeps its spikes: 4 E
-    assert ex["kept_after"] == 4 * E
+    # the linear layer after each keeps its spikes as bits (section 11): 2 E + 2 E / 32
+    assert ex["kept_after"] == 2 * E + 2 * (T * B * H // 8) == 2 * E + 2 * E // 32
     # reversible: its output (shared with the linear layer after it) and F's bits, 1 bit per element
     # of half the channels per step (section 3): 2 (E + E / 64)
     assert rev["kept_after"] == 2 * (E + T * math.ceil(B * H // 2 / 8)) == 2 * E + 2 * E // 64
