@@ -94,7 +94,7 @@ def _pool(m: nn.Module, folds: bool) -> Optional[Tuple[Callable, tuple]]:
 
 
 def _replacement(m: nn.Module) -> Optional[Tuple[Callable, List[str], tuple]]:
-    """(function, parameter names read with get_attr, constant arguments) for layer ``m``."""
+    """(function, the names of the parameters it takes, constant arguments) for layer ``m``."""
     folds = folds_time(m)
     if folds is None:
         return None
@@ -118,7 +118,7 @@ def keep_spike_inputs_as_bits(gm: fx.GraphModule) -> List[str]:
         if n.op == "call_module":
             calls.setdefault(n.target, []).append(n)
     done: List[str] = []
-    for target, ns in calls.items():  # in graph order: a max pool before the layer that reads it
+    for target, ns in calls.items():
         if not all(len(n.args) == 1 and not n.kwargs and n.args[0] in spikes for n in ns):
             continue
         m = gm.get_submodule(target)
@@ -128,7 +128,5 @@ def keep_spike_inputs_as_bits(gm: fx.GraphModule) -> List[str]:
         set_module(gm, target, LayerOnSpikes(m, *how))
         for n in ns:
             meta.set_strategy(n, "bits", f"{type(m).__name__} '{target}' keeps its spike input as bits")
-            if how[0] is max_pool_on_spikes:
-                spikes.add(n)  # a max pool of spikes is spikes: the layer after it reads them too
         done.append(str(target))
     return done

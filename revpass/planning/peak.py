@@ -62,8 +62,7 @@ def estimate_peak(gm) -> int:
     for n in reversed(nodes):
         info = meta.info(n)
         pending.pop(n, None)
-        # a parameter read with get_attr (a layer that keeps its spike input as bits,
-        # revpass/passes/spikes.py) is no activation: its gradient counts with the parameters'
+        # a parameter read with get_attr is no activation: its gradient counts with the parameters'
         params = [a for a in n.all_input_nodes if a.op == "get_attr"]
         inputs = [a for a in n.all_input_nodes if a.op != "get_attr" and (meta.info(a) or {}).get("shape")]
         temp = 0
