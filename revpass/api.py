@@ -33,6 +33,7 @@ from revpass.analysis.annotate import annotate
 from revpass.analysis.measure import site_shapes, trace_differs
 from revpass.errors import ExampleInputError, RevpassError, RevpassWarning
 from revpass.neurons import invalidate_reset_caches
+from revpass.nodes import ExactNode
 from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE
 from revpass.passes.decide import Planned, decide
 from revpass.passes.detect import Site, find_sites
@@ -44,7 +45,7 @@ from revpass.passes.rewrite import rewrite
 from revpass.passes.segments import form_segments
 from revpass.passes.spikes import keep_spike_inputs_as_bits
 from revpass.passes.untraced import settle, untraced_parts, untraced_sites
-from revpass.planning.budget import MIN_TRIES, BudgetError, allowed, choose, site_savings, workspaces
+from revpass.planning.budget import MIN_TRIES, STRATEGIES, BudgetError, allowed, choose, site_savings, workspaces
 from revpass.planning.memory_plan import MemoryPlan, plan_of
 from revpass.planning.peak import estimate_peak, slice_where_it_sets_the_peak
 from revpass.report import ConversionReport, SiteRow
@@ -150,6 +151,7 @@ class _Options:
     inplace: bool = False
     concrete_args: Optional[dict] = None
     planned: Optional[Planned] = None  # the budget planner's strategy per path (then mode is unused)
+    fold_exact: bool = False  # batch norms fold into exact nodes too (under a budget: method.md section 12)
 
 
 @dataclass
@@ -192,12 +194,14 @@ def _rewrite(gm: fx.GraphModule, run: _Run) -> ConversionReport:
 def _fold(gm: fx.GraphModule, run: _Run) -> List[str]:
     if run.options.inplace:  # the user's model calls its batch norms itself: no folding into nodes it shares
         return []
-    folded = fold_batch_norms(gm)
+    folded = fold_batch_norms(gm, exact=run.options.fold_exact)
     rows = {r.path: r for r in run.report.rows}
     for n in gm.graph.nodes:
         if meta.folded(n) is not None and n.target in rows:
-            rows[n.target].reason += (f"; folds batch norm '{meta.folded(n)}' (its input is not kept: "
-                                      "revpass/nodes/batchnorm.py)")
+            exact = isinstance(gm.get_submodule(n.target), ExactNode)
+            rows[n.target].reason += (f"; folds batch norm '{meta.folded(n)}' (its input is not kept"
+                                      + ("; its gradients are rebuilt within a rounding, docs/method.md section 12"
+                                         if exact else "") + ": revpass/nodes/batchnorm.py)")
     return folded
 
 
@@ -374,6 +378,29 @@ def _runs(model: nn.Module, inputs: tuple) -> bool:
         return False
 
 
+def _probe_is_plan(probe: fx.GraphModule, planned: Planned) -> bool:
+    """Whether a probe (one strategy at every site) converted every site as ``planned`` does."""
+    return not getattr(probe, "revpass_planned", False) and all(
+        (r.decision if r.decision != "unchanged" else None) == planned.get(r.path, (None, ""))[0]
+        for r in probe.revpass_report.rows)
+
+
+def _as_planned(probe: fx.GraphModule, planned: Planned) -> fx.GraphModule:
+    """The probe as the planned conversion (the same sites, strategies and graph), its report
+    saying the planner's reasons as the planned conversion's would; taken once."""
+    probe.revpass_planned = True
+    report = probe.revpass_report
+    report.mode = "planned"
+    for r in report.rows:
+        if r.path not in planned:
+            continue
+        if r.decision == "unchanged":
+            r.reason = planned[r.path][1]
+        else:
+            r.reason += f"; planner: {planned[r.path][1]}"
+    return probe
+
+
 def _report(sites: List[Site], patterns: List[PatternSite], shapes: Dict, options: _Options) -> ConversionReport:
     mode = options.mode if options.planned is None else "planned"
     report = ConversionReport(mode=mode, backward=options.backward)
@@ -400,6 +427,9 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     convert with the choice, and check the measured figure."""
     if example_inputs is None:
         raise ValueError("convert(..., budget=...) needs example_inputs: the planner measures the model")
+    # under a budget, exact sites fold their batch norms: the same forward, gradients within a
+    # rounding (docs/method.md section 12), one float per element less
+    options = replace(options, fold_exact=True)
     probe = replace(options, inplace=False)
     strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
     probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s)) for s in strategies}
@@ -408,9 +438,12 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     workspace = workspaces(probes["recompute"])
     uniform = {s: estimate_peak(g) for s, g in probes.items()}
     uniform[None] = probes["exact"].revpass_peak_before  # leaving every site as it is
-    del probes
 
     def with_plan(planned, inplace=False):
+        if not inplace:  # a probe is that conversion already when the plan is one strategy everywhere
+            for g in probes.values():
+                if _probe_is_plan(g, planned):
+                    return _as_planned(g, planned)
         return _pipeline(model, example_inputs, replace(options, planned=planned, inplace=inplace))
 
     gm = with_plan(choice, inplace=options.inplace and budget != "min")
@@ -425,8 +458,12 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             cand_peak = estimate_peak(cand)
             if cand_peak < peak:
                 choice, gm, peak = trial, cand, cand_peak
-        s = min(uniform, key=uniform.get)
-        if uniform[s] < peak:  # one strategy everywhere does better (keeping more, rebuilding less)
+        rank = {None: -1, **{k: i for i, k in enumerate(STRATEGIES)}}  # extra compute, least first
+        s = min(uniform, key=lambda k: (uniform[k], rank[k]))
+        mix = max(rank[c] for c, _ in choice.values())
+        # one strategy everywhere does better (keeping more, rebuilding less), or as well (within
+        # 1%, the estimate's resolution at best) at less extra compute
+        if uniform[s] < peak or (uniform[s] <= peak * 1.01 and rank[s] < mix):
             why_all = (f"'min': {s} at every site has the lowest estimated peak" if s is not None else
                        "'min': no conversion lowers the estimated peak (the nodes' sequence-sized gradients "
                        "outweigh what they save)")
@@ -434,6 +471,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             gm = with_plan(choice)
         if options.inplace:
             gm = with_plan(choice, inplace=True)
+    del probes
     gm.revpass_report.mode = f"budget={budget!r}" if options.mode == "reversible" else \
         f"{options.mode}, budget={budget!r}"  # the function kept: exact and recomputed sites only
     measured = plan_of(gm, "planned").kept_after

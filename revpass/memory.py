@@ -114,15 +114,15 @@ def kept_bytes(model: torch.nn.Module, *inputs) -> int:
 def step_peak(model: torch.nn.Module, *inputs) -> int:
     """The peak of one training step (forward, sum of the outputs, backward) measured by
     torch's MemTracker, less parameters, gradients, buffers and optimizer state: activations and
-    temporaries, recompute buffers and the revpass nodes' backward workspaces included
-    (:func:`revpass.nodes.ops.visible_internals`)."""
+    temporaries, recompute buffers and the revpass nodes' forward temporaries and backward
+    workspaces included (:func:`revpass.nodes.ops.visible_internals`)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     reset_states(model)
     model.zero_grad(set_to_none=True)
     mt = MemTracker()
     mt.track_external(model)
-    with visible_internals(), mt:  # the nodes' backward workspaces count too
+    with visible_internals(), mt:  # the nodes' forward temporaries and backward workspaces count too
         _loss(model(*inputs)).backward()
     snap = mt.get_tracker_snapshot("peak")
     model.zero_grad(set_to_none=True)

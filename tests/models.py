@@ -17,7 +17,8 @@ def sj_zoo(name: str):
 
     torch.manual_seed(0)
     factory = {"spiking_resnet18": spiking_resnet.spiking_resnet18,
-               "spiking_vgg11_bn": spiking_vgg.spiking_vgg11_bn}[name]
+               "spiking_vgg11_bn": spiking_vgg.spiking_vgg11_bn,
+               "spiking_vgg16_bn": spiking_vgg.spiking_vgg16_bn}[name]
     net = factory(spiking_neuron=neuron.LIFNode, num_classes=10)
     functional.set_step_mode(net, "m")
     return net

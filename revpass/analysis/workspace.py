@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from revpass.memory import tracker_bytes
-from revpass.nodes import Node, ReversibleNode
+from revpass.nodes import Node
 from revpass.nodes.ops import visible_internals
 from revpass.nodes.segment import RecomputeSegment
 
@@ -55,7 +55,7 @@ def _node_key(node, inputs, device) -> tuple:
     constants, surrogate, parameters, backward, slicing), how it is called, a folded batch
     norm, its parameters, the inputs, the device and the kernel backend chosen by the
     environment (docs/method.md section 8)."""
-    bn = node.folded_bn if isinstance(node, ReversibleNode) else None
+    bn = node.folded_bn
     return (type(node), node._config, node.step_mode, node.carry_state, node.return_state, node.plain,
             node.backward_mode, None if bn is None else (type(bn), bn.num_features, bn.affine, bn.training,
                                                           bn.track_running_stats, str(bn.weight.dtype)

@@ -241,6 +241,39 @@ class SpikingJellyFamily(Family):
                 g_v = gh.sub_(gh / tau)
         return gx, (None if g_v is None else (g_v,)), {}
 
+    def rebuilds_input(self, spec):
+        return spec.consts["kind"] in ("lif", "if", "plif", "beta")
+
+    def input_steps(self, spec, kept, state, P):
+        """X = the charge H = charge(V, X) solved for X, over the steps given at once: the state
+        before each step is the reset of the previous step's H as the forward fires (h - thr and
+        thr compare alike: a float difference is 0 only where they are equal), so it needs no
+        sweep. Step-sized temporaries: X, the state before each step, the spikes as booleans."""
+        c = spec.consts
+        h = kept["h"]
+        (v0,) = state
+        r = 0.0 if c["v_reset"] is None else c["v_reset"]
+        thr = const(c["v_threshold"], h)
+        fired = torch.ge(h, thr) if spec.surrogate.fires_at_zero else torch.gt(h, thr)
+        if c["v_reset"] is None:
+            v_after = torch.sub(h, fired.to(h.dtype), alpha=c["v_threshold"])
+        else:
+            v_after = torch.where(fired, const(r, h), h)
+        del fired
+        v = v0.expand_as(h[0]).unsqueeze(0) if h.shape[0] == 1 else torch.cat(
+            [v0.expand_as(h[0]).unsqueeze(0), v_after[:-1]])
+        kind = c["kind"]
+        x = torch.sub(h, v, alpha=c["beta"]) if kind == "beta" else torch.sub(h, v)
+        if kind in ("lif", "plif"):
+            k = const(1.0 / c["tau"], h) if kind == "lif" else P["q"]
+            if c["decay_input"]:  # H = V + (X - (V - r)) k
+                x.div_(k).add_(v)
+                if r != 0.0:
+                    x.sub_(const(r, h))
+            else:  # H = V - (V - r) k + X
+                x.addcmul_(v if r == 0.0 else v - const(r, h), k.expand_as(v) if k.dim() else k)
+        return x, (v_after[-1],)
+
     def recs_from_kept(self, spec, kept, state0, P):
         c = spec.consts
         h = kept["h"]

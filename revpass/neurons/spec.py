@@ -159,6 +159,20 @@ class Family:
     ) -> Dict[str, Tensor]:
         raise NotImplementedError
 
+    def input_steps(
+        self, spec: NeuronSpec, kept: Dict[str, Tensor], state: State, P: Params
+    ) -> Tuple[Tensor, State]:
+        """The exact node's input over consecutive steps, rebuilt from its kept records over
+        those steps (n, ...) and the state before the first: (X (n, ...), the state after the
+        last step). The charge solved for its input, so within a rounding step of the input the
+        node saw; a family that cannot (:meth:`rebuilds_input` False) keeps its batch norm's
+        input instead of folding it (revpass/nodes/batchnorm.py)."""
+        raise NotImplementedError(f"{self.name}: the exact node's input is not rebuilt from its records")
+
+    def rebuilds_input(self, spec: NeuronSpec) -> bool:
+        """Whether :meth:`input_steps` rebuilds this spec's input."""
+        return False
+
 
 FAMILIES: Dict[str, Family] = {}
 
@@ -205,10 +219,13 @@ def run_sequence(
     autograd: bool = False,
     prepared: bool = False,
     want_bits: bool = False,
+    record_into: Optional[Dict[str, Tensor]] = None,
 ) -> Tuple[Tensor, State, Dict[str, Tensor], Optional[Tensor]]:
     """Run the spec's step over ``x_seq`` (T, ...).
 
-    ``record`` is True (all records) or a collection of record names.
+    ``record`` is True (all records) or a collection of record names. ``record_into``: records
+    written step by step into these (T, ...) tensors instead (no list of steps and stack: one
+    sequence of each record alive, not two, at the end of the forward).
     Returns (spikes (T, ...), final state, stacked records if ``record``, stacked decisions
     (T, nbits, ...) as bool if ``want_bits``). ``bits`` pins the decisions (reconstruction).
     """
@@ -228,6 +245,9 @@ def run_sequence(
             spike_list.append(s)
         else:
             spikes[t] = s
+        if record_into is not None:
+            for k, out in record_into.items():
+                out[t] = rec[k]
         if record:
             for k, v in rec.items():
                 if record is True or k in record:

@@ -38,6 +38,7 @@ from torch import nn
 
 from revpass.neurons import family_of, multi_step_batch_norm
 from revpass.nodes import bits, kernels, reversible, slicing
+from revpass.nodes.layout import init_state
 
 Tensor = torch.Tensor
 
@@ -49,12 +50,23 @@ def foldable(bn: nn.Module) -> bool:
     return multi_step_batch_norm(bn)
 
 
+def foldable_into(node, bn: nn.Module) -> bool:
+    """Whether ``bn`` folds into ``node``: a multi-step batch norm, and for an exact node a family
+    that rebuilds the node's input from what it keeps (Family.input_step)."""
+    if not foldable(bn):
+        return False
+    return node.kind != "exact" or family_of(node.spec).rebuilds_input(node.spec)
+
+
 def applies(node, bn: nn.Module, x: Tensor) -> bool:
     """Whether this call runs folded (see the module docstring)."""
-    return (bn.training and torch.is_grad_enabled() and not node.plain and node.backward_mode == "optimized"
+    if not (bn.training and torch.is_grad_enabled() and not node.plain and node.backward_mode == "optimized"
             and node.step_mode == "m" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 3
-            and x.shape[2] == bn.num_features and x.shape[2] % 2 == 0 and x.shape[0] > 0
-            and family_of(node.spec).binary_spikes)  # spikes of 0 and 1: X = Y - spikes
+            and x.shape[2] == bn.num_features and x.shape[0] > 0):
+        return False
+    if node.kind == "exact":
+        return family_of(node.spec).rebuilds_input(node.spec)
+    return x.shape[2] % 2 == 0 and family_of(node.spec).binary_spikes  # spikes of 0 and 1: X = Y - spikes
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:
@@ -79,8 +91,10 @@ def run(node, bn: nn.Module, x: Tensor, state0: Optional[tuple]) -> Tuple[Tensor
     P = node.params()
     need = tuple(k for k, p in P.items() if p.requires_grad)
 
+    fn = FoldedExact if node.kind == "exact" else FoldedBatchNorm
+
     def apply(x: Tensor, *state0: Tensor) -> tuple:
-        return FoldedBatchNorm.apply(node, bn, len(state0), need, x, *state0, *P.values(), bn.weight, bn.bias)
+        return fn.apply(node, bn, len(state0), need, x, *state0, *P.values(), bn.weight, bn.bias)
 
     fsdp = _own_fsdp_state(node, bn)
     if fsdp is None:
@@ -108,6 +122,12 @@ def _own_fsdp_state(node, bn: nn.Module):
     return None if isinstance(node, FSDPModule) and node._get_fsdp_state() is state else state
 
 
+def _statistics(c: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """The batch's per-channel mean and 1/std of a (T, B, C, ...) sequence, as training uses."""
+    var, mean = torch.var_mean(c, dim=[d for d in range(c.dim()) if d != 2], correction=0)
+    return mean, (var + eps).rsqrt()
+
+
 class FoldedBatchNorm(torch.autograd.Function):
     """y, *final state = node(bn(c)), keeping y, F's bits, the node's initial state and the batch
     norm's per-channel statistics (or, for a small gamma, its input c). Its backward reads gamma
@@ -122,9 +142,7 @@ class FoldedBatchNorm(torch.autograd.Function):
         keep_input = gamma is not None and bool((gamma.detach().abs() < GAMMA_MIN).any())
         with torch.no_grad():
             z = bn(c)  # the module's own forward: running statistics and all
-            dims = [d for d in range(c.dim()) if d != 2]
-            var, mean = torch.var_mean(c, dim=dims, correction=0)
-            invstd = (var + bn.eps).rsqrt()
+            mean, invstd = _statistics(c, bn.eps)
             backend = kernels.choose(z, node.spec, P)
             y, packed_f, kept, stateT = kernels.reversible_forward(backend, node.spec, z, state0, P, need)
         del z
@@ -198,3 +216,82 @@ def _grads(ctx, gc, g0, gP, dgamma, dbeta, state0, params):
     g_params = [gP[k].reshape(p.shape) if k in gP else None for k, p in zip(node._param_attr, params)]
     g_affine = [dgamma if ctx.needs_input_grad[-2] else None, dbeta if ctx.needs_input_grad[-1] else None]
     return (None, None, None, None, gc, *g_state0, *g_params, *g_affine)
+
+
+class FoldedExact(torch.autograd.Function):
+    """s, *final state = exact node(bn(c)), keeping the node's records H (one float per element
+    and step), its initial state and the batch norm's per-channel statistics (for a small gamma,
+    its input c too). The forward is the batch norm's and the exact node's own, bit for bit; the
+    backward is the exact node's, then the batch norm's from z rebuilt step by step from H and
+    the state before each step (Family.input_step: the charge solved for its input, within a
+    rounding step of z), in two passes over the steps with step-sized temporaries."""
+
+    @staticmethod
+    def forward(ctx, node, bn, n_state: int, need: Sequence[str], c: Tensor, *rest):
+        state0 = tuple(rest[:n_state]) or None
+        *params, gamma, beta = rest[n_state:]
+        P = dict(zip(node._param_attr, params))
+        keep_input = gamma is not None and bool((gamma.detach().abs() < GAMMA_MIN).any())
+        with torch.no_grad():
+            z = bn(c)
+            mean, invstd = _statistics(c, bn.eps)
+            backend = kernels.choose(z, node.spec, P)
+            s, kept, stateT = kernels.exact_forward(backend, node.spec, z, state0, P, need)
+        del z
+        ctx.node, ctx.n_state, ctx.need, ctx.keep_input, ctx.backend = node, n_state, tuple(need), keep_input, backend
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(kept, mean, invstd, c if keep_input else c.new_empty(0), *(state0 or ()), *params,
+                              gamma, beta)
+        return (s, *stateT)
+
+    @staticmethod
+    def backward(ctx, gs: Optional[Tensor], *g_stateT):
+        kept, mean, invstd, c, *rest = ctx.saved_tensors
+        node, spec = ctx.node, ctx.node.spec
+        state0 = tuple(rest[: ctx.n_state]) or None
+        *params, gamma, beta = rest[ctx.n_state:]
+        P = dict(zip(node._param_attr, params))
+        if gs is None:
+            gs = kept.new_zeros(kept.shape[1:])
+        g_state = None if all(g is None for g in g_stateT) else tuple(
+            g if g is not None else gs.new_zeros(gs.shape[1:]) for g in g_stateT)
+        gz, g0, gP = kernels.exact_backward(ctx.backend, spec, gs.contiguous(), g_state, kept, state0, P, ctx.need,
+                                            node.slice_min_elems)
+        fam = family_of(spec)
+        keep = fam.exact_keep(spec, ctx.need)
+        Pp = fam.prepare(spec, P)
+        T = gz.shape[0]
+        dims = [d for d in range(gz.dim()) if d != 2]  # all but channels
+        # steps at a time: enough for min_elems elements per piece (one at a time where the
+        # node sets the peak: convert gives it slicing.CHUNK_MIN_ELEMS_FINE), as the slices do
+        step = gz[0].numel()
+        n = max(1, min(T, (node.slice_min_elems or slicing.CHUNK_MIN_ELEMS) // max(1, step)))
+        pieces = [(t, min(T, t + n)) for t in range(0, T, n)]
+
+        def chan(v: Tensor, like: Tensor) -> Tensor:
+            return _per_channel(v, like)
+
+        def normalized():
+            """x^ of each piece of steps in turn: from z rebuilt from H, or from the kept input."""
+            if ctx.keep_input:
+                for a, b in pieces:
+                    yield (c[a:b] - chan(mean, c)).mul_(chan(invstd, c))
+                return
+            state = state0 if state0 is not None else init_state(spec, gz, P)
+            for a, b in pieces:
+                z, state = fam.input_steps(spec, {k: kept[i][a:b] for i, k in enumerate(keep)}, state, Pp)
+                if beta is not None:
+                    z.sub_(chan(beta, z))  # z is the piece's own fresh tensor
+                yield z.div_(chan(gamma, z)) if gamma is not None else z
+
+        dbeta = dgamma = 0  # summed in float64, as torch's batch-norm backward does on the CPU
+        for (a, b), xhat in zip(pieces, normalized()):
+            dbeta = dbeta + gz[a:b].sum(dim=dims, dtype=torch.float64)
+            dgamma = dgamma + xhat.mul_(gz[a:b]).sum(dim=dims, dtype=torch.float64)
+        dbeta, dgamma = dbeta.to(gz.dtype), dgamma.to(gz.dtype)
+        M = gz.numel() // gz.shape[2]
+        scale = invstd if gamma is None else gamma * invstd
+        for (a, b), xhat in zip(pieces, normalized()):  # the batch norm's input gradient, over dL/dz
+            g = gz[a:b]
+            g.sub_(chan(dbeta / M, g)).addcmul_(xhat, chan(-dgamma / M, g)).mul_(chan(scale, g))
+        return _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)

@@ -20,8 +20,8 @@ def exact_forward(
     """Forward without autograd: (spikes, kept (K, T, ...), final state)."""
     fam = family_of(spec)
     keep = fam.exact_keep(spec, need_params)
-    s, stateT, recs, _ = run_sequence(spec, x, state0, P, record=keep)
-    kept = torch.stack([recs[k] for k in keep]) if x.shape[0] else x.new_empty((len(keep),) + x.shape)
+    kept = x.new_empty((len(keep),) + x.shape)
+    s, stateT, _, _ = run_sequence(spec, x, state0, P, record_into={k: kept[i] for i, k in enumerate(keep)})
     if stateT is None or len(stateT) == 0:
         stateT = init_state(spec, x, P)
     return s, kept, stateT

@@ -163,8 +163,38 @@ class Node(nn.Module):
             full = fam.complete_state(self.spec, state, P)
         return tuple(s.expand_as(x0) if s.shape != x0.shape else s for s in full)
 
+    # -- a batch norm folded in ---------------------------------------------------------------------
+    _fold_now = False
+
+    @property
+    def folded_bn(self) -> Optional[nn.Module]:
+        """The batch norm folded into this node (revpass/nodes/batchnorm.py), or None."""
+        return self.__dict__.get("_bn")
+
+    def fold_batch_norm(self, bn: Optional[nn.Module]) -> None:
+        """Run ``bn`` (the batch norm whose only reader is this node) inside the node, keeping
+        its per-channel statistics instead of its input; the node is then called with the batch
+        norm's input. The module stays where it is in the model (not a child of the node: its
+        state_dict keys do not change)."""
+        if bn is not None and not batchnorm.foldable_into(self, bn):
+            raise ValueError(f"{self.name}: {type(bn).__name__} cannot be folded into this node (a multi-step "
+                             "batch norm can, into an exact node whose neuron family rebuilds its input)")
+        object.__setattr__(self, "_bn", bn)
+
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor, state=None):
+        bn = self.folded_bn
+        if bn is None:
+            return self._forward(x, state)
+        if not batchnorm.applies(self, bn, x):
+            return self._forward(bn(x), state)
+        self._fold_now = True
+        try:
+            return self._forward(x, state)
+        finally:
+            self._fold_now = False
+
+    def _forward(self, x: Tensor, state=None):
         if not isinstance(x, Tensor):
             raise TypeError(f"{self.name}: expected a tensor input, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -233,33 +263,6 @@ class ReversibleNode(Node):
     """
 
     kind = "reversible"
-    _fold_now = False
-
-    @property
-    def folded_bn(self) -> Optional[nn.Module]:
-        """The batch norm folded into this node (revpass/nodes/batchnorm.py), or None."""
-        return self.__dict__.get("_bn")
-
-    def fold_batch_norm(self, bn: Optional[nn.Module]) -> None:
-        """Run ``bn`` (the batch norm whose only reader is this node) inside the node, keeping
-        its per-channel statistics instead of its input; the node is then called with the batch
-        norm's input. The module stays where it is in the model (not a child of the node: its
-        state_dict keys do not change)."""
-        if bn is not None and not batchnorm.foldable(bn):
-            raise ValueError(f"{self.name}: {type(bn).__name__} cannot be folded (a multi-step batch norm can)")
-        object.__setattr__(self, "_bn", bn)
-
-    def forward(self, x: Tensor, state=None):
-        bn = self.folded_bn
-        if bn is None:
-            return super().forward(x, state)
-        if not batchnorm.applies(self, bn, x):
-            return super().forward(bn(x), state)
-        self._fold_now = True
-        try:
-            return super().forward(x, state)
-        finally:
-            self._fold_now = False
 
     def _run(self, x, state0):
         if self._fold_now:
@@ -267,7 +270,7 @@ class ReversibleNode(Node):
         if self.backward_mode == "autograd":
             return reversible.reversible_forward_autograd(self.spec, x, state0, self.params())
         s0, params, need = self._op_args(state0)
-        y, _, _, stateT = ops.reversible_op(x, s0, params, self._config, need)
+        y, _, _, stateT = ops.run_op("reversible", x, s0, params, self._config, need)
         return y, tuple(stateT)
 
     def _run_plain(self, x, state0):
@@ -299,11 +302,13 @@ class ExactNode(Node):
     _backwards = ("optimized", "autograd")
 
     def _run(self, x, state0):
+        if self._fold_now:
+            return batchnorm.run(self, self.folded_bn, x, state0)
         if self.backward_mode == "autograd":
             s, stateT, _, _ = run_sequence(self.spec, x, state0, self.params(), autograd=True)
             return s, stateT
         s0, params, need = self._op_args(state0)
-        s, _, stateT = ops.exact_op(x, s0, params, self._config, need)
+        s, _, stateT = ops.run_op("exact", x, s0, params, self._config, need)
         return s, tuple(stateT)
 
     def _run_plain(self, x, state0):

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from revpass.neurons.spec import NeuronSpec, config_json, family_of, spec_from_config, spec_to_config
-from revpass.nodes import exact, kernels, layout, reversible
+from revpass.nodes import kernels, layout, reversible
 from revpass.nodes.bits import packed_planes_shape
 
 Tensor = torch.Tensor
@@ -60,10 +60,11 @@ _VISIBLE = [False]
 
 @contextlib.contextmanager
 def visible_internals():
-    """Run the nodes' backward kernels as plain Python, not through their custom ops, so that a
-    TorchDispatchMode (torch's MemTracker) sees the tensors they allocate inside: a dispatch mode
-    is not active within the op it intercepts, and would miss the backward's workspace. Results
-    are the same; revpass.memory.step_peak measures under it."""
+    """Run the nodes' forward and backward as plain Python, not through their custom ops, so that
+    a TorchDispatchMode (torch's MemTracker) sees the tensors they allocate inside: a dispatch
+    mode is not active within the op it intercepts, and would miss the forward's step
+    temporaries and the backward's workspace. Results are the same; revpass.memory.step_peak
+    measures under it."""
     _VISIBLE[0], old = True, _VISIBLE[0]
     try:
         yield
@@ -251,12 +252,8 @@ reversible_op.register_autograd(_rev_backward, setup_context=_rev_setup)
 def _exact_forward(x, state0, params, config, need):
     spec, names, _, _, _ = _decode(config)
     P = _P(names, params)
-    if kernels.choose(x, spec, P) == "triton":
-        from revpass.nodes.kernels import exact as K
-
-        s, kept, stateT = K.forward(spec, x, _state(state0), P, _need(names, need))
-    else:
-        s, kept, stateT = exact.exact_forward(spec, x, _state(state0), P, _need(names, need))
+    s, kept, stateT = kernels.exact_forward(kernels.choose(x, spec, P), spec, x, _state(state0), P,
+                                            _need(names, need))
     return s, kept, _own(stateT, x)
 
 
@@ -285,13 +282,8 @@ def _exact_backward_impl(gs, g_state, kept, state0, params, config, need, backen
     spec, names, _, min_elems, _ = _decode(config)
     P = _P(names, params)
     need_names = _need(names, need)
-    if backend == "triton":
-        from revpass.nodes.kernels import exact as K
-
-        gx, g0, gP = K.backward(spec, gs, _state(g_state), kept, _state(state0), P, need_names)
-    else:
-        gx, g0, gP = exact.exact_backward(spec, gs, _state(g_state), kept, _state(state0), P, need_names,
-                                          min_elems=min_elems)
+    gx, g0, gP = kernels.exact_backward(backend, spec, gs, _state(g_state), kept, _state(state0), P, need_names,
+                                        min_elems)
     g0 = list(g0) if g0 is not None else []
     return gx, g0, [gP[n].reshape(P[n].shape).clone() for n in need_names]
 
@@ -344,3 +336,43 @@ def _exact_backward(ctx, gs, _g_kept, g_stateT):
 
 
 exact_op.register_autograd(_exact_backward, setup_context=_exact_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward ops, visible to a TorchDispatchMode (revpass.memory measures under it)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Visible(torch.autograd.Function):
+    """One node op's forward run as Python under visible_internals, so that a memory tracker
+    sees its temporaries (inside a custom op a dispatch mode sees only its outputs), with the
+    op's own setup_context and backward: the same values and gradients as the op."""
+
+    @staticmethod
+    def forward(ctx, kind, n_state, config, need, x, *rest):
+        state0, params = list(rest[:n_state]), list(rest[n_state:])
+        impl, setup = (_exact_forward, _exact_setup) if kind == "exact" else (_rev_forward, _rev_setup)
+        out = impl(x, state0, params, config, need)
+        setup(ctx, (x, state0, params, config, need), out)
+        ctx.kind = kind
+        *head, stateT = out
+        return (*head, *stateT)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n_head = 2 if ctx.kind == "exact" else 3  # (s, kept) or (y, bits, kept), then the final state
+        backward = _exact_backward if ctx.kind == "exact" else _rev_backward
+        gx, g_state0, g_params, _, _ = backward(ctx, *grads[:n_head], list(grads[n_head:]))
+        g_state0 = list(g_state0) if g_state0 else [None] * ctx.n_state
+        return (None, None, None, None, gx, *g_state0, *g_params)
+
+
+def run_op(kind: str, x: Tensor, state0: List[Tensor], params: List[Tensor], config: str, need: int):
+    """``revpass::exact`` or ``revpass::reversible`` on these arguments: the custom op, or under
+    :func:`visible_internals` the same computation as Python (:class:`_Visible`)."""
+    op = exact_op if kind == "exact" else reversible_op
+    if not _VISIBLE[0]:
+        return op(x, state0, params, config, need)
+    out = _Visible.apply(kind, len(state0), config, need, x, *state0, *params)
+    n_head = 2 if kind == "exact" else 3
+    return (*out[:n_head], list(out[n_head:]))

@@ -11,8 +11,9 @@ the operation autograd would have run on it, so the gradients are the original's
 * linear: autograd's own backward of ``F.linear`` on the unpacked input (one more matrix product:
   ``linear`` is composite, and the products its backward runs depend on the input's shape);
 * max pool: its indices are found again from the unpacked input (``max_pool_with_indices``, the
-  first maximum of each window: the same indices), then ``max_poolNd_with_indices_backward``; no
-  int64 index is kept.
+  first maximum of each window: the same indices), then ``max_poolNd_with_indices_backward``, a
+  chunk of samples at a time (:data:`POOL_CHUNK_ELEMS`: the unpacked input and the indices are a
+  chunk's); no int64 index is kept.
 
 ``folds_time``: the layer runs over (T, B, ...) by folding T into the batch and back (SpikingJelly's
 multi-step layers, ``seq_to_ann_forward``). Without gradients (inference, export) each is the
@@ -21,6 +22,7 @@ plain torch call.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +39,8 @@ _POOL = {1: torch.ops.aten.max_pool1d_with_indices, 2: torch.ops.aten.max_pool2d
 _POOL_BACKWARD = {2: torch.ops.aten.max_pool2d_with_indices_backward,
                   3: torch.ops.aten.max_pool3d_with_indices_backward}
 _PLAIN_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+#: a max pool's backward over spikes runs over about this many input elements at a time
+POOL_CHUNK_ELEMS = 1 << 16
 
 
 def _needs_grad(*ts: Optional[Tensor]) -> bool:
@@ -142,9 +146,20 @@ class _MaxPoolOnSpikes(torch.autograd.Function):
     def backward(ctx, gy):
         (bits,) = ctx.saved_tensors
         dims, kernel_size, stride, padding, dilation, ceil_mode = ctx.conf
-        x = _unpack(bits, ctx.shape, ctx.dtype)
-        _, indices = _POOL[dims](x, kernel_size, stride, padding, dilation, ceil_mode)
-        gx = _POOL_BACKWARD[dims](gy, x, kernel_size, stride, padding, dilation, ceil_mode, indices)
+        shape = ctx.shape
+        row = _numel(shape[1:])  # elements per sample; samples pool independently
+        # samples at a time, about POOL_CHUNK_ELEMS elements, starting on a whole byte of bits:
+        # the unpacked input and the indices are a chunk's, not the whole input's
+        step = 8 // math.gcd(row, 8)
+        rows = max(step, POOL_CHUNK_ELEMS // max(1, row) // step * step)
+        gx = gy.new_empty(shape)
+        for a in range(0, shape[0], rows):
+            b = min(shape[0], a + rows)
+            part = bits[:, a * row // 8: (b * row + 7) // 8]
+            x = unpack_bits(part, (1, (b - a) * row)).reshape((b - a, *shape[1:])).to(ctx.dtype)
+            _, indices = _POOL[dims](x, kernel_size, stride, padding, dilation, ceil_mode)
+            gx[a:b] = _POOL_BACKWARD[dims](gy[a:b], x, kernel_size, stride, padding, dilation, ceil_mode, indices)
+            del x, indices
         return gx, None, None, None, None, None, None
 
 

@@ -1,6 +1,8 @@
-"""Fold batch norms into the reversible nodes that read them (revpass/nodes/batchnorm.py).
+"""Fold batch norms into the nodes that read them (revpass/nodes/batchnorm.py).
 
-``bn -> reversible node`` becomes one call of the node on the batch norm's input, when:
+``bn -> reversible node`` becomes one call of the node on the batch norm's input, and so does
+``bn -> exact node`` when asked (``exact=True``: under a budget, where gradients within a rounding
+of the original's are allowed; plain ``mode="exact"`` stays bit for bit), when:
 
 * the batch norm is a multi-step one (SpikingJelly's, step_mode='m') called with one argument,
   and the node is its only reader;
@@ -19,12 +21,14 @@ from typing import List
 from torch import fx
 
 from revpass import meta
-from revpass.nodes import ReversibleNode
-from revpass.nodes.batchnorm import foldable
+from revpass.nodes import ExactNode, ReversibleNode
+from revpass.nodes.batchnorm import foldable_into
 
 
-def fold_batch_norms(gm: fx.GraphModule) -> List[str]:
-    """Fold every foldable batch norm in ``gm``; returns the folded batch norms' paths."""
+def fold_batch_norms(gm: fx.GraphModule, exact: bool = False) -> List[str]:
+    """Fold every foldable batch norm in ``gm`` into its reversible node, and with ``exact`` into
+    its exact node; returns the folded batch norms' paths."""
+    kinds = (ReversibleNode, ExactNode) if exact else (ReversibleNode,)
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     folded = []
     for n in list(gm.graph.nodes):
@@ -32,11 +36,11 @@ def fold_batch_norms(gm: fx.GraphModule) -> List[str]:
             continue
         node = gm.get_submodule(n.target)
         b = n.args[0]
-        if (not isinstance(node, ReversibleNode) or node.folded_bn is not None or not isinstance(b, fx.Node)
+        if (not isinstance(node, kinds) or node.folded_bn is not None or not isinstance(b, fx.Node)
                 or b.op != "call_module" or len(b.users) != 1 or len(b.args) != 1 or b.kwargs):
             continue
         bn = gm.get_submodule(b.target)
-        if not foldable(bn):
+        if not foldable_into(node, bn):
             continue
         node.fold_batch_norm(bn)
         n.args = (b.args[0],)

@@ -347,6 +347,31 @@ def test_folded_batch_norm(kind, dtype, small_gamma, backend, monkeypatch):
     assert_grads_close(gr_k, gr_t, node, bn, c, g, dtype)
 
 
+@pytest.mark.parametrize("kind", ["lif", "plif"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_folded_batch_norm_into_an_exact_node(kind, dtype, backend, monkeypatch):
+    """A batch norm folded into an exact node (under a budget) runs the exact node's kernels,
+    forward and backward: outputs equal the PyTorch path's, gradients as accurate, two calls
+    carrying state; the batch norm's part of the backward is the same PyTorch code on both."""
+    from nodes.test_batchnorm import _bn, _run
+    from nodes.test_batchnorm_exact import _exact, assert_as_accurate
+
+    shape = (3, 2, 8, 4, 5)
+    gen = torch.Generator().manual_seed(1)
+    c = (torch.randn((2, *shape), generator=gen, dtype=dtype) * 2 + 0.3).requires_grad_(True)
+    g = torch.randn((2, *shape), generator=gen, dtype=dtype)
+    node, bn = _exact(kind, dtype), _bn(shape[2], dtype)
+    backend("torch")
+    ys_t, gr_t, bn_t = _run(node, bn, c, g, fold=True)
+    backend("triton")
+    launches = Launches(monkeypatch)
+    ys_k, gr_k, bn_k = _run(node, bn, c, g, fold=True)
+    assert launches.names.count("_exact_forward") == 2 and launches.names.count("_exact_backward") == 2
+    assert all(torch.equal(a, b) for a, b in zip(ys_t, ys_k))
+    assert torch.equal(bn_t.running_mean, bn_k.running_mean)
+    assert_as_accurate(gr_k, gr_t, node, bn, c, g, dtype)
+
+
 def test_zoo_model_converts_and_verifies(backend):
     """spiking_resnet18 converted, reversible and exact, with the kernels: outputs equal the
     PyTorch path's, gradients within tolerance, and revpass.verify passes."""

@@ -80,6 +80,23 @@ def test_a_linear_layer_and_a_max_pool_on_spikes_are_theirs_bit_for_bit():
         assert torch.equal(max_pool_on_spikes(x, *pool_args), ref(x))
 
 
+@pytest.mark.parametrize("chunk", [1, 40, 200, 1 << 16])
+def test_a_max_pool_on_spikes_runs_its_backward_in_chunks_bit_for_bit(chunk, monkeypatch):
+    """Samples pool independently: the backward unpacks a chunk of them at a time (a sample of
+    3 * 5 * 5 = 75 elements, not a whole byte: chunks start on a byte, 8 samples apart)."""
+    from revpass.nodes import spike_input
+
+    monkeypatch.setattr(spike_input, "POOL_CHUNK_ELEMS", chunk)
+    x = (torch.rand(4, 5, 3, 5, 5, generator=torch.Generator().manual_seed(3)) > 0.6).float()
+    pool_args = (2, (3, 3), (2, 2), (1, 1), (1, 1), True, True)
+
+    def ref(x):
+        return nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)(x.flatten(0, 1)).view(4, 5, 3, 3, 3)
+
+    (y, (g,)), (y_ref, (g_ref,)) = _grads(lambda x: max_pool_on_spikes(x, *pool_args), x), _grads(ref, x)
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+
+
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)

@@ -83,9 +83,13 @@ def test_train_digits(encoding):
         assert 0.8 < r["accuracy"] <= 1.0 and r["train_s"] > 0  # 5 epochs: far above chance (0.1)
     # the exact conversion trains to the original's weights bit for bit (its optimized backward
     # repeats SpikingJelly's own CPU backward), so its accuracy is the original's
-    for name in ("exact", "exact-autograd", "exact-min"):  # exact-min: the planner keeps the function
+    for name in ("exact", "exact-autograd"):
         assert out[name]["weights_identical"], name
         assert out[name]["accuracy"] == out["original"]["accuracy"], name
+    # exact-min keeps the forward and folds the batch norms (docs/method.md section 12): gradients
+    # within rounding, so training takes its own path; 5 epochs: within 2 points (7 of 359 digits)
+    assert not out["exact-min"]["weights_identical"]
+    assert abs(out["exact-min"]["accuracy"] - out["original"]["accuracy"]) <= 0.02
     assert not out["reversible"]["weights_identical"]  # a different function: a real comparison
     assert out["reversible"]["accuracy"] >= out["original"]["accuracy"] - 0.03
     assert out["exact"]["kept_bytes"] < out["original"]["kept_bytes"]

@@ -112,3 +112,25 @@ def reversible_forward(backend: str, spec: NeuronSpec, x: Tensor, state0, P: Dic
     else:
         from revpass.nodes.reversible import reversible_forward as forward
     return forward(spec, x, state0, P, need)
+
+
+def exact_forward(backend: str, spec: NeuronSpec, x: Tensor, state0, P: Dict[str, Tensor], need):
+    """The exact node's forward on ``backend``: (spikes, kept records (K, T, ...), final state)."""
+    if backend == "triton":
+        from revpass.nodes.kernels.exact import forward
+    else:
+        from revpass.nodes.exact import exact_forward as forward
+    return forward(spec, x, state0, P, need)
+
+
+def exact_backward(backend: str, spec: NeuronSpec, gs: Tensor, g_state, kept: Tensor, state0,
+                   P: Dict[str, Tensor], need, min_elems: Optional[int] = None):
+    """The exact node's backward on ``backend``: (input gradient, initial state's gradient or
+    None, parameters' gradients by name)."""
+    if backend == "triton":
+        from revpass.nodes.kernels.exact import backward
+
+        return backward(spec, gs, g_state, kept, state0, P, need)
+    from revpass.nodes.exact import exact_backward as backward
+
+    return backward(spec, gs, g_state, kept, state0, P, need, min_elems=min_elems)
