@@ -378,6 +378,34 @@ def _runs(model: nn.Module, inputs: tuple) -> bool:
         return False
 
 
+def _meet(budget: int, total_before: int, savings, strategies, with_plan, inplace: bool):
+    """(choice, predicted bytes, converted model) keeping at most ``budget`` bytes. Savings do not
+    quite add up (a site's readers keep its spikes as bits, and its block's batch norm folds
+    with the residual, only next to exact sites), so each plan is measured, and the next aims
+    lower by what the last kept beyond its prediction; the smallest reachable figure, if it comes
+    to that, is measured too (every site at the strategy that keeps least)."""
+    target = budget
+    for _ in range(4):
+        try:
+            choice, predicted = choose(total_before, savings, target, strategies)
+        except (BudgetError, ValueError):  # below the predicted floor
+            break
+        gm = with_plan(choice, inplace=inplace)
+        measured = plan_of(gm, "planned").kept_after
+        if measured <= budget:
+            return choice, predicted, gm
+        target -= measured - predicted
+    choice, predicted = choose(total_before, savings, "min", strategies)
+    gm = with_plan(choice, inplace=inplace)
+    floor = plan_of(gm, "planned").kept_after
+    if floor <= budget:
+        return choice, predicted, gm
+    raise BudgetError(
+        f"a budget of {budget} bytes cannot be met: the smallest reachable figure is {floor} bytes "
+        f"({floor / 2**20:.2f} MiB) kept for backward, with every site at the strategy that keeps "
+        f"least; before conversion the model keeps {total_before} bytes")
+
+
 def _probe_is_plan(probe: fx.GraphModule, planned: Planned) -> bool:
     """Whether a probe (one strategy at every site) converted every site as ``planned`` does."""
     return not getattr(probe, "revpass_planned", False) and all(
@@ -427,6 +455,8 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     convert with the choice, and check the measured figure."""
     if example_inputs is None:
         raise ValueError("convert(..., budget=...) needs example_inputs: the planner measures the model")
+    if budget != "min" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+        raise ValueError(f"budget must be a number of bytes or 'min', got {budget!r}")
     # under a budget, exact sites fold their batch norms: the same forward, gradients within a
     # rounding (docs/method.md section 12), one float per element less
     options = replace(options, fold_exact=True)
@@ -434,7 +464,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
     probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s)) for s in strategies}
     total_before = plan_of(probes["exact"], "exact").kept_before
-    choice, predicted = choose(total_before, {s: site_savings(g) for s, g in probes.items()}, budget, strategies)
+    savings = {s: site_savings(g) for s, g in probes.items()}
     workspace = workspaces(probes["recompute"])
     uniform = {s: estimate_peak(g) for s, g in probes.items()}
     uniform[None] = probes["exact"].revpass_peak_before  # leaving every site as it is
@@ -446,8 +476,11 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
                     return _as_planned(g, planned)
         return _pipeline(model, example_inputs, replace(options, planned=planned, inplace=inplace))
 
-    gm = with_plan(choice, inplace=options.inplace and budget != "min")
-    if budget == "min":
+    if budget != "min":
+        choice, predicted, gm = _meet(budget, total_before, savings, strategies, with_plan, options.inplace)
+    else:
+        choice, predicted = choose(total_before, savings, budget, strategies)
+        gm = with_plan(choice)
         peak = estimate_peak(gm)
         tries = sorted((p for p, (s, _) in choice.items() if s == "recompute"), key=lambda p: -workspace.get(p, 0))
         for p in tries[:MIN_TRIES] if "reversible" in strategies else ():

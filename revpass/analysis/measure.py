@@ -116,7 +116,9 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
         if n.op != "call_module" or not n.args or not isinstance(gm.get_submodule(n.target),
                                                                                          (Node, RecomputeSegment)):
             continue
-        args = n.args[:1] if isinstance(gm.get_submodule(n.target), Node) else n.args
+        # a node's input (and the residual a folded batch norm's output gets: revpass/nodes/batchnorm.py)
+        args = (n.args[:1] + tuple(v for k, v in n.kwargs.items() if k == "residual")
+                if isinstance(gm.get_submodule(n.target), Node) else n.args)
         src = [(*rec.outputs.get(a.name, (None, None)), rec.binary.get(a.name, False)) if isinstance(a, fx.Node)
                else (None, None, False) for a in args]
         if all(shape is not None for shape, _, _ in src):

@@ -58,8 +58,12 @@ def foldable_into(node, bn: nn.Module) -> bool:
     return node.kind != "exact" or family_of(node.spec).rebuilds_input(node.spec)
 
 
-def applies(node, bn: nn.Module, x: Tensor) -> bool:
-    """Whether this call runs folded (see the module docstring)."""
+def applies(node, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None) -> bool:
+    """Whether this call runs folded (see the module docstring); a ``residual`` (added to the
+    batch norm's output before an exact node) of the batch norm's output's shape and dtype."""
+    if residual is not None and (node.kind != "exact" or not isinstance(residual, Tensor)
+                                 or residual.shape != x.shape or residual.dtype != x.dtype):
+        return False
     if not (bn.training and torch.is_grad_enabled() and not node.plain and node.backward_mode == "optimized"
             and node.step_mode == "m" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 3
             and x.shape[2] == bn.num_features and x.shape[0] > 0):
@@ -74,8 +78,10 @@ def _per_channel(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((1, 1, -1) + (1,) * (like.dim() - 3))
 
 
-def run(node, bn: nn.Module, x: Tensor, state0: Optional[tuple]) -> Tuple[Tensor, tuple]:
-    """y, final state = node(bn(x)), folded (:class:`FoldedBatchNorm`).
+def run(node, bn: nn.Module, x: Tensor, state0: Optional[tuple], residual: Optional[Tensor] = None
+        ) -> Tuple[Tensor, tuple]:
+    """y, final state = node(bn(x) [+ residual]), folded (:class:`FoldedBatchNorm` into a
+    reversible node, :class:`FoldedExact` into an exact one).
 
     The batch norm's weight and bias are inputs of the autograd Function: autograd takes their
     gradients to them, and the backward reads them from there. Under FSDP2, a batch norm that is
@@ -91,10 +97,11 @@ def run(node, bn: nn.Module, x: Tensor, state0: Optional[tuple]) -> Tuple[Tensor
     P = node.params()
     need = tuple(k for k, p in P.items() if p.requires_grad)
 
-    fn = FoldedExact if node.kind == "exact" else FoldedBatchNorm
-
     def apply(x: Tensor, *state0: Tensor) -> tuple:
-        return fn.apply(node, bn, len(state0), need, x, *state0, *P.values(), bn.weight, bn.bias)
+        if node.kind == "exact":
+            return FoldedExact.apply(node, bn, len(state0), need, x, residual, *state0, *P.values(), bn.weight,
+                                     bn.bias)
+        return FoldedBatchNorm.apply(node, bn, len(state0), need, x, *state0, *P.values(), bn.weight, bn.bias)
 
     fsdp = _own_fsdp_state(node, bn)
     if fsdp is None:
@@ -227,26 +234,32 @@ class FoldedExact(torch.autograd.Function):
     rounding step of z), in two passes over the steps with step-sized temporaries."""
 
     @staticmethod
-    def forward(ctx, node, bn, n_state: int, need: Sequence[str], c: Tensor, *rest):
+    def forward(ctx, node, bn, n_state: int, need: Sequence[str], c: Tensor, r: Optional[Tensor], *rest):
         state0 = tuple(rest[:n_state]) or None
         *params, gamma, beta = rest[n_state:]
         P = dict(zip(node._param_attr, params))
         keep_input = gamma is not None and bool((gamma.detach().abs() < GAMMA_MIN).any())
         with torch.no_grad():
             z = bn(c)
+            if r is not None:
+                z = z + r  # the model's own addition: bn(c) + r
             mean, invstd = _statistics(c, bn.eps)
             backend = kernels.choose(z, node.spec, P)
             s, kept, stateT = kernels.exact_forward(backend, node.spec, z, state0, P, need)
         del z
         ctx.node, ctx.n_state, ctx.need, ctx.keep_input, ctx.backend = node, n_state, tuple(need), keep_input, backend
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(kept, mean, invstd, c if keep_input else c.new_empty(0), *(state0 or ()), *params,
-                              gamma, beta)
+        # the residual: spikes as bits (a block's input, 1 bit per element), anything else as it is
+        ctx.residual = None if r is None else ("bits" if bits.is_binary(r) else "tensor")
+        kept_r = c.new_empty(0) if r is None else (
+            bits.pack_bits(r.detach().reshape(1, -1).bool()) if ctx.residual == "bits" else r)
+        ctx.save_for_backward(kept, mean, invstd, c if keep_input else c.new_empty(0), kept_r,
+                              *(state0 or ()), *params, gamma, beta)
         return (s, *stateT)
 
     @staticmethod
     def backward(ctx, gs: Optional[Tensor], *g_stateT):
-        kept, mean, invstd, c, *rest = ctx.saved_tensors
+        kept, mean, invstd, c, kept_r, *rest = ctx.saved_tensors
         node, spec = ctx.node, ctx.node.spec
         state0 = tuple(rest[: ctx.n_state]) or None
         *params, gamma, beta = rest[ctx.n_state:]
@@ -257,6 +270,7 @@ class FoldedExact(torch.autograd.Function):
             g if g is not None else gs.new_zeros(gs.shape[1:]) for g in g_stateT)
         gz, g0, gP = kernels.exact_backward(ctx.backend, spec, gs.contiguous(), g_state, kept, state0, P, ctx.need,
                                             node.slice_min_elems)
+        g_r = gz.clone() if ctx.residual is not None and ctx.needs_input_grad[5] else None
         fam = family_of(spec)
         keep = fam.exact_keep(spec, ctx.need)
         Pp = fam.prepare(spec, P)
@@ -280,6 +294,10 @@ class FoldedExact(torch.autograd.Function):
             state = state0 if state0 is not None else init_state(spec, gz, P)
             for a, b in pieces:
                 z, state = fam.input_steps(spec, {k: kept[i][a:b] for i, k in enumerate(keep)}, state, Pp)
+                if ctx.residual == "tensor":
+                    z.sub_(kept_r[a:b])  # the batch norm's output: the node's input less the residual
+                elif ctx.residual == "bits":
+                    z.sub_(_unpacked_steps(kept_r, gz.shape, a, b, z.dtype))
                 if beta is not None:
                     z.sub_(chan(beta, z))  # z is the piece's own fresh tensor
                 yield z.div_(chan(gamma, z)) if gamma is not None else z
@@ -294,4 +312,16 @@ class FoldedExact(torch.autograd.Function):
         for (a, b), xhat in zip(pieces, normalized()):  # the batch norm's input gradient, over dL/dz
             g = gz[a:b]
             g.sub_(chan(dbeta / M, g)).addcmul_(xhat, chan(-dgamma / M, g)).mul_(chan(scale, g))
-        return _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
+        out = _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
+        return (*out[:5], g_r, *out[5:])
+
+
+def _unpacked_steps(packed: Tensor, shape, a: int, b: int, dtype) -> Tensor:
+    """Steps [a, b) of a (T, ...) tensor kept as one row of bits (bits.pack_bits of (1, n))."""
+    step = 1
+    for d in shape[1:]:
+        step *= d
+    lo, hi = a * step, b * step
+    first = lo // 8
+    flat = bits.unpack_bits(packed[:, first:(hi + 7) // 8], (1, ((hi + 7) // 8 - first) * 8))
+    return flat[0, lo - first * 8: hi - first * 8].reshape((b - a, *shape[1:])).to(dtype)

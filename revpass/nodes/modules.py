@@ -165,6 +165,7 @@ class Node(nn.Module):
 
     # -- a batch norm folded in ---------------------------------------------------------------------
     _fold_now = False
+    _residual: Optional[Tensor] = None
 
     @property
     def folded_bn(self) -> Optional[nn.Module]:
@@ -182,17 +183,24 @@ class Node(nn.Module):
         object.__setattr__(self, "_bn", bn)
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, x: Tensor, state=None):
+    def forward(self, x: Tensor, state=None, residual: Optional[Tensor] = None):
+        """The neuron over ``x`` (from ``state``, else the carried or reset state). With a folded
+        batch norm, ``x`` is its input, and ``residual`` what the model adds to its output before
+        the neuron (``bn(x) + residual``: the exact node folds that too, docs/method.md section 12)."""
         bn = self.folded_bn
         if bn is None:
+            if residual is not None:
+                raise TypeError(f"{self.name}: residual= is the addend of a folded batch norm's output; "
+                                "this node has none")
             return self._forward(x, state)
-        if not batchnorm.applies(self, bn, x):
-            return self._forward(bn(x), state)
-        self._fold_now = True
+        if not batchnorm.applies(self, bn, x, residual):
+            z = bn(x)
+            return self._forward(z if residual is None else z + residual, state)
+        self._fold_now, self._residual = True, residual
         try:
             return self._forward(x, state)
         finally:
-            self._fold_now = False
+            self._fold_now, self._residual = False, None
 
     def _forward(self, x: Tensor, state=None):
         if not isinstance(x, Tensor):
@@ -303,7 +311,7 @@ class ExactNode(Node):
 
     def _run(self, x, state0):
         if self._fold_now:
-            return batchnorm.run(self, self.folded_bn, x, state0)
+            return batchnorm.run(self, self.folded_bn, x, state0, self._residual)
         if self.backward_mode == "autograd":
             s, stateT, _, _ = run_sequence(self.spec, x, state0, self.params(), autograd=True)
             return s, stateT

@@ -15,39 +15,64 @@ change); its call leaves the graph, and the node's annotations count what it kep
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
-from typing import List
+from typing import List, Optional, Tuple
 
+import torch
 from torch import fx
 
 from revpass import meta
 from revpass.nodes import ExactNode, ReversibleNode
 from revpass.nodes.batchnorm import foldable_into
+from revpass.passes.spikes import spike_values
 
 
 def fold_batch_norms(gm: fx.GraphModule, exact: bool = False) -> List[str]:
     """Fold every foldable batch norm in ``gm`` into its reversible node, and with ``exact`` into
     its exact node; returns the folded batch norms' paths."""
     kinds = (ReversibleNode, ExactNode) if exact else (ReversibleNode,)
+    spikes = spike_values(gm) if exact else set()
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     folded = []
     for n in list(gm.graph.nodes):
         if n.op != "call_module" or calls[n.target] != 1 or len(n.args) != 1 or n.kwargs:
             continue
         node = gm.get_submodule(n.target)
-        b = n.args[0]
-        if (not isinstance(node, kinds) or node.folded_bn is not None or not isinstance(b, fx.Node)
-                or b.op != "call_module" or len(b.users) != 1 or len(b.args) != 1 or b.kwargs):
+        if not isinstance(node, kinds) or node.folded_bn is not None or not isinstance(n.args[0], fx.Node):
+            continue
+        b, add, r = n.args[0], None, None
+        if exact and isinstance(node, ExactNode):
+            add, b, r = _residual(gm, n.args[0], spikes)
+        if (b.op != "call_module" or len(b.users) != 1 or len(b.args) != 1 or b.kwargs
+                or not isinstance(b.args[0], fx.Node)):
             continue
         bn = gm.get_submodule(b.target)
         if not foldable_into(node, bn):
             continue
         node.fold_batch_norm(bn)
         n.args = (b.args[0],)
-        meta.set_replaces(n, meta.replaces(b) + meta.replaces(n))
+        if add is not None:
+            n.kwargs = {"residual": r}
+        meta.set_replaces(n, meta.replaces(b) + (meta.replaces(add) if add is not None else []) + meta.replaces(n))
         meta.set_folded(n, str(b.target))
+        if add is not None:
+            gm.graph.erase_node(add)
         gm.graph.erase_node(b)
         folded.append(str(b.target))
     gm.graph.lint()
     gm.recompile()
     return folded
+
+
+def _residual(gm: fx.GraphModule, a: fx.Node, spikes) -> Tuple[Optional[fx.Node], fx.Node, Optional[fx.Node]]:
+    """(the addition, the batch norm's call, the residual) where the exact node's input ``a`` is
+    ``bn(c) + r`` with r spikes (a ResNet block's identity: kept as bits, so that folding saves
+    the batch norm's input), read by nothing else; else (None, a, None)."""
+    if not (a.op == "call_function" and a.target in (operator.add, torch.add) and len(a.args) == 2
+            and not a.kwargs and len(a.users) == 1 and all(isinstance(x, fx.Node) for x in a.args)):
+        return None, a, None
+    for b, r in (a.args, a.args[::-1]):
+        if b.op == "call_module" and b is not r and r in spikes and len(b.users) == 1:
+            return a, b, r
+    return None, a, None

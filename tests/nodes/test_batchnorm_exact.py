@@ -153,7 +153,11 @@ def test_convert_folds_into_exact_nodes_only_under_a_budget():
     assert not any("revpass_folded" in n.meta for n in plain.graph.nodes)
     conv = revpass.convert(net, x, mode="exact", budget="min")
     folded = {n.target: n.meta["revpass_folded"] for n in conv.graph.nodes if "revpass_folded" in n.meta}
-    assert folded["sn1"] == "bn1" and len(folded) == 9  # every bn1: bn2 feeds the residual add
+    # every bn1, and bn2 where the block adds its input spikes (not where a downsample adds floats)
+    assert folded["sn1"] == "bn1" and len(folded) == 9 + 5
+    assert folded["layer1.0.sn2"] == "layer1.0.bn2" and "layer2.0.sn2" not in folded
+    call = next(n for n in conv.graph.nodes if n.target == "layer1.0.sn2")
+    assert call.kwargs["residual"].target == "maxpool"  # the block's input: the stem's pooled spikes
     assert isinstance(conv.sn1, revpass.ExactNode) and conv.sn1.folded_bn is conv.bn1
     assert "section 12" in conv.revpass_report.by_path("sn1").reason
     assert set(conv.state_dict()) == set(net.state_dict())
@@ -168,3 +172,31 @@ def test_convert_folds_into_exact_nodes_only_under_a_budget():
     for a, b in zip(g1, g2):
         assert float((a - b).norm() / b.norm()) < 1e-5
     assert revpass.verify(net, conv, x).passed
+
+
+@pytest.mark.parametrize("residual", ["spikes", "float"])
+def test_a_residual_added_before_the_node_folds_too(residual):
+    """bn(c) + r -> exact node (a ResNet block's bn2 and its identity): the forward bit for bit,
+    every gradient (c, r, gamma, beta) as accurate; spikes r kept as bits, not as floats."""
+    shape = (4, 3, 6, 5, 7)  # a step of 630 elements: pieces of steps start mid-byte
+    gen = torch.Generator().manual_seed(5)
+    c = (torch.randn(shape, generator=gen) * 2 + 0.3).requires_grad_(True)
+    r = (torch.rand(shape, generator=gen) > 0.6).float() if residual == "spikes" else torch.randn(shape, generator=gen)
+    r.requires_grad_(True)
+    g = torch.randn(shape, generator=gen)
+    node, bn = _exact("lif"), _bn(6)
+    node.carry_state = False
+    node.set_slicing(630)  # one step at a time
+    fold, fbn = copy.deepcopy(node), copy.deepcopy(bn)
+    fold.fold_batch_norm(fbn)
+    y_u, y_f = node(bn(c) + r), fold(c, residual=r)
+    assert torch.equal(y_u, y_f)
+    g_u = torch.autograd.grad((y_u * g).sum(), [c, r, bn.weight, bn.bias])
+    g_f = torch.autograd.grad((y_f * g).sum(), [c, r, fbn.weight, fbn.bias])
+    for i, (a, b) in enumerate(zip(g_f, g_u)):
+        assert close(a, b) or i >= 2 and float((a - b).abs().max()) < 1e-5 * float(b.abs().max()), (i, worst(a, b))
+    exclude = [c, r, *fold.parameters(), *fold.buffers(), *fbn.parameters(), *fbn.buffers()]
+    _, rep = saved_bytes(lambda: fold(c * 1.0, residual=r * 1.0), exclude=exclude)
+    numel = math.prod(shape)
+    r_bytes = math.ceil(numel / 8) if residual == "spikes" else numel * 4
+    assert rep.total == numel * 4 + 2 * 6 * 4 + r_bytes  # H, mean and 1/std, the residual
