@@ -152,6 +152,7 @@ class _Options:
     concrete_args: Optional[dict] = None
     planned: Optional[Planned] = None  # the budget planner's strategy per path (then mode is unused)
     fold_exact: bool = False  # batch norms fold into exact nodes too (under a budget: method.md section 12)
+    collect: bool = True  # free each conversion's copies at once (the planner collects once, at its end)
 
 
 @dataclass
@@ -229,7 +230,8 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     slice_where_it_sets_the_peak(gm)  # the nodes' backward transient, bounded where it matters
     gm.revpass_peak_before = estimate_peak(run.before)  # the unconverted graph, for revpass.plan
     run.before = None
-    gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
+    if run.options.collect:
+        gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
 
 
 #: the passes after tracing, in order; each takes the GraphModule (and what the run shares)
@@ -237,11 +239,21 @@ PASSES = (("detect", _detect), ("decide", _decide), ("rewrite", _rewrite), ("fol
           ("segments", _segments), ("bits", _bits), ("annotate", _annotate))
 
 
-def _pipeline(model: nn.Module, example_inputs, options: _Options) -> fx.GraphModule:
-    """trace, then :data:`PASSES` in order, ``graph.lint()`` after each (the module docstring)."""
+def _pipeline(model: nn.Module, example_inputs, options: _Options, traced=None) -> fx.GraphModule:
+    """trace, then :data:`PASSES` in order, ``graph.lint()`` after each (the module docstring).
+    ``traced``: (graph, shapes) of a faithful trace of ``model`` on these inputs, which a copy of
+    is converted instead of tracing again (the planner's conversions; not in place)."""
     inputs = as_tuple(example_inputs) if example_inputs is not None else None
-    work = model if options.inplace else safe_deepcopy(model)
     run = _Run(model, inputs, options)
+    if traced is not None and inputs is not None and not options.inplace:
+        gm = safe_deepcopy(traced[0])
+        run.shapes = dict(traced[1])
+        run.before = safe_deepcopy(gm)
+        for _, fn in PASSES:
+            fn(gm, run)
+            gm.graph.lint()
+        return gm
+    work = model if options.inplace else safe_deepcopy(model)
     if inputs is None:
         gm = trace(work, concrete_args=options.concrete_args, time_steps=time_steps(example_inputs))
         gm.graph.lint()
@@ -459,10 +471,12 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         raise ValueError(f"budget must be a number of bytes or 'min', got {budget!r}")
     # under a budget, exact sites fold their batch norms: the same forward, gradients within a
     # rounding (docs/method.md section 12), one float per element less
-    options = replace(options, fold_exact=True)
+    options = replace(options, fold_exact=True, collect=False)
     probe = replace(options, inplace=False)
     strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
-    probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s)) for s in strategies}
+    # one faithful trace for every conversion the planner makes (each converts a copy of it)
+    traced = _faithful_trace(safe_deepcopy(model), as_tuple(example_inputs), probe)
+    probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s), traced) for s in strategies}
     total_before = plan_of(probes["exact"], "exact").kept_before
     savings = {s: site_savings(g) for s, g in probes.items()}
     workspace = workspaces(probes["recompute"])
@@ -474,7 +488,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             for g in probes.values():
                 if _probe_is_plan(g, planned):
                     return _as_planned(g, planned)
-        return _pipeline(model, example_inputs, replace(options, planned=planned, inplace=inplace))
+        return _pipeline(model, example_inputs, replace(options, planned=planned, inplace=inplace), traced)
 
     if budget != "min":
         choice, predicted, gm = _meet(budget, total_before, savings, strategies, with_plan, options.inplace)
@@ -489,8 +503,9 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
                                       f"(the segment's backward would rebuild {workspace[p]} bytes)")
             cand = with_plan(trial)
             cand_peak = estimate_peak(cand)
-            if cand_peak < peak:
-                choice, gm, peak = trial, cand, cand_peak
+            if cand_peak >= peak:  # the largest rebuild did not set the peak: the smaller ones will not
+                break
+            choice, gm, peak = trial, cand, cand_peak
         rank = {None: -1, **{k: i for i, k in enumerate(STRATEGIES)}}  # extra compute, least first
         s = min(uniform, key=lambda k: (uniform[k], rank[k]))
         mix = max(rank[c] for c, _ in choice.values())
@@ -505,6 +520,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         if options.inplace:
             gm = with_plan(choice, inplace=True)
     del probes
+    gc.collect()  # the probes and plans not taken hold reference cycles: free their tensors now
     gm.revpass_report.mode = f"budget={budget!r}" if options.mode == "reversible" else \
         f"{options.mode}, budget={budget!r}"  # the function kept: exact and recomputed sites only
     measured = plan_of(gm, "planned").kept_after

@@ -90,7 +90,7 @@ def test_peak_estimate_against_memtracker():
     for make, x in cases:
         net = make()
         for kwargs in ({"exclude": "*"}, {"mode": "exact"}, {"mode": "reversible"}, {"mode": "recompute"},
-                       {"budget": "min"}):
+                       {"budget": "min"}, {"mode": "exact", "budget": "min"}):
             gm = revpass.convert(net, x, **kwargs)
             est, meas = estimate_peak(gm), step_peak(gm, x)
             assert abs(est - meas) <= 0.10 * meas, (type(net).__name__, kwargs, est, meas)

@@ -1,9 +1,10 @@
 """The peak estimate (revpass.planning.peak.estimate_peak) against a measured peak, on the CPU or a GPU.
 
-    python tools/peak_estimate.py [--device cpu|cuda] [--T 4 16] [--batch 2] [--models ...] [--out bench_out]
+    python tools/peak_estimate.py [--device cpu|cuda] [--T 4 16] [--batch 4] [--models ...] [--out bench_out]
 
-For spiking_resnet18 and spiking_vgg11_bn (SpikingJelly zoo, 32x32) and the snnTorch
-convolutional tutorial network: original, exact, reversible, recompute and planner "min",
+For spiking_resnet18, spiking_vgg11_bn and spiking_vgg16_bn (SpikingJelly zoo, 32x32) and the
+snnTorch convolutional tutorial network: original, exact, reversible, recompute, planner "min"
+and planner "min" with mode="exact",
 converted on the device (the annotations measure what its kernels keep), the estimate of the
 converted graph against the measured peak of one training step:
 
@@ -56,13 +57,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--T", type=int, nargs="+", default=[4, 16])
-    ap.add_argument("--batch", type=int, default=None, help="batch size (default: 2 on the CPU, 16 on a GPU)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: 4 on the CPU, 16 on a GPU)")
     ap.add_argument("--models", nargs="+", default=None, help="a subset of the models")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     ap.add_argument("--job", default=None, help=argparse.SUPPRESS)  # MODEL:T, its rows as JSON
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
-    batch = a.batch or (16 if dev.type == "cuda" else 2)
+    batch = a.batch or (16 if dev.type == "cuda" else 4)
     if a.job:
         name, T = a.job.split(":")
         print(json.dumps(_rows(name, int(T), batch, dev)))
@@ -100,8 +101,9 @@ def main(argv=None) -> int:
 
 
 VARIANTS = {"original": {"exclude": "*"}, "exact": {"mode": "exact"}, "reversible": {"mode": "reversible"},
-            "recompute": {"mode": "recompute"}, "planner-min": {"budget": "min"}}
-NETS = ("spiking_resnet18", "spiking_vgg11_bn", "snntorch_conv")
+            "recompute": {"mode": "recompute"}, "planner-min": {"budget": "min"},
+            "exact-min": {"mode": "exact", "budget": "min"}}
+NETS = ("spiking_resnet18", "spiking_vgg11_bn", "spiking_vgg16_bn", "snntorch_conv")
 
 
 def _rows(name: str, T: int, batch: int, dev: torch.device):

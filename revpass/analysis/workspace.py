@@ -12,7 +12,7 @@ import os
 from typing import Any, Dict, Iterator, List
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from revpass.memory import tracker_bytes
 from revpass.nodes import Node
@@ -65,12 +65,40 @@ def _node_key(node, inputs, device) -> tuple:
             os.environ.get("REVPASS_KERNELS"), os.environ.get("TRITON_INTERPRET"))
 
 
+def _segment_key(seg: RecomputeSegment, inputs, device) -> tuple:
+    """What a recomputed segment's backward workspace depends on: its layers in order (each
+    node's operation and target, each module's type, configuration, parameters' and buffers'
+    shapes, and for a revpass node :func:`_node_key`), and the inputs."""
+    parts = []
+    index = {n: i for i, n in enumerate(seg.body.graph.nodes)}  # names differ between conversions
+
+    def arg(a):
+        return ("node", index[a]) if isinstance(a, fx.Node) else str(a)
+
+    for n in seg.body.graph.nodes:
+        part = (n.op, "placeholder" if n.op == "placeholder" else str(getattr(n.target, "__name__", n.target)),
+                tuple(map(arg, n.args)), tuple(sorted((k, arg(v)) for k, v in n.kwargs.items())))
+        if n.op == "call_module":
+            m = seg.body.get_submodule(n.target)
+            part += ((_node_key(m, (), device),) if isinstance(m, Node) else
+                     (type(m).__qualname__, m.extra_repr(), m.training,
+                      tuple((k, tuple(t.shape), str(t.dtype), t.requires_grad) for k, t in m.named_parameters()),
+                      tuple((k, tuple(t.shape), str(t.dtype)) for k, t in m.named_buffers())))
+        parts.append(part)
+    return ("segment", tuple(parts), tuple((tuple(s), str(d), b) for s, d, b in inputs), str(device),
+            os.environ.get("REVPASS_KERNELS"), os.environ.get("TRITON_INTERPRET"))
+
+
 def workspace(module, inputs, device="cpu") -> int:
-    """:func:`measure_workspace`, remembered for a revpass node (:func:`_node_key`): the same
-    node on the same inputs allocates the same in every conversion of a model."""
-    if not isinstance(module, Node):
+    """:func:`measure_workspace`, remembered for a revpass node (:func:`_node_key`) and a
+    recomputed segment (:func:`_segment_key`): the same layers on the same inputs allocate the
+    same in every conversion of a model (the planner converts it several times)."""
+    if isinstance(module, RecomputeSegment):
+        key = _segment_key(module, inputs, device)
+    elif isinstance(module, Node):
+        key = _node_key(module, inputs, device)
+    else:
         return measure_workspace(module, inputs, device)
-    key = _node_key(module, inputs, device)
     if key not in _NODE_WORKSPACE:
         if len(_NODE_WORKSPACE) >= _CACHE_LIMIT:
             _NODE_WORKSPACE.clear()

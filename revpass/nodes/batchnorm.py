@@ -302,14 +302,16 @@ class FoldedExact(torch.autograd.Function):
                     z.sub_(chan(beta, z))  # z is the piece's own fresh tensor
                 yield z.div_(chan(gamma, z)) if gamma is not None else z
 
+        # one piece (the whole sequence): x^ is rebuilt once and serves both passes
+        whole = list(normalized()) if len(pieces) == 1 else None
         dbeta = dgamma = 0  # summed in float64, as torch's batch-norm backward does on the CPU
-        for (a, b), xhat in zip(pieces, normalized()):
+        for (a, b), xhat in zip(pieces, whole or normalized()):
             dbeta = dbeta + gz[a:b].sum(dim=dims, dtype=torch.float64)
-            dgamma = dgamma + xhat.mul_(gz[a:b]).sum(dim=dims, dtype=torch.float64)
+            dgamma = dgamma + (xhat * gz[a:b] if whole else xhat.mul_(gz[a:b])).sum(dim=dims, dtype=torch.float64)
         dbeta, dgamma = dbeta.to(gz.dtype), dgamma.to(gz.dtype)
         M = gz.numel() // gz.shape[2]
         scale = invstd if gamma is None else gamma * invstd
-        for (a, b), xhat in zip(pieces, normalized()):  # the batch norm's input gradient, over dL/dz
+        for (a, b), xhat in zip(pieces, whole or normalized()):  # the batch norm's input gradient, over dL/dz
             g = gz[a:b]
             g.sub_(chan(dbeta / M, g)).addcmul_(xhat, chan(-dgamma / M, g)).mul_(chan(scale, g))
         out = _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)

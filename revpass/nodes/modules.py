@@ -17,7 +17,7 @@ from torch import nn
 from revpass import neurons
 from revpass.neurons import spec_from_module
 from revpass.neurons.spec import NeuronSpec, family_of, run_sequence
-from revpass.nodes import batchnorm, ops, reversible
+from revpass.nodes import batchnorm, kernels, ops, reversible
 
 Tensor = torch.Tensor
 BACKWARDS = ("optimized", "recompute", "autograd")
@@ -315,6 +315,11 @@ class ExactNode(Node):
         if self.backward_mode == "autograd":
             s, stateT, _, _ = run_sequence(self.spec, x, state0, self.params(), autograd=True)
             return s, stateT
+        if (not torch.is_grad_enabled() and type(x) is Tensor and x.shape[0] and not torch.compiler.is_compiling()
+                and kernels.choose(x, self.spec, self.params()) == "torch"):
+            # nothing differentiates it (a recomputed segment's forward, inference): the same ops
+            # without the records a backward would read (one float per element and step less)
+            return self._run_plain(x, state0)
         s0, params, need = self._op_args(state0)
         s, _, stateT = ops.run_op("exact", x, s0, params, self._config, need)
         return s, tuple(stateT)

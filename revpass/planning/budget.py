@@ -19,7 +19,8 @@ backward at the end of the forward (``revpass.plan``'s figure).
 ``budget="min"`` is the least memory a training step needs: it starts from every site at the
 strategy that keeps least, then, since a recomputed segment's layers are rebuilt in its backward
 and the largest of them can set the peak, tries the sites with the largest such workspace as
-reversible instead, keeping each change that lowers the estimated peak (revpass.planning.peak.estimate_peak,
+reversible instead, largest first, keeping each change that lowers the estimated peak and
+stopping at the first that does not (revpass.planning.peak.estimate_peak,
 within 10% of a measured one); one strategy at every site wins where its estimated peak is lower
 still.
 """

@@ -96,3 +96,32 @@ def test_a_budget_with_a_mode_that_keeps_the_function_keeps_it(mode):
     reset_states(net), reset_states(conv)
     with torch.no_grad():
         assert torch.equal(net(x), conv(x))
+
+
+def test_the_planner_traces_once_and_measures_each_layer_once(monkeypatch):
+    """budget="min" converts copies of one trace, and measures the backward workspace of each
+    node or recomputed segment configuration once across its conversions."""
+    from revpass import api
+    from revpass.analysis import workspace
+
+    net = models.sj_zoo("spiking_resnet18")
+    x = torch.randn(2, 2, 3, 32, 32)
+    traces, measured = [], []
+    real_trace, real_measure = api._faithful_trace, workspace.measure_workspace
+    monkeypatch.setattr(api, "_faithful_trace", lambda *a: traces.append(1) or real_trace(*a))
+    monkeypatch.setattr(workspace, "measure_workspace",
+                        lambda m, inputs, device="cpu": measured.append(
+                            workspace._segment_key(m, inputs, device) if isinstance(m, workspace.RecomputeSegment)
+                            else workspace._node_key(m, inputs, device)) or real_measure(m, inputs, device))
+    workspace._NODE_WORKSPACE.clear()
+    conv = revpass.convert(net, x, mode="exact", budget="min")
+    assert len(traces) == 1
+    assert len(measured) == len(set(measured)) > 0  # each configuration once
+    # the segments of the recompute probe, and no more: the plan's segments are among them
+    from revpass.nodes.segment import RecomputeSegment
+
+    in_plan = sum(k[0] == "segment" for k in measured)
+    rec = revpass.convert(net, x, mode="recompute")
+    # (the plan, with an exact site among recomputed ones, may hold a segment or two of its own)
+    assert 0 < in_plan <= sum(isinstance(m, RecomputeSegment) for m in rec.modules()) + 2
+    assert conv.revpass_report.count("exact") == 17 and revpass.verify(net, conv, x).passed

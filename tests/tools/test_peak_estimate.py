@@ -17,5 +17,6 @@ def test_peak_estimate_tool(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split("|") for line in (tmp_path / "peak_estimate_cpu.md").read_text().splitlines()
             if line.startswith("| snntorch_conv |")]
-    assert [row[3].strip() for row in rows] == ["original", "exact", "reversible", "recompute", "planner-min"]
+    assert [row[3].strip() for row in rows] == ["original", "exact", "reversible", "recompute", "planner-min",
+                                                "exact-min"]
     assert all(abs(float(row[6]) - 1) <= 0.10 for row in rows), rows
