@@ -5,7 +5,7 @@ from revpass.errors import ExampleInputError, RevpassError, RevpassWarning, Time
 from revpass.export import export_onnx, write_graph
 from revpass.neurons import NeuronSpec, Surrogate, lif_spec, register_neuron, spec_from_module
 from revpass.nodes import ExactNode, Node, ReversibleNode
-from revpass.planning.budget import BudgetError
+from revpass.planning.budget import BudgetError, Peak
 from revpass.verify import verify
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "RevpassWarning",
     "TimeStepsError",
     "BudgetError",
+    "Peak",
     "NeuronSpec",
     "Surrogate",
     "lif_spec",

@@ -45,7 +45,8 @@ from revpass.passes.rewrite import rewrite
 from revpass.passes.segments import form_segments
 from revpass.passes.spikes import keep_spike_inputs_as_bits
 from revpass.passes.untraced import settle, untraced_parts, untraced_sites
-from revpass.planning.budget import MIN_TRIES, STRATEGIES, BudgetError, allowed, choose, site_savings, workspaces
+from revpass.planning.budget import (MIN_TRIES, STRATEGIES, BudgetError, Peak, allowed, choose, site_savings,
+                                     workspaces)
 from revpass.planning.memory_plan import MemoryPlan, plan_of
 from revpass.planning.peak import estimate_peak, slice_where_it_sets_the_peak
 from revpass.report import ConversionReport, SiteRow
@@ -86,8 +87,9 @@ def convert(
         concrete_args: forward arguments fixed while tracing (torch.fx's ``concrete_args``).
         budget: bytes of activations kept for backward at the end of the forward: the planner
             (revpass/planning/budget.py) chooses for each site between unchanged, exact,
-            reversible and recompute to fit it at the least extra compute; or ``"min"``: the
-            choice with the lowest estimated peak of a training step. Needs ``example_inputs``.
+            reversible and recompute to fit it at the least extra compute; ``revpass.Peak(bytes)``:
+            a budget on the estimated peak of a training step, met at the least extra compute;
+            or ``"min"``: the choice with the lowest estimated peak. Needs ``example_inputs``.
             ``mode`` says what the planner may choose: with ``"reversible"`` every strategy,
             with ``"exact"`` or ``"recompute"`` only those that keep the original function
             (exact and recomputed sites). A budget that cannot be met raises ``BudgetError`` with the
@@ -467,8 +469,9 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     convert with the choice, and check the measured figure."""
     if example_inputs is None:
         raise ValueError("convert(..., budget=...) needs example_inputs: the planner measures the model")
-    if budget != "min" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
-        raise ValueError(f"budget must be a number of bytes or 'min', got {budget!r}")
+    if budget != "min" and not isinstance(budget, Peak) and (
+            not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+        raise ValueError(f"budget must be a number of bytes, revpass.Peak(bytes) or 'min', got {budget!r}")
     # under a budget, exact sites fold their batch norms: the same forward, gradients within a
     # rounding (docs/method.md section 12), one float per element less
     options = replace(options, fold_exact=True, collect=False)
@@ -490,10 +493,13 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
                     return _as_planned(g, planned)
         return _pipeline(model, example_inputs, replace(options, planned=planned, inplace=inplace), traced)
 
-    if budget != "min":
-        choice, predicted, gm = _meet(budget, total_before, savings, strategies, with_plan, options.inplace)
-    else:
-        choice, predicted = choose(total_before, savings, budget, strategies)
+    rank = {None: -1, **{k: i for i, k in enumerate(STRATEGIES)}}  # extra compute, least first
+
+    def uniform_plan(s, why):  # strategy s at every site the planner considers
+        return {p: (s, why) if c is not None else (None, w) for p, (c, w) in min_choice.items()}
+
+    def lowest():  # budget="min": (choice, converted model, its estimated peak)
+        choice = min_choice
         gm = with_plan(choice)
         peak = estimate_peak(gm)
         tries = sorted((p for p, (s, _) in choice.items() if s == "recompute"), key=lambda p: -workspace.get(p, 0))
@@ -506,17 +512,41 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             if cand_peak >= peak:  # the largest rebuild did not set the peak: the smaller ones will not
                 break
             choice, gm, peak = trial, cand, cand_peak
-        rank = {None: -1, **{k: i for i, k in enumerate(STRATEGIES)}}  # extra compute, least first
         s = min(uniform, key=lambda k: (uniform[k], rank[k]))
         mix = max(rank[c] for c, _ in choice.values())
         # one strategy everywhere does better (keeping more, rebuilding less), or as well (within
         # 1%, the estimate's resolution at best) at less extra compute
         if uniform[s] < peak or (uniform[s] <= peak * 1.01 and rank[s] < mix):
-            why_all = (f"'min': {s} at every site has the lowest estimated peak" if s is not None else
-                       "'min': no conversion lowers the estimated peak (the nodes' sequence-sized gradients "
-                       "outweigh what they save)")
-            choice = {p: (s, why_all) if c is not None else (None, why) for p, (c, why) in choice.items()}
+            choice = uniform_plan(s, f"'min': {s} at every site has the lowest estimated peak" if s is not None else
+                                  "'min': no conversion lowers the estimated peak (the nodes' sequence-sized "
+                                  "gradients outweigh what they save)")
+            gm, peak = with_plan(choice), uniform[s]
+        return choice, gm, peak
+
+    min_choice, predicted = choose(total_before, savings, "min", strategies)
+    if isinstance(budget, Peak):
+        # the least extra compute whose estimated peak fits: leaving the model as it is, one
+        # strategy at every site in order of extra compute, then the lowest plan ("min")
+        fits = [s for s in (None, *strategies) if uniform[s] <= budget.bytes]
+        if fits:
+            s = fits[0]
+            choice = uniform_plan(s, f"the estimated peak {uniform[s]} bytes fits {budget!r} with {s} at every site "
+                                     "(the least extra compute that fits)" if s is not None else
+                                  f"the estimated peak {uniform[s]} bytes fits {budget!r} without converting")
             gm = with_plan(choice)
+        else:
+            choice, gm, peak = lowest()
+            if peak > budget.bytes:
+                raise BudgetError(
+                    f"{budget!r} cannot be met: the smallest reachable estimated peak is {peak} bytes "
+                    f"({peak / 2**20:.2f} MiB; budget='min'); before conversion the estimate is {uniform[None]} bytes")
+        predicted = plan_of(gm, "planned").kept_after
+        if options.inplace:
+            gm = with_plan(choice, inplace=True)
+    elif budget != "min":
+        choice, predicted, gm = _meet(budget, total_before, savings, strategies, with_plan, options.inplace)
+    else:
+        choice, gm, _ = lowest()
         if options.inplace:
             gm = with_plan(choice, inplace=True)
     del probes

@@ -150,14 +150,26 @@ def _run_checked(model, x):
         reset_states(model)
 
 
+def _budget(text: str):
+    """--budget: 'min', a number of bytes kept for backward, or 'peak:BYTES' (the estimated peak)."""
+    if text == "min":
+        return "min"
+    if text.startswith("peak:") and text[5:].isdigit():
+        from revpass.planning.budget import Peak
+
+        return Peak(int(text[5:]))
+    if text.isdigit():
+        return int(text)
+    raise SystemExit(f"revpass: --budget {text!r}: give 'min', a number of bytes kept for backward, or "
+                     "'peak:BYTES' for the estimated peak of a training step")
+
+
 def converted(args, model, x):
     import revpass
 
-    kw: Dict[str, Any] = {}
+    kw: Dict[str, Any] = {"mode": args.mode}  # with a budget, the mode says what the planner may choose
     if args.budget is not None:
-        kw["budget"] = args.budget if args.budget == "min" else int(args.budget)
-    else:
-        kw["mode"] = args.mode
+        kw["budget"] = _budget(args.budget)
     if args.exclude:
         kw["exclude"] = args.exclude
     return revpass.convert(model, x, **kw)
@@ -337,8 +349,9 @@ def _read_saved(path: str):
         input_scale=field("input_scale", num, "a number"),
         input_offset=field("input_offset", num, "a number"),
         mode=field("mode", lambda v: v in ("reversible", "exact", "recompute"), "a conversion mode"),
-        budget=field("budget", lambda v: v is None or (isinstance(v, str) and (v == "min" or v.isdigit())),
-                     "None, 'min' or a number of bytes"),
+        budget=field("budget", lambda v: v is None or (isinstance(v, str) and (
+            v == "min" or v.isdigit() or v.startswith("peak:") and v[5:].isdigit())),
+                     "None, 'min', a number of bytes or 'peak:BYTES'"),
         exclude=field("exclude", lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
                       "None or a list of patterns"),
     )
@@ -402,8 +415,8 @@ def cmd_bench(args) -> int:
     from revpass.progress import Progress
 
     model, x = _prepared(args)
-    variants = [("original", lambda: model), (args.mode if args.budget is None else f"budget={args.budget}",
-                                              lambda: converted(args, model, x))]
+    label = args.mode if args.budget is None else f"{args.mode}, budget={args.budget}"
+    variants = [("original", lambda: model), (label, lambda: converted(args, model, x))]
     steps = [(name, what) for name, _ in variants for what in ("convert", "kept", "peak", "time")]
     bar = Progress(len(steps), enabled=not args.no_progress)
     rows = []
@@ -456,7 +469,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--step-mode", choices=("s", "m"), default=None, help="SpikingJelly step mode to set")
     common.add_argument("--mode", default="reversible", choices=("reversible", "exact", "recompute"),
                         help="conversion mode (default reversible)")
-    common.add_argument("--budget", default=None, help="bytes kept for backward, or 'min': the planner chooses")
+    common.add_argument("--budget", default=None,
+                        help="bytes kept for backward, 'peak:BYTES' (the estimated peak of a training step), or "
+                             "'min': the planner chooses among the strategies --mode allows")
     common.add_argument("--exclude", nargs="*", default=None, help="module-path patterns left unchanged")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -28,6 +28,7 @@ still.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple, Union
 
 import torch
@@ -47,6 +48,23 @@ def allowed(mode: str) -> Tuple[str, ...]:
     ``"reversible"`` (which changes the function anyway), only :data:`SAME_FUNCTION` else."""
     return STRATEGIES if mode == "reversible" else SAME_FUNCTION
 MIN_TRIES = 4  # sites "min" tries as reversible instead of recompute
+
+
+@dataclass(frozen=True)
+class Peak:
+    """A budget on the estimated peak of a training step (activations and temporaries, bytes;
+    revpass.planning.peak.estimate_peak): ``convert(model, x, budget=revpass.Peak(12 * 2**20))``
+    takes the least extra compute whose estimate fits: the model as it is, one strategy at every
+    site in order of extra compute, then the lowest plan (``budget="min"``)."""
+
+    bytes: int
+
+    def __post_init__(self):
+        if not isinstance(self.bytes, int) or isinstance(self.bytes, bool) or self.bytes <= 0:
+            raise ValueError(f"Peak(bytes): a positive number of bytes, got {self.bytes!r}")
+
+    def __repr__(self) -> str:
+        return f"Peak({self.bytes})"
 
 
 class BudgetError(RevpassError, ValueError):

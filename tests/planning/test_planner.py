@@ -1,5 +1,7 @@
 """convert(..., budget=): the planner picks strategies per site from measured savings."""
 
+import re
+
 import pytest
 import torch
 
@@ -125,3 +127,32 @@ def test_the_planner_traces_once_and_measures_each_layer_once(monkeypatch):
     # (the plan, with an exact site among recomputed ones, may hold a segment or two of its own)
     assert 0 < in_plan <= sum(isinstance(m, RecomputeSegment) for m in rec.modules()) + 2
     assert conv.revpass_report.count("exact") == 17 and revpass.verify(net, conv, x).passed
+
+
+def test_a_budget_on_the_estimated_peak_takes_the_least_extra_compute_that_fits(resnet):
+    """revpass.Peak(bytes): the model as it is, then one strategy everywhere in order of extra
+    compute, then the "min" plan; below that a BudgetError names the smallest estimated peak."""
+    from revpass.planning.peak import estimate_peak
+
+    net, x, rev, ex = resnet
+    before = ex.peak_before
+    loose = revpass.convert(net, x, mode="exact", budget=revpass.Peak(before + 1))
+    assert loose.revpass_report.count("unchanged") == len(loose.revpass_report)  # nothing needed
+    exact = revpass.convert(net, x, mode="exact", budget="min")
+    fits = revpass.convert(net, x, mode="exact", budget=revpass.Peak(before - 1))
+    assert fits.revpass_report.count("exact") == len(fits.revpass_report)  # exact: no extra compute
+    assert estimate_peak(fits) <= before - 1 and "fits Peak(" in fits.revpass_report.rows[0].reason
+    assert revpass.verify(net, fits, x).passed
+    with pytest.raises(revpass.BudgetError, match=r"smallest reachable estimated peak is (\d+) bytes") as err:
+        revpass.convert(net, x, mode="exact", budget=revpass.Peak(estimate_peak(exact) // 2))
+    assert int(re.search(r"peak is (\d+) bytes", str(err.value)).group(1)) == estimate_peak(exact)
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        revpass.Peak(0)
+
+
+def test_the_command_line_takes_each_kind_of_budget():
+    from revpass.cli import _budget
+
+    assert _budget("min") == "min" and _budget("1234") == 1234 and _budget("peak:99") == revpass.Peak(99)
+    with pytest.raises(SystemExit, match="peak:BYTES"):
+        _budget("12MiB")
