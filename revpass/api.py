@@ -549,7 +549,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         choice, gm, _ = lowest()
         if options.inplace:
             gm = with_plan(choice, inplace=True)
-    del probes
+    probes.clear()  # the probes not taken: freed below
     gc.collect()  # the probes and plans not taken hold reference cycles: free their tensors now
     gm.revpass_report.mode = f"budget={budget!r}" if options.mode == "reversible" else \
         f"{options.mode}, budget={budget!r}"  # the function kept: exact and recomputed sites only

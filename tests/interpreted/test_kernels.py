@@ -319,20 +319,24 @@ def test_other_neurons_run_the_pytorch_path(case, backend, monkeypatch):
     assert launches.names == []
 
 
+@pytest.mark.parametrize("node_kind", ["reversible", "exact"])
 @pytest.mark.parametrize("kind", ["lif", "plif"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("small_gamma", [False, True], ids=["rebuilt", "input-kept"])
-def test_folded_batch_norm(kind, dtype, small_gamma, backend, monkeypatch):
-    """The folded batch norm runs the kernels (its first pass is the node's backward kernel,
-    then one kernel for the input gradient): outputs equal the PyTorch path's, gradients within
-    tolerance, two calls carrying state."""
+def test_folded_batch_norm(node_kind, kind, dtype, small_gamma, backend, monkeypatch):
+    """The folded batch norm runs the kernels: outputs equal the PyTorch path's, gradients within
+    tolerance (folded into an exact node: as accurate), two calls carrying state. Into a
+    reversible node its first pass is the node's backward kernel, then one kernel for the input
+    gradient; into an exact node (under a budget) it runs the exact node's kernels, forward and
+    backward, and the batch norm's part of the backward is the same PyTorch code on both."""
     from nodes.test_batchnorm import _bn, _node, _run, assert_grads_close
+    from nodes.test_batchnorm_exact import _exact, assert_as_accurate
 
     shape = (3, 2, 8, 4, 5)
     gen = torch.Generator().manual_seed(1)
     c = (torch.randn((2, *shape), generator=gen, dtype=dtype) * 2 + 0.3).requires_grad_(True)
     g = torch.randn((2, *shape), generator=gen, dtype=dtype)
-    node, bn = _node(kind, dtype), _bn(shape[2], dtype)
+    node, bn = (_node if node_kind == "reversible" else _exact)(kind, dtype), _bn(shape[2], dtype)
     if small_gamma:
         with torch.no_grad():
             bn.weight[3] = 1e-3  # below GAMMA_MIN: the batch norm keeps its input
@@ -341,35 +345,13 @@ def test_folded_batch_norm(kind, dtype, small_gamma, backend, monkeypatch):
     backend("triton")
     launches = Launches(monkeypatch)
     ys_k, gr_k, bn_k = _run(node, bn, c, g, fold=True)
-    assert launches.names.count("_input_grad") == 2 and launches.names.count("_rev_backward") == 2
+    if node_kind == "reversible":
+        assert launches.names.count("_input_grad") == 2 and launches.names.count("_rev_backward") == 2
+    else:
+        assert launches.names.count("_exact_forward") == 2 and launches.names.count("_exact_backward") == 2
     assert all(torch.equal(a, b) for a, b in zip(ys_t, ys_k))
     assert torch.equal(bn_t.running_mean, bn_k.running_mean)
-    assert_grads_close(gr_k, gr_t, node, bn, c, g, dtype)
-
-
-@pytest.mark.parametrize("kind", ["lif", "plif"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_folded_batch_norm_into_an_exact_node(kind, dtype, backend, monkeypatch):
-    """A batch norm folded into an exact node (under a budget) runs the exact node's kernels,
-    forward and backward: outputs equal the PyTorch path's, gradients as accurate, two calls
-    carrying state; the batch norm's part of the backward is the same PyTorch code on both."""
-    from nodes.test_batchnorm import _bn, _run
-    from nodes.test_batchnorm_exact import _exact, assert_as_accurate
-
-    shape = (3, 2, 8, 4, 5)
-    gen = torch.Generator().manual_seed(1)
-    c = (torch.randn((2, *shape), generator=gen, dtype=dtype) * 2 + 0.3).requires_grad_(True)
-    g = torch.randn((2, *shape), generator=gen, dtype=dtype)
-    node, bn = _exact(kind, dtype), _bn(shape[2], dtype)
-    backend("torch")
-    ys_t, gr_t, bn_t = _run(node, bn, c, g, fold=True)
-    backend("triton")
-    launches = Launches(monkeypatch)
-    ys_k, gr_k, bn_k = _run(node, bn, c, g, fold=True)
-    assert launches.names.count("_exact_forward") == 2 and launches.names.count("_exact_backward") == 2
-    assert all(torch.equal(a, b) for a, b in zip(ys_t, ys_k))
-    assert torch.equal(bn_t.running_mean, bn_k.running_mean)
-    assert_as_accurate(gr_k, gr_t, node, bn, c, g, dtype)
+    (assert_grads_close if node_kind == "reversible" else assert_as_accurate)(gr_k, gr_t, node, bn, c, g, dtype)
 
 
 def test_zoo_model_converts_and_verifies(backend):
