@@ -252,7 +252,7 @@ class FoldedExact(torch.autograd.Function):
         # the residual: spikes as bits (a block's input, 1 bit per element), anything else as it is
         ctx.residual = None if r is None else ("bits" if bits.is_binary(r) else "tensor")
         kept_r = c.new_empty(0) if r is None else (
-            bits.pack_bits(r.detach().reshape(1, -1).bool()) if ctx.residual == "bits" else r)
+            bits.pack_flat(r) if ctx.residual == "bits" else r)
         ctx.save_for_backward(kept, mean, invstd, c if keep_input else c.new_empty(0), kept_r,
                               *(state0 or ()), *params, gamma, beta)
         return (s, *stateT)
@@ -282,14 +282,11 @@ class FoldedExact(torch.autograd.Function):
         n = max(1, min(T, (node.slice_min_elems or slicing.CHUNK_MIN_ELEMS) // max(1, step)))
         pieces = [(t, min(T, t + n)) for t in range(0, T, n)]
 
-        def chan(v: Tensor, like: Tensor) -> Tensor:
-            return _per_channel(v, like)
-
         def normalized():
             """x^ of each piece of steps in turn: from z rebuilt from H, or from the kept input."""
             if ctx.keep_input:
                 for a, b in pieces:
-                    yield (c[a:b] - chan(mean, c)).mul_(chan(invstd, c))
+                    yield (c[a:b] - _per_channel(mean, c)).mul_(_per_channel(invstd, c))
                 return
             state = state0 if state0 is not None else init_state(spec, gz, P)
             for a, b in pieces:
@@ -297,10 +294,10 @@ class FoldedExact(torch.autograd.Function):
                 if ctx.residual == "tensor":
                     z.sub_(kept_r[a:b])  # the batch norm's output: the node's input less the residual
                 elif ctx.residual == "bits":
-                    z.sub_(_unpacked_steps(kept_r, gz.shape, a, b, z.dtype))
+                    z.sub_(bits.unpack_flat(kept_r, gz.shape, z.dtype, (a, b)))
                 if beta is not None:
-                    z.sub_(chan(beta, z))  # z is the piece's own fresh tensor
-                yield z.div_(chan(gamma, z)) if gamma is not None else z
+                    z.sub_(_per_channel(beta, z))  # z is the piece's own fresh tensor
+                yield z.div_(_per_channel(gamma, z)) if gamma is not None else z
 
         # one piece (the whole sequence): x^ is rebuilt once and serves both passes
         whole = list(normalized()) if len(pieces) == 1 else None
@@ -313,17 +310,8 @@ class FoldedExact(torch.autograd.Function):
         scale = invstd if gamma is None else gamma * invstd
         for (a, b), xhat in zip(pieces, whole or normalized()):  # the batch norm's input gradient, over dL/dz
             g = gz[a:b]
-            g.sub_(chan(dbeta / M, g)).addcmul_(xhat, chan(-dgamma / M, g)).mul_(chan(scale, g))
+            g.sub_(_per_channel(dbeta / M, g)).addcmul_(xhat, _per_channel(-dgamma / M, g))
+            g.mul_(_per_channel(scale, g))
         out = _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
         return (*out[:5], g_r, *out[5:])
 
-
-def _unpacked_steps(packed: Tensor, shape, a: int, b: int, dtype) -> Tensor:
-    """Steps [a, b) of a (T, ...) tensor kept as one row of bits (bits.pack_bits of (1, n))."""
-    step = 1
-    for d in shape[1:]:
-        step *= d
-    lo, hi = a * step, b * step
-    first = lo // 8
-    flat = bits.unpack_bits(packed[:, first:(hi + 7) // 8], (1, ((hi + 7) // 8 - first) * 8))
-    return flat[0, lo - first * 8: hi - first * 8].reshape((b - a, *shape[1:])).to(dtype)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -42,6 +43,26 @@ def unpack_bits(packed: Tensor, shape: Sequence[int]) -> Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
     return bits.reshape(T, -1)[:, :n].reshape(shape).bool()
+
+
+def pack_flat(x: Tensor) -> Tensor:
+    """A tensor of 0s and 1s as one row of bits, (1, ceil(n / 8)) for its n elements (nonzero: 1):
+    what a layer or segment keeps of spikes for its backward."""
+    return pack_bits(x.detach().reshape(1, -1) != 0)
+
+
+def unpack_flat(packed: Tensor, shape: Sequence[int], dtype: torch.dtype,
+                rows: Optional[Tuple[int, int]] = None) -> Tensor:
+    """:func:`pack_flat`'s tensor again, of ``shape`` and ``dtype``; with ``rows`` = (a, b), only
+    its [a, b) along the first dim (a chunk need not start on a byte)."""
+    if rows is None:
+        return unpack_bits(packed, (1, math.prod(shape))).reshape(shape).to(dtype)
+    a, b = rows
+    row = math.prod(shape[1:])
+    lo, hi = a * row, b * row
+    first, last = lo // 8, (hi + 7) // 8
+    flat = unpack_bits(packed[:, first:last], (1, (last - first) * 8))
+    return flat[0, lo - first * 8: hi - first * 8].reshape((b - a, *shape[1:])).to(dtype)
 
 
 def packed_planes_shape(shape: Sequence[int]) -> Tuple[int, int]:

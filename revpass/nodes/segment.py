@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from revpass.nodes.bits import is_binary, pack_bits, unpack_bits
+from revpass.nodes.bits import is_binary, pack_flat, unpack_flat
 from revpass.nodes.modules import Node
 
 Tensor = torch.Tensor
@@ -89,7 +89,7 @@ class _Recompute(torch.autograd.Function):
                                     "segment takes tensors (gradients could not reach these)")
                 layout.append(("value", x))
             elif is_binary(x):
-                saved.append(pack_bits(x.detach().reshape(1, -1).bool()))
+                saved.append(pack_flat(x))
                 layout.append(("bits", (tuple(x.shape), x.dtype)))
             else:
                 saved.append(x)
@@ -108,7 +108,7 @@ class _Recompute(torch.autograd.Function):
                 inputs.append(info)
             elif how == "bits":
                 shape, dtype = info
-                inputs.append(unpack_bits(next(saved), (1, *shape)).reshape(shape).to(dtype))
+                inputs.append(unpack_flat(next(saved), shape, dtype))
             else:
                 inputs.append(next(saved).detach())
         wants = [i for i in range(n_in) if ctx.needs_input_grad[2 + i] and isinstance(inputs[i], Tensor)]

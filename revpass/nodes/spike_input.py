@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revpass.nodes.bits import pack_bits, unpack_bits
+from revpass.nodes.bits import pack_flat, unpack_flat
 
 Tensor = torch.Tensor
 
@@ -48,18 +48,7 @@ def _needs_grad(*ts: Optional[Tensor]) -> bool:
 
 
 def _pack(x: Tensor) -> Tuple[Tensor, tuple]:
-    return pack_bits(x.reshape(1, -1) != 0), tuple(x.shape)
-
-
-def _unpack(bits: Tensor, shape: tuple, like_dtype: torch.dtype) -> Tensor:
-    return unpack_bits(bits, (1, _numel(shape))).reshape(shape).to(like_dtype)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return pack_flat(x), tuple(x.shape)
 
 
 def _folded(fn, x: Tensor, folds_time: bool, *args) -> Tensor:
@@ -84,7 +73,7 @@ class _ConvOnSpikes(torch.autograd.Function):
     def backward(ctx, gy):
         bits, weight = ctx.saved_tensors
         dims, stride, padding, dilation, groups = ctx.conf
-        x = _unpack(bits, ctx.shape, ctx.dtype)
+        x = unpack_flat(bits, ctx.shape, ctx.dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             gy, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(stride), list(padding), list(dilation),
@@ -116,7 +105,7 @@ class _LinearOnSpikes(torch.autograd.Function):
         bits, weight, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
         with torch.enable_grad():
-            x = _unpack(bits, ctx.shape, ctx.dtype).requires_grad_(need[0])
+            x = unpack_flat(bits, ctx.shape, ctx.dtype).requires_grad_(need[0])
             w = weight.detach().requires_grad_(need[1])
             b = bias.detach().requires_grad_(need[2]) if bias is not None else None
             inputs = [t for t, n in zip((x, w, b), need) if t is not None and n]
@@ -147,7 +136,7 @@ class _MaxPoolOnSpikes(torch.autograd.Function):
         (bits,) = ctx.saved_tensors
         dims, kernel_size, stride, padding, dilation, ceil_mode = ctx.conf
         shape = ctx.shape
-        row = _numel(shape[1:])  # elements per sample; samples pool independently
+        row = math.prod(shape[1:])  # elements per sample; samples pool independently
         # samples at a time, about POOL_CHUNK_ELEMS elements, starting on a whole byte of bits:
         # the unpacked input and the indices are a chunk's, not the whole input's
         step = 8 // math.gcd(row, 8)
@@ -155,8 +144,7 @@ class _MaxPoolOnSpikes(torch.autograd.Function):
         gx = gy.new_empty(shape)
         for a in range(0, shape[0], rows):
             b = min(shape[0], a + rows)
-            part = bits[:, a * row // 8: (b * row + 7) // 8]
-            x = unpack_bits(part, (1, (b - a) * row)).reshape((b - a, *shape[1:])).to(ctx.dtype)
+            x = unpack_flat(bits, shape, ctx.dtype, (a, b))
             _, indices = _POOL[dims](x, kernel_size, stride, padding, dilation, ceil_mode)
             gx[a:b] = _POOL_BACKWARD[dims](gy[a:b], x, kernel_size, stride, padding, dilation, ceil_mode, indices)
             del x, indices
