@@ -48,7 +48,7 @@ from revpass.passes.untraced import settle, untraced_parts, untraced_sites
 from revpass.planning.budget import (MIN_TRIES, STRATEGIES, BudgetError, Peak, allowed, choose, site_savings,
                                      workspaces)
 from revpass.planning.memory_plan import MemoryPlan, plan_of
-from revpass.planning.peak import estimate_peak, slice_where_it_sets_the_peak
+from revpass.planning.peak import chunk_where_it_sets_the_peak, estimate_peak, slice_where_it_sets_the_peak
 from revpass.report import ConversionReport, SiteRow
 from revpass.trace import TraceError, trace
 from revpass.state import reset_states
@@ -154,6 +154,7 @@ class _Options:
     concrete_args: Optional[dict] = None
     planned: Optional[Planned] = None  # the budget planner's strategy per path (then mode is unused)
     fold_exact: bool = False  # batch norms fold into exact nodes too (under a budget: method.md section 12)
+    lowest: bool = False  # budget="min": recomputed segments chunked to the lowest estimated peak, not within 5%
     collect: bool = True  # free each conversion's copies at once (the planner collects once, at its end)
 
 
@@ -197,7 +198,8 @@ def _rewrite(gm: fx.GraphModule, run: _Run) -> ConversionReport:
 def _fold(gm: fx.GraphModule, run: _Run) -> List[str]:
     if run.options.inplace:  # the user's model calls its batch norms itself: no folding into nodes it shares
         return []
-    folded = fold_batch_norms(gm, exact=run.options.fold_exact)
+    recomputed = {r.path for r in run.report.rows if r.decision == "recompute"}  # segments fold nothing
+    folded = fold_batch_norms(gm, exact=run.options.fold_exact, skip=recomputed)
     rows = {r.path: r for r in run.report.rows}
     for n in gm.graph.nodes:
         if meta.folded(n) is not None and n.target in rows:
@@ -229,7 +231,11 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     if run.inputs is None:  # nothing measured: no annotations
         return
     annotate(gm, run.inputs, before=run.before)  # node.meta (revpass/meta.py): memory, strategy, lifetimes
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    gm.revpass_inputs_without_grad = {name for name, x in zip(placeholders, run.inputs)
+                                      if not (isinstance(x, torch.Tensor) and x.requires_grad)}
     slice_where_it_sets_the_peak(gm)  # the nodes' backward transient, bounded where it matters
+    chunk_where_it_sets_the_peak(gm, 0.0 if run.options.lowest else 0.05)  # and the segments' rebuilds
     gm.revpass_peak_before = estimate_peak(run.before)  # the unconverted graph, for revpass.plan
     run.before = None
     if run.options.collect:
@@ -474,7 +480,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         raise ValueError(f"budget must be a number of bytes, revpass.Peak(bytes) or 'min', got {budget!r}")
     # under a budget, exact sites fold their batch norms: the same forward, gradients within a
     # rounding (docs/method.md section 12), one float per element less
-    options = replace(options, fold_exact=True, collect=False)
+    options = replace(options, fold_exact=True, collect=False, lowest=budget == "min")
     probe = replace(options, inplace=False)
     strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
     # one faithful trace for every conversion the planner makes (each converts a copy of it)

@@ -85,7 +85,8 @@ def _segment_key(seg: RecomputeSegment, inputs, device) -> tuple:
                       tuple((k, tuple(t.shape), str(t.dtype), t.requires_grad) for k, t in m.named_parameters()),
                       tuple((k, tuple(t.shape), str(t.dtype)) for k, t in m.named_buffers())))
         parts.append(part)
-    return ("segment", tuple(parts), tuple((tuple(s), str(d), b) for s, d, b in inputs), str(device),
+    chunked = (seg.chunking is not None, seg.sample_elems, seg.chunk_elems)  # rebuilt in chunks of the batch
+    return ("segment", tuple(parts), chunked, tuple((tuple(s), str(d), b) for s, d, b in inputs), str(device),
             os.environ.get("REVPASS_KERNELS"), os.environ.get("TRITON_INTERPRET"))
 
 

@@ -22,12 +22,13 @@ segment holds its graph outside the module tree.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
+from revpass.nodes import chunks
 from revpass.nodes.bits import is_binary, pack_flat, unpack_flat
 from revpass.nodes.modules import Node
 
@@ -45,6 +46,16 @@ class RecomputeSegment(nn.Module):
         self.name = name
         self.sites = tuple(sites)
         self.plain = False  # run the layers as they are, nothing saved (revpass.export_onnx sets it)
+        #: the rebuild a chunk of the batch at a time (revpass/nodes/chunks.py): its plan, set by
+        #: :meth:`try_chunks` where the chunks reproduce the forward; elements of the largest value
+        #: per sample; elements per chunk (None: chunks.CHUNK_ELEMS for the device)
+        self.chunking: Optional[chunks.Plan] = None
+        self.sample_elems = 0
+        self.chunk_elems: Optional[int] = None
+        #: bytes of the states its neurons carry after a forward (one step of each one's output),
+        #: measured when formed; None: not known (estimated from its output)
+        self.state_bytes: Optional[int] = None
+        self.whole_rebuilds = 0  # backwards rebuilt whole because a chunk's spikes differed
 
     @property
     def body(self) -> fx.GraphModule:
@@ -61,7 +72,30 @@ class RecomputeSegment(nn.Module):
 
     def extra_repr(self) -> str:
         names = [n.target for n in self._body.graph.nodes if n.op == "call_module"]
-        return f"recomputes {' -> '.join(map(str, names))}"
+        return f"recomputes {' -> '.join(map(str, names))}" + (", a chunk of the batch at a time"
+                                                               if self.chunking is not None else "")
+
+    def try_chunks(self, inputs: Sequence[Any], sample_elems: int) -> Optional[str]:
+        """Let the backward rebuild a chunk of the batch at a time if, on these (example)
+        inputs, the chunks give the forward's output bit for bit; returns why not (None: it does)."""
+        try:
+            plan = chunks.Plan(self._body)
+        except chunks.Unchunkable as e:
+            return str(e)
+        why = chunks.check(plan, inputs, 1)
+        if why is None:
+            self.chunking, self.sample_elems = plan, max(1, int(sample_elems))
+            B = next(x.shape[1] for x in inputs if isinstance(x, Tensor) and x.dim() >= 2)
+            self.chunk_elems = B * self.sample_elems  # unchunked until chosen (chunk_where_it_sets_the_peak)
+        return why
+
+    def samples_per_chunk(self, x: Tensor) -> int:
+        """Samples of each chunk the backward rebuilds for a batch like ``x``'s (all: unchunked)."""
+        B = x.shape[1] if x.dim() >= 2 else 1
+        if self.chunking is None:
+            return B
+        elems = self.chunk_elems or chunks.CHUNK_ELEMS.get(x.device.type, chunks.CHUNK_ELEMS["cuda"])
+        return max(1, min(B, elems // self.sample_elems))
 
 
 def _rng_state(inputs) -> Tuple[Tensor, Optional[Tuple[int, Tensor]]]:
@@ -77,8 +111,16 @@ class _Recompute(torch.autograd.Function):
         ctx.seg, ctx.n_in = seg, n_in
         ctx.states = {m: m.state for m in seg._stateful()}
         ctx.rng = _rng_state(inputs)
-        with torch.no_grad():  # on detached inputs: a view of an input would still require grad
-            out = seg._body(*(x.detach() if isinstance(x, Tensor) else x for x in inputs))
+        ctx.per, stats, spikes = _chunked(seg, inputs), {}, {}
+        hooks = chunks.forward_hooks(seg.chunking, stats, spikes) if ctx.per else []
+        try:
+            with torch.no_grad():  # on detached inputs: a view of an input would still require grad
+                out = seg._body(*(x.detach() if isinstance(x, Tensor) else x for x in inputs))
+        finally:
+            for h in hooks:
+                h.remove()
+        if ctx.per and any(s is None for s in spikes.values()):
+            ctx.per = 0  # a neuron's output is not spikes of 0 and 1: nothing to check a chunk by
         if not isinstance(out, Tensor):
             raise TypeError(f"{seg.name}: a recomputed segment must return one tensor, got {type(out).__name__}")
         saved, layout = [], []
@@ -95,6 +137,10 @@ class _Recompute(torch.autograd.Function):
                 saved.append(x)
                 layout.append(("tensor", None))
         ctx.layout = layout
+        if ctx.per:  # the batch norms' statistics and the neurons' spikes, for the chunks
+            plan = seg.chunking
+            ctx.n_bns, ctx.n_spikes = len(plan.bns), len(plan.neurons)
+            saved += [t for n in plan.bns for t in stats[n]] + [spikes[n] for n in plan.neurons]
         ctx.save_for_backward(*saved)
         return out
 
@@ -102,6 +148,11 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx, grad_out):
         seg, n_in = ctx.seg, ctx.n_in
         saved = iter(ctx.saved_tensors)
+        if ctx.per:
+            plan = seg.chunking
+            tail = ctx.saved_tensors[len(ctx.saved_tensors) - 2 * ctx.n_bns - ctx.n_spikes:]
+            stats = {n: (tail[2 * k], tail[2 * k + 1]) for k, n in enumerate(plan.bns)}
+            spikes = dict(zip(plan.neurons, tail[2 * ctx.n_bns:]))
         inputs: List[Any] = []
         for how, info in ctx.layout:
             if how == "value":
@@ -112,35 +163,21 @@ class _Recompute(torch.autograd.Function):
             else:
                 inputs.append(next(saved).detach())
         wants = [i for i in range(n_in) if ctx.needs_input_grad[2 + i] and isinstance(inputs[i], Tensor)]
-        for i in wants:
-            inputs[i].requires_grad_(True)
         params = [p for p in seg._body.parameters() if p.requires_grad]
         p_wants = [j for j in range(len(params)) if ctx.needs_input_grad[2 + n_in + j]]
         now = {m: m.state for m in ctx.states}
         buffers = [(b, b.clone()) for b in seg._body.buffers()]
-        cpu_rng, cuda_rng = ctx.rng
-        devices = [cuda_rng[0]] if cuda_rng is not None else []
-        targets = [inputs[i] for i in wants] + [params[j] for j in p_wants]
         try:
-            for m, s in ctx.states.items():
-                m.state = s
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.set_rng_state(cpu_rng)
-                if cuda_rng is not None:
-                    torch.cuda.set_rng_state(cuda_rng[1], cuda_rng[0])
-                kept = set()  # the storages the rebuilt graph saves for its backward
-
-                def pack(t):
-                    kept.add(t.untyped_storage().data_ptr())
-                    return t
-
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    out = seg._body(*inputs)
-            if out.grad_fn is not None and out.untyped_storage().data_ptr() not in kept:
-                # the rebuilt output's values are not needed, only its graph: free them now
-                # rather than while the segment's gradients are computed (one output's worth)
-                out.untyped_storage().resize_(0)
-            grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True) if targets else ()
+            grads = None
+            if ctx.per:
+                got = chunks.backward(plan, inputs, wants, [params[j] for j in p_wants], grad_out, stats, spikes,
+                                      ctx.states, ctx.per)
+                if got is not None:
+                    grads = [got[0][i] for i in wants] + got[1]
+                else:
+                    seg.whole_rebuilds += 1  # a chunk's spikes differed from the forward's
+            if grads is None:
+                grads = _rebuild_whole(ctx, seg, inputs, wants, params, p_wants, grad_out)
         finally:  # the buffers after the grad: batch norm's backward reads its running statistics
             for m, s in now.items():
                 m.state = s
@@ -154,3 +191,46 @@ class _Recompute(torch.autograd.Function):
             result[n_in + j] = grads[len(wants) + k]
         return (None, None, *result)
 
+
+
+def _chunked(seg: RecomputeSegment, inputs) -> int:
+    """Samples per chunk for this call's backward (revpass/nodes/chunks.py), 0: rebuilt whole."""
+    plan = seg.chunking
+    if plan is None:
+        return 0
+    xs = [x for x in inputs if isinstance(x, Tensor)]
+    if not xs or xs[0].dim() < 2 or any(x.dim() < 2 or x.shape[1] != xs[0].shape[1] for x in xs):
+        return 0
+    if not all(bn.training for bn in plan.modules(plan.bns)):
+        return 0  # a batch norm in eval mode: running statistics, no batch sums to take
+    per = seg.samples_per_chunk(xs[0])
+    return per if per < xs[0].shape[1] else 0
+
+
+def _rebuild_whole(ctx, seg: RecomputeSegment, inputs, wants, params, p_wants, grad_out) -> List[Optional[Tensor]]:
+    """The segment rebuilt whole under autograd (the random number generator replayed) and
+    differentiated: the gradients of inputs[wants] and params[p_wants]."""
+    for i in wants:
+        inputs[i].requires_grad_(True)
+    cpu_rng, cuda_rng = ctx.rng
+    devices = [cuda_rng[0]] if cuda_rng is not None else []
+    targets = [inputs[i] for i in wants] + [params[j] for j in p_wants]
+    for m, s in ctx.states.items():
+        m.state = s
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng[1], cuda_rng[0])
+        kept = set()  # the storages the rebuilt graph saves for its backward
+
+        def pack(t):
+            kept.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = seg._body(*inputs)
+    if out.grad_fn is not None and out.untyped_storage().data_ptr() not in kept:
+        # the rebuilt output's values are not needed, only its graph: free them now
+        # rather than while the segment's gradients are computed (one output's worth)
+        out.untyped_storage().resize_(0)
+    return list(torch.autograd.grad(out, targets, grad_out, allow_unused=True)) if targets else []

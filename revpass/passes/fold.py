@@ -7,7 +7,11 @@ of the original's are allowed; plain ``mode="exact"`` stays bit for bit), when:
 * the batch norm is a multi-step one (SpikingJelly's, step_mode='m') called with one argument,
   and the node is its only reader;
 * the node is called once in the graph (a node module shared by several calls would run the
-  batch norm at every one of them).
+  batch norm at every one of them);
+* the node is not one that a recomputed segment will end at (``skip``): the segment keeps
+  nothing inside it anyway, its rebuild runs a chunk of the batch at a time with the batch
+  norm's statistics kept (revpass/nodes/chunks.py), and a batch norm folded into a node is no
+  parameter of the segment's layers, so its gradients would not reach it.
 
 The batch norm module stays where it is in the model (state_dict keys and parameters do not
 change); its call leaves the graph, and the node's annotations count what it kept before.
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from typing import List, Optional, Tuple
+from typing import Collection, List, Optional, Tuple
 
 import torch
 from torch import fx
@@ -28,15 +32,16 @@ from revpass.nodes.batchnorm import foldable_into
 from revpass.passes.spikes import spike_values
 
 
-def fold_batch_norms(gm: fx.GraphModule, exact: bool = False) -> List[str]:
+def fold_batch_norms(gm: fx.GraphModule, exact: bool = False, skip: Collection[str] = ()) -> List[str]:
     """Fold every foldable batch norm in ``gm`` into its reversible node, and with ``exact`` into
-    its exact node; returns the folded batch norms' paths."""
+    its exact node, except into the nodes at the paths in ``skip``; returns the folded batch
+    norms' paths."""
     kinds = (ReversibleNode, ExactNode) if exact else (ReversibleNode,)
     spikes = spike_values(gm) if exact else set()
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     folded = []
     for n in list(gm.graph.nodes):
-        if n.op != "call_module" or calls[n.target] != 1 or len(n.args) != 1 or n.kwargs:
+        if n.op != "call_module" or calls[n.target] != 1 or len(n.args) != 1 or n.kwargs or n.target in skip:
             continue
         node = gm.get_submodule(n.target)
         if not isinstance(node, kinds) or node.folded_bn is not None or not isinstance(n.args[0], fx.Node):

@@ -26,13 +26,17 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+import torch
 from torch import fx
 
 from revpass import meta
+from revpass.state import reset_states
+from revpass.utils import as_tuple
 from revpass.analysis.measure import measure
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
+from revpass.passes.spikes import keep_spike_inputs_as_bits, on_spikes, spike_values
 from revpass.state import StateReset
 
 _BOUNDARY_OPS = ("placeholder", "get_attr", "output")
@@ -78,6 +82,24 @@ def grow(gm: fx.GraphModule, end: fx.Node, taken: Set[fx.Node], tensors: Set[str
     return sorted(members, key=order.__getitem__)
 
 
+def extend(gm: fx.GraphModule, members: List[fx.Node], taken: Set[fx.Node], mem) -> List[fx.Node]:
+    """``members`` and the layers after its end that only shrink it: while the end's one reader
+    reads nothing else, has no parameters and gives fewer elements (a pooling of the spikes), it
+    joins, so that the segment returns (and its backward receives the gradient of) the smaller
+    value. The next segment grows back to it and keeps it as bits."""
+    end = members[-1]
+    while len(end.users) == 1:
+        u = next(iter(end.users))
+        size = [mem.get(x.name) for x in (end, u)]
+        if (u in taken or _opaque(gm, u) or u.all_input_nodes != [end] or any(m is None or not m.shape for m in size)
+                or math.prod(size[1].shape) >= math.prod(size[0].shape)):
+            break
+        if u.op == "call_module" and any(True for _ in gm.get_submodule(u.target).parameters()):
+            break
+        members, end = members + [u], u
+    return members
+
+
 def _inputs(members: Sequence[fx.Node]) -> List[fx.Node]:
     inside, out = set(members), []
     for n in members:
@@ -109,6 +131,8 @@ def form_segments(
     for n in list(gm.graph.nodes):
         if n.op == "call_module" and n.target in ends and mem.get(n.name) and mem[n.name].shape is not None:
             members = grow(gm, n, taken, tensors)
+            if members is not None:
+                members = extend(gm, members, taken, mem)
             if members is None:
                 report = getattr(gm, "revpass_report", None)
                 if report is not None:
@@ -117,10 +141,14 @@ def form_segments(
             taken.update(members)
             groups.append((members, [n.target]))
     if singles:
+        spikes = spike_values(gm)
         for n in list(gm.graph.nodes):
             m = mem.get(n.name)
             if n in taken or _opaque(gm, n) or m is None or not m.own_bytes or m.shape is None:
                 continue
+            if (n.op == "call_module" and on_spikes(gm.get_submodule(n.target)) and n.args
+                    and all(a in spikes for a in n.all_input_nodes)):
+                continue  # keeps its input as bits in its own backward, without running again (passes/spikes.py)
             ins = n.all_input_nodes
             if not ins or not all(a.name in tensors and binary.get(a.name) for a in ins):
                 continue
@@ -130,15 +158,50 @@ def form_segments(
                 groups.append(([n], []))
     out = []
     report = getattr(gm, "revpass_report", None)
+    per_sample = {}
     for k, (members, sites) in enumerate(groups):
         name = _replace(gm, members, sites, k, mem)
         out.append((name, sites))
         for site in sites if report is not None else ():
             row = report.by_path(site)
             row.reason += f"; exact node ending {name}, recomputed in backward"
+        if sites:  # the largest value's elements per sample of a (T, B, ...) sequence
+            shapes = [mem[n.name].shape for n in members if mem.get(n.name) and mem[n.name].shape]
+            per_sample[name] = max((math.prod(s) // s[1] for s in shapes if len(s) >= 2 and s[1]), default=0)
     gm.graph.lint()
     gm.recompile()
+    if per_sample and example_inputs is not None:
+        _try_chunks(gm, example_inputs, per_sample, {name: sites for name, sites in out})
     return out
+
+
+def _try_chunks(gm: fx.GraphModule, example_inputs: Sequence, per_sample: Dict[str, int],
+                sites: Dict[str, List[str]]) -> None:
+    """Let each segment rebuild a chunk of the batch at a time where, on the example inputs, the
+    chunks reproduce its forward (RecomputeSegment.try_chunks); the report says which do."""
+    report = getattr(gm, "revpass_report", None)
+
+    class Probe(fx.Interpreter):
+        def call_module(self, target, args, kwargs):
+            out = super().call_module(target, args, kwargs)
+            if target in per_sample:
+                why = gm.get_submodule(target).try_chunks(args, per_sample[target])
+                for site in sites[target] if report is not None else ():
+                    report.by_path(site).reason += ("; rebuilt a chunk of the batch at a time (docs/method.md "
+                                                    "section 13)" if why is None else f"; rebuilt whole: {why}")
+            return out
+
+    buffers = [(b, b.clone()) for b in gm.buffers()]
+    reset_states(gm)
+    try:
+        cuda = sorted({p.device.index or 0 for p in gm.parameters() if p.is_cuda})
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            Probe(gm).run(*as_tuple(example_inputs))
+    finally:
+        reset_states(gm)
+        with torch.no_grad():
+            for b, v in buffers:
+                b.copy_(v)
 
 
 def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: int, mem) -> str:
@@ -153,6 +216,10 @@ def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: in
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(env[end])
     body = fx.GraphModule(gm, sub, class_name="RevpassSegmentBody")
+    # its layers on spikes keep them as bits in the rebuild too (in the body's own module tree: the
+    # model's modules are not replaced), the segment's inputs that are spikes by construction included
+    outer = spike_values(gm)
+    keep_spike_inputs_as_bits(body, {env[a] for a in ins if a in outer})
     name = f"{PREFIX}{k}"
     while hasattr(gm, name):
         name += "_"
@@ -161,6 +228,11 @@ def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: in
     with g.inserting_before(end):
         call = g.call_module(name, tuple(ins))
     meta.set_replaces(call, [r for n in members for r in meta.replaces(n)])
+    carried = [n for n in members if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Node)
+               and gm.get_submodule(n.target).carry_state]
+    if all(mem.get(n.name) and mem[n.name].shape for n in carried):
+        seg.state_bytes = sum(math.prod(mem[n.name].shape[1:]) * getattr(torch, mem[n.name].dtype).itemsize
+                              for n in carried)
     modules = [str(n.target) for n in members if n.op == "call_module"]
     what = " -> ".join(modules) if modules else ", ".join(str(getattr(n.target, "__name__", n.target))
                                                           for n in members)

@@ -19,7 +19,7 @@ padding, a max pool returning indices: left as they are.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
@@ -30,6 +30,7 @@ from revpass.neurons import folds_time
 from revpass.neurons.spec import family_of
 from revpass.nodes import ExactNode
 from revpass.passes.decide import written_in_place
+from revpass.nodes.segment import RecomputeSegment
 from revpass.nodes.spike_input import LayerOnSpikes, conv_on_spikes, linear_on_spikes, max_pool_on_spikes
 from revpass.utils import set_module
 
@@ -40,11 +41,14 @@ _SHAPE_METHODS = {"view", "reshape", "flatten", "contiguous", "permute", "transp
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze}
 
 
-def spike_values(gm: fx.GraphModule) -> Set[fx.Node]:
+def spike_values(gm: fx.GraphModule, given: Collection[fx.Node] = ()) -> Set[fx.Node]:
     """The values of ``gm``'s graph that are 0/1 spikes (module docstring), in graph order; a
-    value something modifies in place (``s.mul_(2)``) is not, nor what is made from it."""
+    value something modifies in place (``s.mul_(2)``) is not, nor what is made from it.
+    ``given``: placeholders known to be spikes (a recomputed segment's inputs)."""
     spikes = _Spikes()
     for n in gm.graph.nodes:
+        if n in given:
+            spikes.add(n)
         src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         if n.op == "call_module":
             m = gm.get_submodule(n.target)
@@ -54,6 +58,8 @@ def spike_values(gm: fx.GraphModule) -> Set[fx.Node]:
             elif src in spikes and (isinstance(m, (nn.Flatten, *_POOLS)) and not getattr(m, "return_indices", False)
                                     or isinstance(m, LayerOnSpikes) and m.fn is max_pool_on_spikes):
                 spikes.add(n)
+            elif isinstance(m, RecomputeSegment) and _returns_spikes(m.body):
+                spikes.add(n)  # a recomputed segment ending at an exact node (or a pooling of its spikes)
         elif n.op == "call_function":
             if n.target is operator.getitem and src is not None and src.op == "call_module" and n.args[1] == 0:
                 m = gm.get_submodule(src.target)
@@ -66,6 +72,17 @@ def spike_values(gm: fx.GraphModule) -> Set[fx.Node]:
         elif n.op == "call_method" and n.target in _SHAPE_METHODS and src in spikes:
             spikes.add(n)
     return spikes
+
+
+def _returns_spikes(body: fx.GraphModule) -> bool:
+    out = next(n for n in body.graph.nodes if n.op == "output").args[0]
+    return isinstance(out, fx.Node) and out in spike_values(body)
+
+
+def on_spikes(m: nn.Module) -> bool:
+    """Whether layer ``m`` has a :class:`LayerOnSpikes` form (:func:`keep_spike_inputs_as_bits`
+    puts it in m's place where every call of m reads spikes)."""
+    return _replacement(m) is not None
 
 
 class _Spikes(set):
@@ -109,10 +126,11 @@ def _replacement(m: nn.Module) -> Optional[Tuple[Callable, List[str], tuple]]:
     return None
 
 
-def keep_spike_inputs_as_bits(gm: fx.GraphModule) -> List[str]:
+def keep_spike_inputs_as_bits(gm: fx.GraphModule, given: Collection[fx.Node] = ()) -> List[str]:
     """Put a :class:`LayerOnSpikes` in the place of every convolution, linear layer and max pool
-    whose every call reads an exact node's spikes (module docstring); returns their paths."""
-    spikes = spike_values(gm)
+    whose every call reads an exact node's spikes (module docstring; ``given``: placeholders known
+    to be spikes); returns their paths."""
+    spikes = spike_values(gm, given)
     calls: Dict[str, List[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":

@@ -4,9 +4,10 @@ that keep it low (docs/memory.md)."""
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
+from torch import fx
 
 from revpass import meta
 from revpass.analysis.workspace import node_workspace, trained_params
@@ -23,13 +24,13 @@ def _bytes(info) -> int:
     return math.prod(shape) * getattr(torch, info["dtype"]).itemsize
 
 
-def estimate_peak(gm) -> int:
+def estimate_peak(gm, where: Optional[list] = None, with_grads: bool = False) -> int:
     """Estimated peak of one training step's memory beyond parameters, gradients, buffers and
     optimizer state (activations plus temporaries), from an annotated GraphModule, without running
     a backward. The model of a training step:
 
-    * at the end of the forward, every node's kept bytes are held, and each stateful neuron keeps
-      its final state (one step of its output);
+    * the inputs are held throughout; at the end of the forward, every node's kept bytes are
+      held, and each stateful neuron keeps its final state (one step of its output);
     * the backward visits the nodes in reverse; at a node it holds the gradients of its output
       and inputs (and, for a recomputed segment, its rebuilt layers: ``workspace_bytes``), and
       the gradients of values with several readers accumulate until their producer is reached;
@@ -38,6 +39,11 @@ def estimate_peak(gm) -> int:
       (deep layers hold most parameters, early ones most activations); the figure is the
       activations and temporaries there, which is what MemTracker's peak less parameters,
       gradients, buffers and optimizer state measures.
+
+    ``where``: a list the node at the peak is appended to (None: at the end of the forward).
+    ``with_grads``: the figure includes the parameters' gradients that exist there (the step's
+    whole peak less parameters, buffers and optimizer state: what a change must lower to lower
+    the peak; the figure without them can rise when the peak moves to where fewer exist).
     """
     nodes = sorted((n for n in gm.graph.nodes if (meta.info(n) or {}).get("forward_step") is not None),
                    key=lambda n: meta.info(n)["forward_step"])
@@ -45,18 +51,25 @@ def estimate_peak(gm) -> int:
     held = sum(kept.values())
     stateful = set()
     for n in nodes:
+        if n.op == "placeholder":  # the step's inputs exist throughout (MemTracker counts them too)
+            held += _bytes(meta.info(n))
         if n.op == "call_module" and n.target not in stateful:
             m = gm.get_submodule(n.target)
-            if isinstance(m, RecomputeSegment):  # the node at its end carries its state
+            shape = meta.info(n)["shape"]
+            if isinstance(m, RecomputeSegment):  # its neurons carry their states: one step of each output
+                if m.state_bytes is not None:
+                    stateful.add(n.target)
+                    held += m.state_bytes
+                    continue
                 carries = any(isinstance(x, Node) and x.carry_state for x in m.body.modules())
             else:
                 carries = m.carry_state if isinstance(m, Node) else is_neuron(m)
-            shape = meta.info(n)["shape"]
             if carries and shape:
                 stateful.add(n.target)
                 held += _bytes(meta.info(n)) // shape[0]  # one step of its output
     grads = 0
-    best_total, best = held, held
+    no_grad = getattr(gm, "revpass_inputs_without_grad", ())  # example inputs: no gradient made for them
+    best_total, best, at = held, held, None
     seen = set()
     pending = {}  # gradients of multi-reader values, accumulating until their producer runs
     for n in reversed(nodes):
@@ -64,7 +77,8 @@ def estimate_peak(gm) -> int:
         pending.pop(n, None)
         # a parameter read with get_attr is no activation: its gradient counts with the parameters'
         params = [a for a in n.all_input_nodes if a.op == "get_attr"]
-        inputs = [a for a in n.all_input_nodes if a.op != "get_attr" and (meta.info(a) or {}).get("shape")]
+        inputs = [a for a in n.all_input_nodes if a.op != "get_attr" and (meta.info(a) or {}).get("shape")
+                  and a.name not in no_grad]
         temp = 0
         if kept[n] or n.op == "call_module":
             temp = _bytes(info) + sum(_bytes(meta.info(a)) for a in inputs)
@@ -82,9 +96,11 @@ def estimate_peak(gm) -> int:
                 seen.add(a.target)
                 grads += t.numel() * t.element_size()
         if grads + held + temp > best_total:
-            best_total, best = grads + held + temp, held + temp
+            best_total, best, at = grads + held + temp, held + temp, n
         held -= kept[n]
-    return best
+    if where is not None:
+        where.append(at)
+    return best_total if with_grads else best
 
 
 def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
@@ -163,3 +179,71 @@ def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
             meta.update(n, workspace_bytes=w)
         sliced[target] = n_slices
     return sliced
+
+
+def chunk_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
+    """Choose how many samples of the batch each recomputed segment's backward rebuilds at a time
+    (revpass/nodes/chunks.py), for the segments that can, and only as finely as it takes.
+
+    Chunks bound a segment's rebuild to a part of the batch, at the price of running its layers
+    twice more on fewer samples (two passes) and more, smaller kernels. As
+    :func:`slice_where_it_sets_the_peak` does for slices, this keeps the estimated peak within
+    ``tolerance`` of the lowest it met, with the fewest chunks: starting unchunked (the segments'
+    workspaces as annotated), it halves the chunk of the segment whose backward sets the
+    estimated peak, measuring its workspace at the new size, as long as a segment does and its
+    workspace falls; then it takes the first point on that path within ``tolerance`` of its lowest
+    estimate. The workspace need not fall: a chunk's parameter gradients exist beside their sum so
+    far, so a deep layer, whose weights outweigh its activations, needs more in chunks than whole.
+    Returns {segment: samples per chunk} for the segments it chunked."""
+    from revpass.analysis.workspace import workspace
+    from revpass.passes.spikes import spike_values
+
+    spikes = None
+    calls, batch, ws = {}, {}, {}  # ws: samples per chunk -> measured workspace
+    for n in gm.graph.nodes:
+        info = meta.info(n) or {}
+        if (n.op == "call_module" and info.get("shape") and len(info["shape"]) >= 2
+                and info.get("workspace_bytes") is not None and n.target not in calls):
+            seg = gm.get_submodule(n.target)
+            if (isinstance(seg, RecomputeSegment) and seg.chunking is not None and info["shape"][1] >= 2
+                    and all(isinstance(a, fx.Node) and (meta.info(a) or {}).get("shape") for a in n.args)):
+                calls[n.target], batch[n.target] = n, info["shape"][1]
+                seg.chunk_elems = batch[n.target] * seg.sample_elems  # unchunked, as annotated
+                ws[n.target] = {batch[n.target]: info["workspace_bytes"]}
+
+    def set_per(target: str, per: int) -> None:
+        """Chunks of ``per`` samples for ``target``, its workspace measured on first use."""
+        nonlocal spikes
+        seg, n = gm.get_submodule(target), calls[target]
+        seg.chunk_elems = per * seg.sample_elems
+        if per not in ws[target]:
+            spikes = spike_values(gm) if spikes is None else spikes
+            ins = [(meta.info(a)["shape"], getattr(torch, meta.info(a)["dtype"]), a in spikes) for a in n.args]
+            ws[target][per] = workspace(seg, ins)
+        meta.update(n, workspace_bytes=ws[target][per])
+
+    per = dict(batch)
+    at: list = []
+
+    def point():  # (the whole estimated peak, parameters' gradients included; the figure without them)
+        return estimate_peak(gm, at, True), estimate_peak(gm), dict(per)
+
+    path = [point()]  # each halving's estimates, fewest chunks first
+    while at and at[-1] is not None and at[-1].target in per and per[at[-1].target] > 1:
+        target = at[-1].target  # the segment whose backward sets the estimated peak: halve its chunk
+        before = ws[target][per[target]]
+        half = (per[target] + 1) // 2
+        set_per(target, half)
+        if ws[target][half] >= before:  # finer does not help it: it stays as it was, and sets the peak
+            set_per(target, per[target])
+            break
+        per[target] = half
+        path.append(point())
+    lowest = min(path, key=lambda p: p[0])
+    chosen = next(p for t, _, p in path if t <= lowest[0] + tolerance * lowest[1])  # the fewest chunks within bounds
+    chunked = {}
+    for target, k in chosen.items():
+        set_per(target, k)
+        if k < batch[target]:
+            chunked[target] = k
+    return chunked

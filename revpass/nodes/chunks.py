@@ -1,0 +1,350 @@
+"""A recomputed segment's backward, a chunk of the batch at a time (docs/method.md section 13).
+
+A recomputed segment (revpass/nodes/segment.py) rebuilds its layers in backward to differentiate
+them: rebuilt whole, that holds the segment's largest activations over the whole batch and every
+step at once, which is what sets the peak of a fully recomputed model (the stem's convolution,
+batch norm and neuron). The samples of a batch are independent of each other except through a
+training batch norm's statistics, so the rebuild can run a chunk of samples at a time, given:
+
+* the batch norms' per-channel mean and 1/std, kept from the forward (a few floats per channel).
+  In a chunk each batch norm is then an elementwise affine map of its input; the batch coupling
+  is its backward's two sums per channel, sum(gz) and sum(gz * x^), over the whole batch. So the
+  rebuild runs in two passes: the first differentiates every chunk only as far as the batch
+  norms' outputs, to sum those; the second differentiates every chunk whole, with the batch
+  norms' input gradient gamma/std * (gz - sum(gz)/M - x^ sum(gz x^)/M) from the summed totals
+  (torch's batch-norm backward, its sums taken over chunks, in float64);
+* the neurons' spikes, kept from the forward as bits. A chunk's layers need not round exactly as
+  the whole batch's did (a convolution may pick another algorithm for fewer samples, and the
+  chunk's batch norm is a formula, not the module's kernel), and a membrane within a rounding
+  step of the threshold could then spike differently than in the forward. Each chunk's rebuilt
+  spikes are compared with the forward's; if any differs, the segment is rebuilt whole instead,
+  as an unchunked segment is (the same function, more memory, once).
+
+Which segments can: every value a ``(T, B, ...)`` sequence (SpikingJelly's multi-step layout, the
+batch on dim 1), no batch norm upstream of another within the segment, and the chunked rebuild
+giving, on the example inputs at conversion, the forward's output bit for bit (an operation that
+mixes samples, or draws random numbers, fails that and leaves the segment unchunked).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import fx, nn
+
+from revpass.neurons import multi_step_batch_norm
+from revpass.nodes.bits import is_binary, pack_planes
+from revpass.nodes.modules import Node
+
+Tensor = torch.Tensor
+
+#: elements per chunk of the segment's largest value, by device type, where the conversion did
+#: not choose (RecomputeSegment.chunk_elems None): a chunk is at least one sample; a segment whose
+#: whole batch fits runs unchunked (a GPU runs few large chunks faster)
+CHUNK_ELEMS = {"cpu": 1 << 16, "cuda": 1 << 22}
+
+
+class Unchunkable(ValueError):
+    """This segment cannot rebuild a chunk of the batch at a time (the message says why)."""
+
+
+class Plan:
+    """How ``body`` runs a chunk of the batch: its batch norms, and what feeds them."""
+
+    def __init__(self, body: fx.GraphModule):
+        self.body = body
+        nodes = list(body.graph.nodes)
+        self.placeholders = [n for n in nodes if n.op == "placeholder"]
+        self.result = next(n for n in nodes if n.op == "output").args[0]
+        if not isinstance(self.result, fx.Node):
+            raise Unchunkable("the segment returns more than one value")
+        mods = dict(body.named_modules())
+        self.bns = [n for n in nodes if n.op == "call_module" and multi_step_batch_norm(mods[n.target])]
+        upstream = set()
+        stack = [a for n in self.bns for a in n.all_input_nodes]
+        while stack:
+            u = stack.pop()
+            if u.op == "placeholder" or u in upstream:
+                continue
+            upstream.add(u)
+            stack.extend(u.all_input_nodes)
+        if any(b in upstream for b in self.bns):
+            raise Unchunkable("a batch norm feeds another within the segment")
+        self.upstream = [n for n in nodes if n in upstream]  # rebuilt without gradients in the first pass
+        self.rest = [n for n in nodes if n.op not in ("placeholder", "output") and n not in upstream]
+        self.neurons = [n for n in nodes if n.op == "call_module" and isinstance(mods[n.target], Node)]
+        if not self.neurons:
+            raise Unchunkable("no neuron in the segment")
+        targets = [n.target for n in self.bns + self.neurons]
+        if len(set(targets)) < len(targets):
+            raise Unchunkable("a batch norm or neuron is called more than once")
+        if any(m.folded_bn is not None for m in self.modules(self.neurons)):
+            raise Unchunkable("a batch norm is folded into a neuron (it would take a chunk's statistics)")
+
+    def modules(self, nodes) -> List[nn.Module]:
+        return [self.body.get_submodule(n.target) for n in nodes]
+
+
+def _run(body: fx.GraphModule, nodes: Sequence[fx.Node], env: Dict[fx.Node, Any], bn=None, seen=None,
+         result: Optional[fx.Node] = None) -> None:
+    """Run ``nodes`` of ``body`` into ``env``: ``bn(node, x)`` stands in for the batch norms,
+    ``seen(node, value)`` is called with each value, and a value is dropped from ``env`` once
+    every reader has run (``result`` is kept), as the body's own forward drops it."""
+    for n in nodes:
+        args = fx.node.map_arg(n.args, env.__getitem__)
+        kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+        if n.op == "call_module":
+            m = body.get_submodule(n.target)
+            env[n] = bn(n, *args) if bn is not None and multi_step_batch_norm(m) else m(*args, **kwargs)
+        elif n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        elif n.op == "get_attr":
+            env[n] = _fetch(body, n.target)
+        else:
+            raise Unchunkable(f"cannot run {n.op} {n.target}")
+        del args, kwargs
+        if seen is not None:
+            seen(n, env[n])
+        for a in n.all_input_nodes:
+            if a is not result and a in env and all(u in env or u.op == "output" for u in a.users):
+                del env[a]
+
+
+def _fetch(body: nn.Module, target: str) -> Any:
+    obj = body
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _batched(v: Any, B: int) -> bool:
+    return isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == B
+
+
+def _slice(v: Any, B: int, a: int, b: int) -> Any:
+    return v[:, a:b] if _batched(v, B) else v
+
+
+def _state_slice(state, B: int, a: int, b: int):
+    """A node's carried state (tensors (B, ...) or broadcast ones) for samples a:b."""
+    if state is None:
+        return None
+    return tuple(s[a:b] if isinstance(s, Tensor) and s.dim() >= 1 and s.shape[0] == B else s for s in state)
+
+
+def chunks_of(B: int, per: int) -> List[Tuple[int, int]]:
+    return [(a, min(B, a + per)) for a in range(0, B, per)]
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape((1, 1, -1) + (1,) * (like.dim() - 3))
+
+
+def statistics(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """The batch's per-channel mean and 1/std of a (T, B, C, ...) sequence, as training uses."""
+    var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 2], correction=0)
+    return mean, (var + eps).rsqrt()
+
+
+class _Differs(Exception):
+    """A chunk's rebuilt spikes differ from the forward's."""
+
+
+class _Sums:
+    """A batch norm's backward sums over the whole batch: filled by the first pass, read by the second."""
+
+    def __init__(self, M: int):
+        self.M = M
+        self.dbeta: Any = 0
+        self.dgamma: Any = 0
+        self.totals: Optional[Tuple[Tensor, Tensor]] = None
+        self.given = False  # dgamma and dbeta handed to autograd (once, by the first chunk)
+
+
+class _Normalize(torch.autograd.Function):
+    """A chunk of a training batch norm with the whole batch's statistics: z = x^ gamma + beta."""
+
+    @staticmethod
+    def forward(ctx, x, mean, invstd, gamma, beta, sums: _Sums):
+        a = invstd if gamma is None else invstd * gamma
+        shift = -mean * a if beta is None else beta - mean * a
+        ctx.save_for_backward(x, mean, invstd, gamma)
+        ctx.sums, ctx.affine = sums, (gamma is not None, beta is not None)
+        return torch.addcmul(_per_channel(shift, x), x, _per_channel(a, x))  # as torch's CPU kernel rounds
+
+    @staticmethod
+    def backward(ctx, gz):
+        x, mean, invstd, gamma = ctx.saved_tensors
+        sums = ctx.sums
+        dims = [d for d in range(x.dim()) if d != 2]
+        centred = x - _per_channel(mean, x)  # the one chunk-sized temporary
+        if sums.totals is None:  # the first pass: the sums, nothing else
+            sums.dbeta = sums.dbeta + gz.sum(dim=dims, dtype=torch.float64)
+            sums.dgamma = sums.dgamma + centred.mul_(gz).sum(dim=dims, dtype=torch.float64) * invstd
+            return gz, None, None, None, None, None
+        dbeta, dgamma = sums.totals
+        scale = invstd if gamma is None else gamma * invstd
+        # gamma/std (gz - dbeta/M - x^ dgamma/M), x^ = (x - mean)/std, in the temporary's buffer
+        gx = centred.mul_(_per_channel(-dgamma / sums.M * invstd, x)).add_(gz).sub_(_per_channel(dbeta / sums.M, x))
+        gx.mul_(_per_channel(scale, x))
+        first, sums.given = not sums.given, True
+        has_gamma, has_beta = ctx.affine
+        return (gx, None, None, dgamma if first and has_gamma else None, dbeta if first and has_beta else None,
+                None)
+
+
+def forward_hooks(plan: Plan, stats: Dict[fx.Node, Tuple[Tensor, Tensor]], spikes: Dict[fx.Node, Optional[Tensor]]):
+    """Hooks that, while the segment's forward runs, keep each batch norm's statistics and each
+    neuron's spikes as bits (None where they are not all 0 or 1); returns their handles."""
+    handles = []
+    for n in plan.bns:
+        bn = plan.body.get_submodule(n.target)
+
+        def pre(m, args, n=n):
+            stats[n] = statistics(args[0], m.eps)
+
+        handles.append(bn.register_forward_pre_hook(pre))
+    for n in plan.neurons:
+        def post(m, args, out, n=n):
+            spikes[n] = pack_planes(out != 0) if isinstance(out, Tensor) and out.dim() >= 2 and is_binary(out) else None
+
+        handles.append(plan.body.get_submodule(n.target).register_forward_hook(post))
+    return handles
+
+
+def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequence[Tensor],
+             grad_out: Tensor, stats, spikes, states0: Dict[nn.Module, Any], per: int
+             ) -> Optional[Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]]:
+    """The segment's gradients (of ``inputs[i]`` for i in ``wants``, and of ``params``), rebuilt
+    ``per`` samples at a time; None when a chunk's spikes differ from the forward's (the caller
+    then rebuilds the segment whole)."""
+    if any(s is None for s in spikes.values()):
+        return None
+    B = grad_out.shape[1]
+    parts = chunks_of(B, per)
+    body = plan.body
+    sums: Dict[fx.Node, _Sums] = {}
+
+    def chunk_inputs(a: int, b: int, leaves: bool):
+        env, leaf = {}, []
+        for i, (p, x) in enumerate(zip(plan.placeholders, inputs)):
+            v = _slice(x, B, a, b)
+            if leaves and i in wants:
+                v = v.detach().requires_grad_(True)
+                leaf.append(v)
+            env[p] = v
+        for m, s in states0.items():
+            m.state = _state_slice(s, B, a, b)
+        return env, leaf
+
+    def normalize(n, x):
+        mean, invstd = stats[n]
+        bn = body.get_submodule(n.target)
+        if n not in sums:  # elements per channel over the whole batch
+            sums[n] = _Sums(x.numel() // x.shape[2] // x.shape[1] * B)
+        return _Normalize.apply(x, mean, invstd, bn.weight, bn.bias, sums[n])
+
+    neurons = set(plan.neurons)
+
+    def same_spikes(k: int):
+        a, b = parts[k]
+
+        def seen(n, y):
+            if n in neurons:
+                kept = spikes[n].reshape(y.shape[0], B, -1)[:, a:b].reshape(y.shape[0], -1)
+                if not torch.equal(pack_planes(y.detach() != 0), kept):
+                    raise _Differs(n.name)
+
+        return seen
+
+    if plan.bns:  # the first pass: the batch norms' sums
+        for k, (a, b) in enumerate(parts):
+            env, _ = chunk_inputs(a, b, leaves=False)
+            with torch.no_grad():
+                _run(body, plan.upstream, env)
+            firsts = []
+            for n in plan.bns:  # the batch norms' inputs, as leaves the first pass differentiates to
+                firsts.append(env[n.args[0]].detach().requires_grad_(True))
+                env[n.args[0]] = firsts[-1]
+            with torch.enable_grad():
+                try:
+                    _run(body, plan.rest, env, bn=normalize, seen=same_spikes(k), result=plan.result)
+                except _Differs:
+                    return None
+                torch.autograd.grad(env.pop(plan.result), firsts, grad_out[:, a:b])
+            del env, firsts
+        for s in sums.values():
+            s.totals = (s.dbeta.to(grad_out.dtype), s.dgamma.to(grad_out.dtype))
+    g_in: List[Optional[Tensor]] = [None] * len(inputs)
+    g_par: List[Optional[Tensor]] = [None] * len(params)
+    for k, (a, b) in enumerate(parts):  # the second pass: every gradient
+        env, leaf = chunk_inputs(a, b, leaves=True)
+        with torch.enable_grad():
+            try:
+                _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result, seen=same_spikes(k))
+            except _Differs:
+                return None
+            got = torch.autograd.grad(env.pop(plan.result), [*leaf, *params], grad_out[:, a:b], allow_unused=True)
+        del env
+        for j, i in enumerate(wants):
+            if got[j] is not None:
+                if g_in[i] is None:
+                    g_in[i] = inputs[i].new_zeros(inputs[i].shape)
+                g_in[i][:, a:b] = got[j]
+        for j, g in enumerate(got[len(leaf):]):
+            if g is not None:
+                g_par[j] = g if g_par[j] is None else g_par[j].add_(g)
+    return g_in, g_par
+
+
+def check(plan: Plan, inputs: Sequence[Any], per: int) -> Optional[str]:
+    """Why ``plan``'s chunked rebuild is not the segment's forward on these inputs (None: it is)."""
+    body = plan.body
+    B = next((x.shape[1] for x in inputs if isinstance(x, Tensor) and x.dim() >= 2), None)
+    if B is None or not all(_batched(x, B) or not isinstance(x, Tensor) for x in inputs):
+        return "its inputs are not (T, B, ...) sequences of one batch"
+    nodes = plan.modules(plan.neurons)
+    states0 = {m: m.state for m in nodes}
+    buffers = [(t, t.clone()) for t in body.buffers()]
+    try:
+        with torch.no_grad():
+            whole = body(*inputs)
+            stats: Dict[fx.Node, Tuple[Tensor, Tensor]] = {}
+            for n in plan.bns:
+                env: Dict[fx.Node, Any] = dict(zip(plan.placeholders, inputs))
+                _run(body, plan.upstream, env)
+                stats[n] = statistics(env[n.args[0]], body.get_submodule(n.target).eps)
+            for m in nodes:
+                m.state = states0[m]
+            # what the second pass computes, chunk by chunk, with the whole batch's statistics
+            for a, b in chunks_of(B, per):
+                env = {p: _slice(x, B, a, b) for p, x in zip(plan.placeholders, inputs)}
+                for m in nodes:
+                    m.state = _state_slice(states0[m], B, a, b)
+
+                def normalize(n, x):
+                    mean, invstd = stats[n]
+                    bn = body.get_submodule(n.target)
+                    return _Normalize.apply(x, mean, invstd, bn.weight, bn.bias, _Sums(1))
+
+                _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
+                got = env[plan.result]
+                if not isinstance(got, Tensor) or not isinstance(whole, Tensor) or got.shape != whole[:, a:b].shape:
+                    return "a chunk's output is not the matching part of the whole batch's"
+                if not torch.equal(got, whole[:, a:b]):
+                    return ("a chunk's output differs from the whole batch's (its layers mix samples or draw "
+                            "random numbers)")
+    except Unchunkable as e:
+        return str(e)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:  # shapes fixed at tracing, and the like
+        return f"running a chunk failed: {type(e).__name__}: {e}"
+    finally:
+        for m in nodes:
+            m.state = states0[m]
+        with torch.no_grad():
+            for t, v in buffers:
+                t.copy_(v)
+    return None

@@ -1,0 +1,216 @@
+"""A recomputed segment's backward a chunk of the batch at a time (revpass/nodes/chunks.py,
+docs/method.md section 13): the same gradients as the whole rebuild, the forward untouched, a
+fallback when a chunk's spikes differ, segments that mix samples left whole, less memory, and the
+chunk sizes the conversion picks."""
+
+import pytest
+import torch
+from torch import nn
+
+import models
+import revpass
+from catalogue import close, worst
+from revpass.nodes import chunks
+from revpass.nodes.segment import RecomputeSegment
+from revpass.state import reset_states
+
+
+class Block(nn.Module):
+    """conv -> bn -> LIF -> max pool, then a residual block (conv -> bn, + identity -> LIF) and a
+    linear read-out: multi-step SpikingJelly, every segment with a batch norm."""
+
+    def __init__(self, mix: str = ""):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        self.c1, self.bn1 = layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), layer.BatchNorm2d(4, step_mode="m")
+        self.sn1, self.pool = neuron.LIFNode(step_mode="m"), layer.MaxPool2d(2, step_mode="m")
+        self.c2, self.bn2 = layer.Conv2d(4, 4, 3, padding=1, step_mode="m"), layer.BatchNorm2d(4, step_mode="m")
+        self.sn2 = neuron.LIFNode(step_mode="m")
+        self.flat, self.fc = layer.Flatten(step_mode="m"), layer.Linear(4 * 3 * 3, 3, step_mode="m")
+        self.mix = mix
+
+    def forward(self, x):
+        c = self.c1(x)
+        if self.mix == "batch-mean":  # mixes the samples of the batch: no chunk reproduces it
+            c = c - c.mean(dim=1, keepdim=True)
+        s = self.pool(self.sn1(self.bn1(c)))
+        return self.fc(self.flat(self.sn2(self.bn2(self.c2(s)) + s)))
+
+
+def _segments(gm):
+    return {n: m for n, m in gm.named_modules() if isinstance(m, RecomputeSegment)}
+
+
+def _per(gm, per):
+    for seg in _segments(gm).values():
+        if seg.chunking is not None:
+            seg.chunk_elems = per * seg.sample_elems
+
+
+def _grads(model, x, seed=3):
+    reset_states(model)
+    y = model(x)
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    g = torch.autograd.grad((y * w).sum(), list(model.parameters()))
+    reset_states(model)
+    return y.detach(), dict(zip([n for n, _ in model.named_parameters()], g))
+
+
+@pytest.fixture(scope="module")
+def block():
+    torch.manual_seed(0)
+    net = Block()
+    x = torch.randn(3, 5, 2, 6, 6, generator=torch.Generator().manual_seed(1)) * 2 + 0.5  # T=3, batch 5
+    return net, x
+
+
+def test_segments_that_can_run_in_chunks_and_what_they_keep(block):
+    net, x = block
+    gm = revpass.convert(net, x, mode="recompute")
+    segs = _segments(gm)
+    ends = {s.sites[0]: s for s in segs.values() if s.sites}
+    assert set(ends) == {"sn1", "sn2"}
+    assert ends["sn1"].chunking is not None and ends["sn2"].chunking is not None
+    # the max pool after sn1 joined its segment: the segment returns the pooled spikes
+    assert [str(n.target) for n in ends["sn1"].body.graph.nodes if n.op == "call_module"] == ["c1", "bn1", "sn1",
+                                                                                               "pool"]
+    assert "a chunk of the batch at a time" in gm.revpass_report.by_path("sn1").reason
+    # what a chunked segment keeps besides its inputs: each batch norm's mean and 1/std, each
+    # neuron's spikes as bits, one byte row per (step, sample) plane
+    _per(gm, 2)
+    kept = []
+    reset_states(gm)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        gm(x)
+    sizes = sorted(t.numel() * t.element_size() for t in kept)
+    assert sizes.count(4 * 4) >= 4  # two batch norms' mean and 1/std: 4 channels of float32
+    assert 3 * 5 * ((4 * 6 * 6 + 7) // 8) in sizes  # sn1's spikes: T x B planes of 144 bits
+    reset_states(gm)
+
+
+@pytest.mark.parametrize("per", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunks_give_the_whole_rebuilds_gradients(block, per, dtype):
+    net, x = block
+    net, x = net.to(dtype), x.to(dtype)
+    gm = revpass.convert(net, x, mode="recompute")
+    calls = []
+    real = chunks.backward
+
+    def spy(*args, **kwargs):
+        got = real(*args, **kwargs)
+        calls.append(got is not None)
+        return got
+
+    _per(gm, 10)  # unchunked: the segment rebuilt whole, as before chunks existed
+    y0, g0 = _grads(gm, x)
+    _per(gm, per)
+    chunks.backward = spy
+    try:
+        y1, g1 = _grads(gm, x)
+    finally:
+        chunks.backward = real
+    assert calls == [True, True]  # both segments ran in chunks (5 samples: the last chunk smaller)
+    assert torch.equal(y0, y1) and torch.equal(y0, _grads(net, x)[0])  # the forward is untouched
+    assert set(g0) == set(g1) and all(g is not None for g in g1.values())
+    for k in g0:  # the batch norms' sums over chunks, in another order: float32 rounding at most
+        assert close(g1[k], g0[k], dtype) or (dtype == torch.float32 and worst(g1[k], g0[k]) < 10), (
+            k, worst(g1[k], g0[k], dtype))
+    assert all(s.whole_rebuilds == 0 for s in _segments(gm).values())
+    net.float()
+
+
+def test_a_chunk_whose_spikes_differ_rebuilds_the_segment_whole(block, monkeypatch):
+    """The chunk's batch norm is a formula, not the module's kernel: were a membrane to land on
+    the other side of the threshold, the chunk would differentiate another function. The spikes
+    kept from the forward catch it, and the segment is rebuilt whole (the same gradients)."""
+    net, x = block
+    gm = revpass.convert(net, x, mode="recompute")
+    _per(gm, 10)
+    _, g0 = _grads(gm, x)
+    _per(gm, 2)
+    real = chunks._Normalize.forward
+
+    def shifted(ctx, *args):
+        return real(ctx, *args) + 0.5  # spikes change
+
+    monkeypatch.setattr(chunks._Normalize, "forward", staticmethod(shifted))
+    _, g1 = _grads(gm, x)
+    assert sum(s.whole_rebuilds for s in _segments(gm).values()) == 2
+    for k in g0:
+        assert torch.equal(g1[k], g0[k]), k
+
+
+def test_a_segment_that_mixes_samples_is_rebuilt_whole():
+    torch.manual_seed(0)
+    net = Block(mix="batch-mean")
+    x = torch.randn(3, 4, 2, 6, 6) * 2 + 0.5
+    gm = revpass.convert(net, x, mode="recompute")
+    first = next(s for s in _segments(gm).values() if s.sites == ("sn1",))
+    assert first.chunking is None
+    assert "rebuilt whole: a chunk's output differs" in gm.revpass_report.by_path("sn1").reason
+    y0, g0 = _grads(net, x)
+    y1, g1 = _grads(gm, x)
+    assert torch.equal(y0, y1)
+    for k in g0:
+        assert close(g1[k], g0[k]) or worst(g1[k], g0[k]) < 10, (k, worst(g1[k], g0[k]))
+
+
+def test_plan_rejects_a_batch_norm_feeding_another():
+    from spikingjelly.activation_based import layer, neuron
+
+    from revpass.passes.detect import find_sites
+    from revpass.passes.rewrite import rewrite_site
+    from revpass.trace import trace
+
+    gm = trace(nn.Sequential(layer.BatchNorm2d(2, step_mode="m"), layer.BatchNorm2d(2, step_mode="m"),
+                             neuron.LIFNode(step_mode="m")))
+    for site in find_sites(gm):
+        rewrite_site(gm, site, "recompute", "optimized", {})
+    gm.recompile()
+    with pytest.raises(chunks.Unchunkable, match="feeds another"):
+        chunks.Plan(gm)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return models.sj_zoo("spiking_resnet18"), torch.randn(4, 4, 3, 32, 32)
+
+
+def test_chunks_lower_the_stems_workspace_and_the_conversion_chunks_where_it_sets_the_peak(resnet):
+    from revpass import meta
+    from revpass.analysis.workspace import measure_workspace
+
+    net, x = resnet
+    gm = revpass.convert(net, x, mode="recompute")
+    stem = gm.get_submodule("revpass_segment_0")
+    assert stem.sites == ("sn1",) and stem.samples_per_chunk(x) == 1  # the stem sets the peak: a sample a chunk
+    deep = [s for s in _segments(gm).values() if s.sites and s.sites[0].startswith("layer4")]
+    assert deep and all(s.samples_per_chunk(x) == 4 for s in deep)  # weights outweigh activations there
+    ins = [((4, 4, 3, 32, 32), torch.float32, False)]
+    whole_elems = stem.chunk_elems
+    stem.chunk_elems = 4 * stem.sample_elems
+    whole = measure_workspace(stem, ins)
+    stem.chunk_elems = whole_elems
+    chunked = measure_workspace(stem, ins)
+    act = 4 * 4 * 64 * 16 * 16 * 4  # one stem activation: 1 MiB
+    assert whole > 3 * act and chunked < 0.5 * whole, (whole / act, chunked / act)
+    call = next(n for n in gm.graph.nodes if n.target == "revpass_segment_0")
+    assert meta.info(call)["workspace_bytes"] == chunked
+
+
+def test_exact_budget_min_recomputes_with_batch_norm_gradients(resnet):
+    """Under a budget, mode="exact" may recompute: the segments' batch norms are not folded into
+    their nodes (a folded batch norm's parameters were no parameters of the segment, and lost
+    their gradients), and the forward stays the original's bit for bit."""
+    net, x = resnet
+    gm = revpass.convert(net, x, mode="exact", budget="min")
+    assert gm.revpass_report.count("recompute") > 0
+    assert not any("folds batch norm" in r.reason for r in gm.revpass_report if r.decision == "recompute")
+    y0, g0 = _grads(net, x)
+    y1, g1 = _grads(gm, x)
+    assert torch.equal(y0, y1)
+    for k in g0:
+        assert g1[k] is not None and (close(g1[k], g0[k]) or worst(g1[k], g0[k]) < 20), (k, worst(g1[k], g0[k]))
