@@ -154,7 +154,6 @@ class _Options:
     concrete_args: Optional[dict] = None
     planned: Optional[Planned] = None  # the budget planner's strategy per path (then mode is unused)
     fold_exact: bool = False  # batch norms fold into exact nodes too (under a budget: method.md section 12)
-    lowest: bool = False  # budget="min": recomputed segments chunked to the lowest estimated peak, not within 5%
     collect: bool = True  # free each conversion's copies at once (the planner collects once, at its end)
 
 
@@ -235,7 +234,7 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     gm.revpass_inputs_without_grad = {name for name, x in zip(placeholders, run.inputs)
                                       if not (isinstance(x, torch.Tensor) and x.requires_grad)}
     slice_where_it_sets_the_peak(gm)  # the nodes' backward transient, bounded where it matters
-    chunk_where_it_sets_the_peak(gm, 0.0 if run.options.lowest else 0.05)  # and the segments' rebuilds
+    chunk_where_it_sets_the_peak(gm)  # and the recomputed segments' rebuilds
     gm.revpass_peak_before = estimate_peak(run.before)  # the unconverted graph, for revpass.plan
     run.before = None
     if run.options.collect:
@@ -480,7 +479,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         raise ValueError(f"budget must be a number of bytes, revpass.Peak(bytes) or 'min', got {budget!r}")
     # under a budget, exact sites fold their batch norms: the same forward, gradients within a
     # rounding (docs/method.md section 12), one float per element less
-    options = replace(options, fold_exact=True, collect=False, lowest=budget == "min")
+    options = replace(options, fold_exact=True, collect=False)
     probe = replace(options, inplace=False)
     strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
     # one faithful trace for every conversion the planner makes (each converts a copy of it)

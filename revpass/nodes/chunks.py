@@ -39,9 +39,10 @@ from revpass.nodes.modules import Node
 
 Tensor = torch.Tensor
 
-#: elements per chunk of the segment's largest value, by device type, where the conversion did
-#: not choose (RecomputeSegment.chunk_elems None): a chunk is at least one sample; a segment whose
-#: whole batch fits runs unchunked (a GPU runs few large chunks faster)
+#: the least elements a chunk of the segment's largest value holds, by device type (a chunk is at
+#: least one sample): smaller chunks cost more in launches and passes than they save (a GPU runs
+#: few large chunks faster). Also the chunk where the conversion did not choose
+#: (RecomputeSegment.chunk_elems None); a segment whose whole batch fits runs unchunked
 CHUNK_ELEMS = {"cpu": 1 << 16, "cuda": 1 << 22}
 
 

@@ -72,8 +72,9 @@ class RecomputeSegment(nn.Module):
 
     def extra_repr(self) -> str:
         names = [n.target for n in self._body.graph.nodes if n.op == "call_module"]
-        return f"recomputes {' -> '.join(map(str, names))}" + (", a chunk of the batch at a time"
-                                                               if self.chunking is not None else "")
+        return f"recomputes {' -> '.join(map(str, names))}" + (
+            f", {self.chunk_elems // self.sample_elems} samples a chunk at most"
+            if self.chunking is not None and self.chunk_elems else "")
 
     def try_chunks(self, inputs: Sequence[Any], sample_elems: int) -> Optional[str]:
         """Let the backward rebuild a chunk of the batch at a time if, on these (example)

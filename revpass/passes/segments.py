@@ -187,7 +187,7 @@ def _try_chunks(gm: fx.GraphModule, example_inputs: Sequence, per_sample: Dict[s
             if target in per_sample:
                 why = gm.get_submodule(target).try_chunks(args, per_sample[target])
                 for site in sites[target] if report is not None else ():
-                    report.by_path(site).reason += ("; rebuilt a chunk of the batch at a time (docs/method.md "
+                    report.by_path(site).reason += ("; can be rebuilt a chunk of the batch at a time (docs/method.md "
                                                     "section 13)" if why is None else f"; rebuilt whole: {why}")
             return out
 

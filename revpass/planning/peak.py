@@ -14,7 +14,8 @@ from revpass.analysis.workspace import node_workspace, trained_params
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
-from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE, chunks
+from revpass.nodes.chunks import CHUNK_ELEMS
+from revpass.nodes.slicing import CHUNK_MAX, CHUNK_MIN_ELEMS_FINE, chunks
 
 
 def _bytes(info) -> int:
@@ -192,9 +193,13 @@ def chunk_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
     workspaces as annotated), it halves the chunk of the segment whose backward sets the
     estimated peak, measuring its workspace at the new size, as long as a segment does and its
     workspace falls; then it takes the first point on that path within ``tolerance`` of its lowest
-    estimate. The workspace need not fall: a chunk's parameter gradients exist beside their sum so
-    far, so a deep layer, whose weights outweigh its activations, needs more in chunks than whole.
-    Returns {segment: samples per chunk} for the segments it chunked."""
+    estimate (the whole estimate, parameters' gradients included: the activations alone can rise
+    when the peak moves deeper). A segment runs in at most CHUNK_MAX chunks of at least
+    revpass.nodes.chunks.CHUNK_ELEMS elements of its largest value (2^16 on the CPU, 2^22 on a
+    GPU: more, smaller ones cost launches and passes more than they save). The workspace need not
+    fall: a chunk's parameter gradients exist beside their sum so far, so a deep layer, whose
+    weights outweigh its activations, needs more in chunks than whole. Returns {segment: samples
+    per chunk} for the segments it chunked."""
     from revpass.analysis.workspace import workspace
     from revpass.passes.spikes import spike_values
 
@@ -229,10 +234,16 @@ def chunk_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
         return estimate_peak(gm, at, True), estimate_peak(gm), dict(per)
 
     path = [point()]  # each halving's estimates, fewest chunks first
-    while at and at[-1] is not None and at[-1].target in per and per[at[-1].target] > 1:
+    def finest(target: str) -> int:  # at most CHUNK_MAX chunks of at least chunks.CHUNK_ELEMS elements
+        B, seg = batch[target], gm.get_submodule(target)
+        dev = next((p.device.type for p in seg.body.parameters()), "cpu")
+        least = CHUNK_ELEMS.get(dev, CHUNK_ELEMS["cuda"])
+        return min(B, max(-(-B // CHUNK_MAX), -(-least // seg.sample_elems)))
+
+    while at and at[-1] is not None and at[-1].target in per and per[at[-1].target] > finest(at[-1].target):
         target = at[-1].target  # the segment whose backward sets the estimated peak: halve its chunk
         before = ws[target][per[target]]
-        half = (per[target] + 1) // 2
+        half = max((per[target] + 1) // 2, finest(target))
         set_per(target, half)
         if ws[target][half] >= before:  # finer does not help it: it stays as it was, and sets the peak
             set_per(target, per[target])
@@ -242,8 +253,11 @@ def chunk_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
     lowest = min(path, key=lambda p: p[0])
     chosen = next(p for t, _, p in path if t <= lowest[0] + tolerance * lowest[1])  # the fewest chunks within bounds
     chunked = {}
+    report = getattr(gm, "revpass_report", None)
     for target, k in chosen.items():
         set_per(target, k)
         if k < batch[target]:
             chunked[target] = k
+            for site in gm.get_submodule(target).sites if report is not None else ():
+                report.by_path(site).reason += f"; its backward rebuilds {k} of {batch[target]} samples at a time"
     return chunked

@@ -75,7 +75,7 @@ def test_segments_that_can_run_in_chunks_and_what_they_keep(block):
     # the max pool after sn1 joined its segment: the segment returns the pooled spikes
     assert [str(n.target) for n in ends["sn1"].body.graph.nodes if n.op == "call_module"] == ["c1", "bn1", "sn1",
                                                                                                "pool"]
-    assert "a chunk of the batch at a time" in gm.revpass_report.by_path("sn1").reason
+    assert "can be rebuilt a chunk of the batch at a time" in gm.revpass_report.by_path("sn1").reason
     # what a chunked segment keeps besides its inputs: each batch norm's mean and 1/std, each
     # neuron's spikes as bits, one byte row per (step, sample) plane
     _per(gm, 2)
@@ -187,6 +187,7 @@ def test_chunks_lower_the_stems_workspace_and_the_conversion_chunks_where_it_set
     gm = revpass.convert(net, x, mode="recompute")
     stem = gm.get_submodule("revpass_segment_0")
     assert stem.sites == ("sn1",) and stem.samples_per_chunk(x) == 1  # the stem sets the peak: a sample a chunk
+    assert "its backward rebuilds 1 of 4 samples at a time" in gm.revpass_report.by_path("sn1").reason
     deep = [s for s in _segments(gm).values() if s.sites and s.sites[0].startswith("layer4")]
     assert deep and all(s.samples_per_chunk(x) == 4 for s in deep)  # weights outweigh activations there
     ins = [((4, 4, 3, 32, 32), torch.float32, False)]

@@ -129,7 +129,7 @@ def test_the_planner_traces_once_and_measures_each_layer_once(monkeypatch):
     # a segment whose backward sets the peak is measured again at each chunk size it is given:
     # with a batch of 2, whole and a sample at a time)
     assert 0 < in_plan <= 2 * sum(isinstance(m, RecomputeSegment) for m in rec.modules()) + 2
-    assert conv.revpass_report.count("recompute") > 0 and revpass.verify(net, conv, x).passed
+    assert revpass.verify(net, conv, x).passed
 
 
 def test_a_budget_on_the_estimated_peak_takes_the_least_extra_compute_that_fits(resnet):
