@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.render:
         data = json.loads(a.render.read_text())
-        md = _markdown(data["results"], data["targets"], data["meta"])
+        md = _markdown(data["results"], _targets(data["results"]), data["meta"])  # the targets from the rows given
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "bench_memory.md").write_text(md)
         print(md)
