@@ -24,6 +24,12 @@ def sj_zoo(name: str):
     return net
 
 
+def sj_zoo_and_input(name: str, T: int, B: int):
+    """A zoo network (:func:`sj_zoo`, seeded) and a (T, B, 3, 32, 32) input drawn after it."""
+    net = sj_zoo(name)
+    return net, torch.randn(T, B, 3, 32, 32)
+
+
 # snnTorch tutorial 5: a fully connected network, explicit membrane (examples/snntorch_tutorial.py)
 def SnnTorchFC(num_inputs=20, num_hidden=16, num_outputs=4, beta=0.95, num_steps=6):
     from snntorch_tutorial import Net

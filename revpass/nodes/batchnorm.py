@@ -73,7 +73,7 @@ def applies(node, bn: nn.Module, x: Tensor, residual: Optional[Tensor] = None) -
     return x.shape[2] % 2 == 0 and family_of(node.spec).binary_spikes  # spikes of 0 and 1: X = Y - spikes
 
 
-def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+def per_channel(v: Tensor, like: Tensor) -> Tensor:
     """A (C,) vector shaped to broadcast over a (T, B, C, ...) sequence."""
     return v.reshape((1, 1, -1) + (1,) * (like.dim() - 3))
 
@@ -129,7 +129,7 @@ def _own_fsdp_state(node, bn: nn.Module):
     return None if isinstance(node, FSDPModule) and node._get_fsdp_state() is state else state
 
 
-def _statistics(c: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+def statistics(c: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """The batch's per-channel mean and 1/std of a (T, B, C, ...) sequence, as training uses."""
     var, mean = torch.var_mean(c, dim=[d for d in range(c.dim()) if d != 2], correction=0)
     return mean, (var + eps).rsqrt()
@@ -149,7 +149,7 @@ class FoldedBatchNorm(torch.autograd.Function):
         keep_input = gamma is not None and bool((gamma.detach().abs() < GAMMA_MIN).any())
         with torch.no_grad():
             z = bn(c)  # the module's own forward: running statistics and all
-            mean, invstd = _statistics(c, bn.eps)
+            mean, invstd = statistics(c, bn.eps)
             backend = kernels.choose(z, node.spec, P)
             y, packed_f, kept, stateT = kernels.reversible_forward(backend, node.spec, z, state0, P, need)
         del z
@@ -176,10 +176,10 @@ class FoldedBatchNorm(torch.autograd.Function):
             """x^ over a slice, in z's buffer: rebuilt from z, or from the kept input."""
             if ctx.keep_input:
                 cs = sl(c)
-                return torch.sub(cs, _per_channel(mean, cs), out=z).mul_(_per_channel(invstd, cs))
+                return torch.sub(cs, per_channel(mean, cs), out=z).mul_(per_channel(invstd, cs))
             if beta is not None:
-                z.sub_(_per_channel(beta, z))
-            return z.div_(_per_channel(gamma, z)) if gamma is not None else z
+                z.sub_(per_channel(beta, z))
+            return z.div_(per_channel(gamma, z)) if gamma is not None else z
 
         if ctx.backend == "triton":
             from revpass.nodes.kernels import batchnorm as K
@@ -209,8 +209,8 @@ class FoldedBatchNorm(torch.autograd.Function):
         for sl, packed in zip(slicing.slices(y.shape, P, min_elems), spikes):
             ys, g = sl(y), sl(gz)
             z = torch.sub(ys, bits.unpack_bits(packed, ys.shape).to(ys.dtype))
-            g.sub_(_per_channel(dbeta / M, g)).addcmul_(normalized(sl, z), _per_channel(-dgamma / M, g))
-            g.mul_(_per_channel(scale, g))
+            g.sub_(per_channel(dbeta / M, g)).addcmul_(normalized(sl, z), per_channel(-dgamma / M, g))
+            g.mul_(per_channel(scale, g))
             del z
         return _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
 
@@ -243,7 +243,7 @@ class FoldedExact(torch.autograd.Function):
             z = bn(c)
             if r is not None:
                 z = z + r  # the model's own addition: bn(c) + r
-            mean, invstd = _statistics(c, bn.eps)
+            mean, invstd = statistics(c, bn.eps)
             backend = kernels.choose(z, node.spec, P)
             s, kept, stateT = kernels.exact_forward(backend, node.spec, z, state0, P, need)
         del z
@@ -286,7 +286,7 @@ class FoldedExact(torch.autograd.Function):
             """x^ of each piece of steps in turn: from z rebuilt from H, or from the kept input."""
             if ctx.keep_input:
                 for a, b in pieces:
-                    yield (c[a:b] - _per_channel(mean, c)).mul_(_per_channel(invstd, c))
+                    yield (c[a:b] - per_channel(mean, c)).mul_(per_channel(invstd, c))
                 return
             state = state0 if state0 is not None else init_state(spec, gz, P)
             for a, b in pieces:
@@ -296,8 +296,8 @@ class FoldedExact(torch.autograd.Function):
                 elif ctx.residual == "bits":
                     z.sub_(bits.unpack_flat(kept_r, gz.shape, z.dtype, (a, b)))
                 if beta is not None:
-                    z.sub_(_per_channel(beta, z))  # z is the piece's own fresh tensor
-                yield z.div_(_per_channel(gamma, z)) if gamma is not None else z
+                    z.sub_(per_channel(beta, z))  # z is the piece's own fresh tensor
+                yield z.div_(per_channel(gamma, z)) if gamma is not None else z
 
         # one piece (the whole sequence): x^ is rebuilt once and serves both passes
         whole = list(normalized()) if len(pieces) == 1 else None
@@ -310,8 +310,8 @@ class FoldedExact(torch.autograd.Function):
         scale = invstd if gamma is None else gamma * invstd
         for (a, b), xhat in zip(pieces, whole or normalized()):  # the batch norm's input gradient, over dL/dz
             g = gz[a:b]
-            g.sub_(_per_channel(dbeta / M, g)).addcmul_(xhat, _per_channel(-dgamma / M, g))
-            g.mul_(_per_channel(scale, g))
+            g.sub_(per_channel(dbeta / M, g)).addcmul_(xhat, per_channel(-dgamma / M, g))
+            g.mul_(per_channel(scale, g))
         out = _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
         return (*out[:5], g_r, *out[5:])
 

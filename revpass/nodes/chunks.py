@@ -28,12 +28,14 @@ mixes samples, or draws random numbers, fails that and leaves the segment unchun
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
 
 from revpass.neurons import multi_step_batch_norm
+from revpass.nodes.batchnorm import per_channel, statistics
 from revpass.nodes.bits import is_binary, pack_planes
 from revpass.nodes.modules import Node
 
@@ -103,7 +105,7 @@ def _run(body: fx.GraphModule, nodes: Sequence[fx.Node], env: Dict[fx.Node, Any]
         elif n.op == "call_method":
             env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
         elif n.op == "get_attr":
-            env[n] = _fetch(body, n.target)
+            env[n] = operator.attrgetter(n.target)(body)
         else:
             raise Unchunkable(f"cannot run {n.op} {n.target}")
         del args, kwargs
@@ -112,13 +114,6 @@ def _run(body: fx.GraphModule, nodes: Sequence[fx.Node], env: Dict[fx.Node, Any]
         for a in n.all_input_nodes:
             if a is not result and a in env and all(u in env or u.op == "output" for u in a.users):
                 del env[a]
-
-
-def _fetch(body: nn.Module, target: str) -> Any:
-    obj = body
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _batched(v: Any, B: int) -> bool:
@@ -138,16 +133,6 @@ def _state_slice(state, B: int, a: int, b: int):
 
 def chunks_of(B: int, per: int) -> List[Tuple[int, int]]:
     return [(a, min(B, a + per)) for a in range(0, B, per)]
-
-
-def _per_channel(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape((1, 1, -1) + (1,) * (like.dim() - 3))
-
-
-def statistics(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """The batch's per-channel mean and 1/std of a (T, B, C, ...) sequence, as training uses."""
-    var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 2], correction=0)
-    return mean, (var + eps).rsqrt()
 
 
 class _Differs(Exception):
@@ -174,14 +159,14 @@ class _Normalize(torch.autograd.Function):
         shift = -mean * a if beta is None else beta - mean * a
         ctx.save_for_backward(x, mean, invstd, gamma)
         ctx.sums, ctx.affine = sums, (gamma is not None, beta is not None)
-        return torch.addcmul(_per_channel(shift, x), x, _per_channel(a, x))  # as torch's CPU kernel rounds
+        return torch.addcmul(per_channel(shift, x), x, per_channel(a, x))  # as torch's CPU kernel rounds
 
     @staticmethod
     def backward(ctx, gz):
         x, mean, invstd, gamma = ctx.saved_tensors
         sums = ctx.sums
         dims = [d for d in range(x.dim()) if d != 2]
-        centred = x - _per_channel(mean, x)  # the one chunk-sized temporary
+        centred = x - per_channel(mean, x)  # the one chunk-sized temporary
         if sums.totals is None:  # the first pass: the sums, nothing else
             sums.dbeta = sums.dbeta + gz.sum(dim=dims, dtype=torch.float64)
             sums.dgamma = sums.dgamma + centred.mul_(gz).sum(dim=dims, dtype=torch.float64) * invstd
@@ -189,8 +174,8 @@ class _Normalize(torch.autograd.Function):
         dbeta, dgamma = sums.totals
         scale = invstd if gamma is None else gamma * invstd
         # gamma/std (gz - dbeta/M - x^ dgamma/M), x^ = (x - mean)/std, in the temporary's buffer
-        gx = centred.mul_(_per_channel(-dgamma / sums.M * invstd, x)).add_(gz).sub_(_per_channel(dbeta / sums.M, x))
-        gx.mul_(_per_channel(scale, x))
+        gx = centred.mul_(per_channel(-dgamma / sums.M * invstd, x)).add_(gz).sub_(per_channel(dbeta / sums.M, x))
+        gx.mul_(per_channel(scale, x))
         first, sums.given = not sums.given, True
         has_gamma, has_beta = ctx.affine
         return (gx, None, None, dgamma if first and has_gamma else None, dbeta if first and has_beta else None,
@@ -310,27 +295,26 @@ def check(plan: Plan, inputs: Sequence[Any], per: int) -> Optional[str]:
     nodes = plan.modules(plan.neurons)
     states0 = {m: m.state for m in nodes}
     buffers = [(t, t.clone()) for t in body.buffers()]
+    stats: Dict[fx.Node, Tuple[Tensor, Tensor]] = {}
+    hooks = forward_hooks(plan, stats, {})  # the whole batch's statistics, as the forward keeps them
+
+    def normalize(n, x):
+        mean, invstd = stats[n]
+        bn = body.get_submodule(n.target)
+        return _Normalize.apply(x, mean, invstd, bn.weight, bn.bias, _Sums(1))
+
     try:
         with torch.no_grad():
-            whole = body(*inputs)
-            stats: Dict[fx.Node, Tuple[Tensor, Tensor]] = {}
-            for n in plan.bns:
-                env: Dict[fx.Node, Any] = dict(zip(plan.placeholders, inputs))
-                _run(body, plan.upstream, env)
-                stats[n] = statistics(env[n.args[0]], body.get_submodule(n.target).eps)
-            for m in nodes:
-                m.state = states0[m]
+            try:
+                whole = body(*inputs)
+            finally:
+                for h in hooks:
+                    h.remove()
             # what the second pass computes, chunk by chunk, with the whole batch's statistics
             for a, b in chunks_of(B, per):
                 env = {p: _slice(x, B, a, b) for p, x in zip(plan.placeholders, inputs)}
                 for m in nodes:
                     m.state = _state_slice(states0[m], B, a, b)
-
-                def normalize(n, x):
-                    mean, invstd = stats[n]
-                    bn = body.get_submodule(n.target)
-                    return _Normalize.apply(x, mean, invstd, bn.weight, bn.bias, _Sums(1))
-
                 _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
                 got = env[plan.result]
                 if not isinstance(got, Tensor) or not isinstance(whole, Tensor) or got.shape != whole[:, a:b].shape:

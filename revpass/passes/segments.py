@@ -140,8 +140,8 @@ def form_segments(
                 continue
             taken.update(members)
             groups.append((members, [n.target]))
+    spikes = spike_values(gm)  # kept up to date as segments replace their ends (_replace)
     if singles:
-        spikes = spike_values(gm)
         for n in list(gm.graph.nodes):
             m = mem.get(n.name)
             if n in taken or _opaque(gm, n) or m is None or not m.own_bytes or m.shape is None:
@@ -160,7 +160,7 @@ def form_segments(
     report = getattr(gm, "revpass_report", None)
     per_sample = {}
     for k, (members, sites) in enumerate(groups):
-        name = _replace(gm, members, sites, k, mem)
+        name = _replace(gm, members, sites, k, mem, spikes)
         out.append((name, sites))
         for site in sites if report is not None else ():
             row = report.by_path(site)
@@ -204,7 +204,9 @@ def _try_chunks(gm: fx.GraphModule, example_inputs: Sequence, per_sample: Dict[s
                 b.copy_(v)
 
 
-def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: int, mem) -> str:
+def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: int, mem, spikes: Set[fx.Node]) -> str:
+    """Put a RecomputeSegment of ``members`` in their place; ``spikes`` (the graph's spike values)
+    gains the segment's call where its end was one."""
     g = gm.graph
     end = members[-1]
     ins = _inputs(members)
@@ -218,8 +220,7 @@ def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: in
     body = fx.GraphModule(gm, sub, class_name="RevpassSegmentBody")
     # its layers on spikes keep them as bits in the rebuild too (in the body's own module tree: the
     # model's modules are not replaced), the segment's inputs that are spikes by construction included
-    outer = spike_values(gm)
-    keep_spike_inputs_as_bits(body, {env[a] for a in ins if a in outer})
+    keep_spike_inputs_as_bits(body, {env[a] for a in ins if a in spikes})
     name = f"{PREFIX}{k}"
     while hasattr(gm, name):
         name += "_"
@@ -243,6 +244,8 @@ def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: in
         + (f"; ends at {', '.join(sites)} (exact node)" if sites else ""),
     )
     end.replace_all_uses_with(call)
+    if end in spikes:
+        spikes.add(call)
     for n in reversed(members):
         g.erase_node(n)
     return name

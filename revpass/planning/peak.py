@@ -4,7 +4,7 @@ that keep it low (docs/memory.md)."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import fx
@@ -25,7 +25,7 @@ def _bytes(info) -> int:
     return math.prod(shape) * getattr(torch, info["dtype"]).itemsize
 
 
-def estimate_peak(gm, where: Optional[list] = None, with_grads: bool = False) -> int:
+def estimate_peak(gm, where: Optional[list] = None, with_grads: bool = False) -> Union[int, Tuple[int, int]]:
     """Estimated peak of one training step's memory beyond parameters, gradients, buffers and
     optimizer state (activations plus temporaries), from an annotated GraphModule, without running
     a backward. The model of a training step:
@@ -42,9 +42,10 @@ def estimate_peak(gm, where: Optional[list] = None, with_grads: bool = False) ->
       gradients, buffers and optimizer state measures.
 
     ``where``: a list the node at the peak is appended to (None: at the end of the forward).
-    ``with_grads``: the figure includes the parameters' gradients that exist there (the step's
-    whole peak less parameters, buffers and optimizer state: what a change must lower to lower
-    the peak; the figure without them can rise when the peak moves to where fewer exist).
+    ``with_grads``: (the figure with the parameters' gradients that exist there, the figure): the
+    first is the step's whole peak less parameters, buffers and optimizer state, what a change
+    must lower to lower the peak (the figure without them can rise when the peak moves to where
+    fewer exist).
     """
     nodes = sorted((n for n in gm.graph.nodes if (meta.info(n) or {}).get("forward_step") is not None),
                    key=lambda n: meta.info(n)["forward_step"])
@@ -101,7 +102,7 @@ def estimate_peak(gm, where: Optional[list] = None, with_grads: bool = False) ->
         held -= kept[n]
     if where is not None:
         where.append(at)
-    return best_total if with_grads else best
+    return (best_total, best) if with_grads else best
 
 
 def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
@@ -231,7 +232,7 @@ def chunk_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
     at: list = []
 
     def point():  # (the whole estimated peak, parameters' gradients included; the figure without them)
-        return estimate_peak(gm, at, True), estimate_peak(gm), dict(per)
+        return (*estimate_peak(gm, at, with_grads=True), dict(per))
 
     path = [point()]  # each halving's estimates, fewest chunks first
     def finest(target: str) -> int:  # at most CHUNK_MAX chunks of at least chunks.CHUNK_ELEMS elements

@@ -175,8 +175,7 @@ def test_plan_rejects_a_batch_norm_feeding_another():
 
 @pytest.fixture(scope="module")
 def resnet():
-    torch.manual_seed(0)
-    return models.sj_zoo("spiking_resnet18"), torch.randn(4, 4, 3, 32, 32)
+    return models.sj_zoo_and_input("spiking_resnet18", 4, 4)
 
 
 def test_chunks_lower_the_stems_workspace_and_the_conversion_chunks_where_it_sets_the_peak(resnet):

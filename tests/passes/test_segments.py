@@ -135,8 +135,7 @@ def test_grow_stops_at_neurons_inputs_and_values_read_outside():
 
 @pytest.fixture(scope="module")
 def resnet():
-    torch.manual_seed(0)
-    return models.sj_zoo("spiking_resnet18"), torch.randn(4, 2, 3, 32, 32)
+    return models.sj_zoo_and_input("spiking_resnet18", 4, 2)
 
 
 def test_resnet_recompute_is_the_original_function_and_keeps_its_spikes_as_bits(resnet):

@@ -99,8 +99,7 @@ def test_a_max_pool_on_spikes_runs_its_backward_in_chunks_bit_for_bit(chunk, mon
 
 @pytest.fixture(scope="module")
 def resnet():
-    torch.manual_seed(0)
-    return models.sj_zoo("spiking_resnet18"), torch.randn(2, 2, 3, 32, 32)
+    return models.sj_zoo_and_input("spiking_resnet18", 2, 2)
 
 
 def test_exact_spiking_resnet_keeps_its_spike_inputs_as_bits_bit_for_bit(resnet):
