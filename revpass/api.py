@@ -45,10 +45,11 @@ from revpass.passes.rewrite import rewrite
 from revpass.passes.segments import form_segments
 from revpass.passes.spikes import keep_spike_inputs_as_bits
 from revpass.passes.untraced import settle, untraced_parts, untraced_sites
-from revpass.planning.budget import (MIN_TRIES, STRATEGIES, BudgetError, Peak, allowed, choose, site_savings,
+from revpass.planning.budget import (STRATEGIES, BudgetError, Peak, allowed, choose, site_savings,
                                      workspaces)
 from revpass.planning.memory_plan import MemoryPlan, plan_of
-from revpass.planning.peak import chunk_where_it_sets_the_peak, estimate_peak, slice_where_it_sets_the_peak
+from revpass.planning.peak import (PlanEstimate, chunk_where_it_sets_the_peak, estimate_peak,
+                                   slice_where_it_sets_the_peak)
 from revpass.report import ConversionReport, SiteRow
 from revpass.trace import TraceError, trace
 from revpass.state import reset_states
@@ -234,7 +235,8 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     gm.revpass_inputs_without_grad = {name for name, x in zip(placeholders, run.inputs)
                                       if not (isinstance(x, torch.Tensor) and x.requires_grad)}
     slice_where_it_sets_the_peak(gm)  # the nodes' backward transient, bounded where it matters
-    chunk_where_it_sets_the_peak(gm)  # and the recomputed segments' rebuilds
+    if chunk_where_it_sets_the_peak(gm):  # and the recomputed segments' rebuilds
+        slice_where_it_sets_the_peak(gm)  # chunked, they can leave the peak at a node's backward
     gm.revpass_peak_before = estimate_peak(run.before)  # the unconverted graph, for revpass.plan
     run.before = None
     if run.options.collect:
@@ -503,20 +505,25 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     def uniform_plan(s, why):  # strategy s at every site the planner considers
         return {p: (s, why) if c is not None else (None, w) for p, (c, w) in min_choice.items()}
 
-    def lowest():  # budget="min": (choice, converted model, its estimated peak)
+    # any choice's estimated peak, from the probes, without converting (planning/peak.py)
+    estimate = PlanEstimate(probes, base="recompute")
+    order = [r.path for r in probes["exact"].revpass_report.rows]  # the sites in forward order
+
+    def peak_of(choice):
+        return estimate({p: s for p, (s, _) in choice.items()})
+
+    def lowest():  # budget="min": (choice, its estimated peak)
         choice = min_choice
-        gm = with_plan(choice)
-        peak = estimate_peak(gm)
+        peak = peak_of(choice)
         tries = sorted((p for p, (s, _) in choice.items() if s == "recompute"), key=lambda p: -workspace.get(p, 0))
-        for p in tries[:MIN_TRIES] if "reversible" in strategies else ():
+        for p in tries if "reversible" in strategies else ():
             trial = dict(choice)
             trial[p] = ("reversible", "'min': reversible instead of recompute lowers the estimated peak "
                                       f"(the segment's backward would rebuild {workspace[p]} bytes)")
-            cand = with_plan(trial)
-            cand_peak = estimate_peak(cand)
+            cand_peak = peak_of(trial)
             if cand_peak >= peak:  # the largest rebuild did not set the peak: the smaller ones will not
                 break
-            choice, gm, peak = trial, cand, cand_peak
+            choice, peak = trial, cand_peak
         s = min(uniform, key=lambda k: (uniform[k], rank[k]))
         mix = max(rank[c] for c, _ in choice.values())
         # one strategy everywhere does better (keeping more, rebuilding less), or as well (within
@@ -525,33 +532,70 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             choice = uniform_plan(s, f"'min': {s} at every site has the lowest estimated peak" if s is not None else
                                   "'min': no conversion lowers the estimated peak (the nodes' sequence-sized "
                                   "gradients outweigh what they save)")
-            gm, peak = with_plan(choice), uniform[s]
-        return choice, gm, peak
+            peak = uniform[s]
+        return choice, peak
+
+    def relax(choice, bound, why):
+        """``choice`` with sites moved to strategies of less extra compute, the deepest first
+        (early layers hold the largest activations, so their rebuilds set the peak), each move
+        kept while the estimated peak stays within ``bound``."""
+        for p in reversed(order):
+            s = choice.get(p, (None, ""))[0]
+            if s is None:
+                continue
+            for cheaper in (c for c in strategies if rank[c] < rank[s]):
+                trial = {**choice, p: (cheaper, f"{cheaper} instead of {s}: {why}")}
+                if peak_of(trial) <= bound:
+                    choice = trial
+                    break
+        return choice
+
+    def least_compute(low, bound, why):
+        """(choice, converted model): the lowest plan ``low`` relaxed within ``bound``; ``low``
+        itself where its conversion does better than the relaxed one's (the probes' figures are
+        the regions' own: a conversion chunks and slices for the whole plan)."""
+        choice = relax(low, bound, why)
+        gm = with_plan(choice)
+        if choice != low and estimate_peak(gm) > bound:
+            gm_low = with_plan(low)
+            if estimate_peak(gm_low) < estimate_peak(gm):
+                choice, gm = low, gm_low
+        return choice, gm
+
+    def kept_of(choice):  # the bytes a choice keeps for backward, from the probes
+        if all(c is None for c, _ in choice.values()):
+            return total_before
+        return estimate.kept({p: c for p, (c, _) in choice.items()})
 
     min_choice, predicted = choose(total_before, savings, "min", strategies)
     if isinstance(budget, Peak):
-        # the least extra compute whose estimated peak fits: leaving the model as it is, one
-        # strategy at every site in order of extra compute, then the lowest plan ("min")
-        fits = [s for s in (None, *strategies) if uniform[s] <= budget.bytes]
+        # the least extra compute whose estimated peak fits: the model as it is, or exact nodes
+        # everywhere (no extra compute), else the lowest plan relaxed as far as the budget allows
+        fits = [s for s in (None, "exact") if uniform[s] <= budget.bytes]
         if fits:
             s = fits[0]
             choice = uniform_plan(s, f"the estimated peak {uniform[s]} bytes fits {budget!r} with {s} at every site "
-                                     "(the least extra compute that fits)" if s is not None else
+                                     "(no extra compute)" if s is not None else
                                   f"the estimated peak {uniform[s]} bytes fits {budget!r} without converting")
             gm = with_plan(choice)
         else:
-            choice, gm, peak = lowest()
+            low, peak = lowest()
             if peak > budget.bytes:
                 raise BudgetError(
                     f"{budget!r} cannot be met: the smallest reachable estimated peak is {peak} bytes "
                     f"({peak / 2**20:.2f} MiB; budget='min'); before conversion the estimate is {uniform[None]} bytes")
-        predicted = plan_of(gm, "planned").kept_after
+            choice, gm = least_compute(low, budget.bytes,
+                                       f"the estimated peak still fits {budget!r} (less extra compute)")
+        predicted = kept_of(choice)
         if options.inplace:
             gm = with_plan(choice, inplace=True)
     elif budget != "min":
         choice, predicted, gm = _meet(budget, total_before, savings, strategies, with_plan, options.inplace)
     else:
-        choice, gm, _ = lowest()
+        low, peak = lowest()  # relaxed as far as the estimate cannot tell the peak apart (1%)
+        choice, gm = least_compute(low, peak * 1.01, "'min': the estimated peak stays within 1% of the lowest "
+                                                     "(less extra compute)")
+        predicted = kept_of(choice)
         if options.inplace:
             gm = with_plan(choice, inplace=True)
     probes.clear()  # the probes not taken: freed below

@@ -432,8 +432,10 @@ def test_snntorch_leaky_parallel_is_named_and_keeps_the_input_gradient():
 
 
 def test_norse_box_cells_sharing_default_parameters_train_under_the_smallest_budget():
-    """Two LIFBoxCell() share their default parameters' tensors; with budget="min" both become
-    recomputed segments. Two training steps run, with the original's gradients (exact function)."""
+    """Two LIFBoxCell() share their default parameters' tensors; with mode="recompute" both become
+    recomputed segments, with budget="min" the first (the second's rebuild does not set the
+    peak: it is an exact node). Two training steps run, with the original's gradients (exact
+    function)."""
     import norse.torch as norse
 
     class Loop(nn.Module):
@@ -456,15 +458,18 @@ def test_norse_box_cells_sharing_default_parameters_train_under_the_smallest_bud
     assert net.c1.p.tau_mem_inv is net.c2.p.tau_mem_inv
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", revpass.RevpassWarning)
-        gm = revpass.convert(net, x, budget="min")
-    assert [r.decision for r in gm.revpass_report.rows] == ["recompute", "recompute"]
+        every = revpass.convert(net, x, mode="recompute")
+        least = revpass.convert(net, x, budget="min")
+    assert [r.decision for r in every.revpass_report.rows] == ["recompute", "recompute"]
+    assert [r.decision for r in least.revpass_report.rows] == ["recompute", "exact"]
     w = torch.randn(6, 4, 8)
-    for step in range(2):
-        grads = []
-        for m in (net, gm):
-            m.zero_grad()
-            (m(x) * w).sum().backward()
-            grads.append([p.grad.clone() for p in (m.fc1.weight, m.fc2.weight)])
-        for a, b in zip(*grads):
-            torch.testing.assert_close(a, b)
-        assert grads[0][0].abs().sum() > 0
+    for gm in (every, least):
+        for step in range(2):
+            grads = []
+            for m in (net, gm):
+                m.zero_grad()
+                (m(x) * w).sum().backward()
+                grads.append([p.grad.clone() for p in (m.fc1.weight, m.fc2.weight)])
+            for a, b in zip(*grads):
+                torch.testing.assert_close(a, b)
+            assert grads[0][0].abs().sum() > 0

@@ -16,13 +16,19 @@ than the library neuron, then, while the budget is not met, upgrades sites to re
 of the bytes each upgrade saves, then to recompute. The budget is the activation bytes kept for
 backward at the end of the forward (``revpass.plan``'s figure).
 
-``budget="min"`` is the least memory a training step needs: it starts from every site at the
-strategy that keeps least, then, since a recomputed segment's layers are rebuilt in its backward
-and the largest of them can set the peak, tries the sites with the largest such workspace as
-reversible instead, largest first, keeping each change that lowers the estimated peak and
-stopping at the first that does not (revpass.planning.peak.estimate_peak,
-within 10% of a measured one); one strategy at every site wins where its estimated peak is lower
-still.
+``budget="min"`` is the least memory a training step needs, at the least extra compute that
+reaches it. It starts from every site at the strategy that keeps least, then, since a
+recomputed segment's layers are rebuilt in its backward and the largest of them can set the
+peak, tries the sites with the largest such workspace as reversible instead, largest first,
+keeping each change that lowers the estimated peak and stopping at the first that does not; one
+strategy at every site wins where its estimated peak is lower still. Then it relaxes: the
+deepest site first, each site moves to the strategy of least extra compute that keeps the
+estimated peak within 1% of that lowest (early layers hold the largest activations, so only
+their rebuilds set the peak; the deep ones are exact nodes again). A ``Peak(bytes)`` budget
+relaxes the lowest plan the same way, as far as the budget allows. Every estimate of a mixed
+choice comes from the probes, without converting (revpass.planning.peak.PlanEstimate); only the
+chosen plan is converted, and its own estimate checked
+(revpass.planning.peak.estimate_peak, within 10% of a measured one).
 """
 
 from __future__ import annotations
@@ -47,15 +53,15 @@ def allowed(mode: str) -> Tuple[str, ...]:
     """The strategies the planner may choose under convert's ``mode``: every one with
     ``"reversible"`` (which changes the function anyway), only :data:`SAME_FUNCTION` else."""
     return STRATEGIES if mode == "reversible" else SAME_FUNCTION
-MIN_TRIES = 4  # sites "min" tries as reversible instead of recompute
 
 
 @dataclass(frozen=True)
 class Peak:
     """A budget on the estimated peak of a training step (activations and temporaries, bytes;
     revpass.planning.peak.estimate_peak): ``convert(model, x, budget=revpass.Peak(12 * 2**20))``
-    takes the least extra compute whose estimate fits: the model as it is, one strategy at every
-    site in order of extra compute, then the lowest plan (``budget="min"``)."""
+    takes the least extra compute whose estimate fits: the model as it is, exact nodes at every
+    site, else the lowest plan (``budget="min"``) with as many sites moved back to strategies of
+    less extra compute as the budget allows."""
 
     bytes: int
 

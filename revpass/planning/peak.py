@@ -4,7 +4,8 @@ that keep it low (docs/memory.md)."""
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import fx
@@ -47,62 +48,143 @@ def estimate_peak(gm, where: Optional[list] = None, with_grads: bool = False) ->
     must lower to lower the peak (the figure without them can rise when the peak moves to where
     fewer exist).
     """
+    return _sweep(_items(gm), where, with_grads)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One node of a training step as the estimate sees it (:func:`estimate_peak`)."""
+
+    node: fx.Node
+    key: str  # the value it makes, by its name in the unconverted graph (the same in every conversion)
+    kept: int  # bytes kept for backward
+    out: int  # bytes of its output
+    reads: Tuple[Tuple[str, int, bool], ...]  # the activations it reads: (key, bytes, read by several)
+    call: bool  # a module call
+    workspace: int
+    grads: Tuple[Tuple[Any, int], ...]  # (identity, bytes) of the parameters' gradients its backward makes
+    held: int  # bytes held from the forward to the end: an input, a neuron's final state
+
+
+def _items(gm) -> List[_Item]:
+    """The annotated graph's nodes in forward order, as the estimate's items."""
     nodes = sorted((n for n in gm.graph.nodes if (meta.info(n) or {}).get("forward_step") is not None),
                    key=lambda n: meta.info(n)["forward_step"])
-    kept = {n: meta.info(n)["kept_bytes"] for n in nodes}
-    held = sum(kept.values())
-    stateful = set()
-    for n in nodes:
-        if n.op == "placeholder":  # the step's inputs exist throughout (MemTracker counts them too)
-            held += _bytes(meta.info(n))
-        if n.op == "call_module" and n.target not in stateful:
-            m = gm.get_submodule(n.target)
-            shape = meta.info(n)["shape"]
-            if isinstance(m, RecomputeSegment):  # its neurons carry their states: one step of each output
-                if m.state_bytes is not None:
-                    stateful.add(n.target)
-                    held += m.state_bytes
-                    continue
-                carries = any(isinstance(x, Node) and x.carry_state for x in m.body.modules())
-            else:
-                carries = m.carry_state if isinstance(m, Node) else is_neuron(m)
-            if carries and shape:
-                stateful.add(n.target)
-                held += _bytes(meta.info(n)) // shape[0]  # one step of its output
-    grads = 0
     no_grad = getattr(gm, "revpass_inputs_without_grad", ())  # example inputs: no gradient made for them
+    stateful, out = set(), []
+    for n in nodes:
+        info = meta.info(n)
+        held = 0
+        if n.op == "placeholder":  # the step's inputs exist throughout (MemTracker counts them too)
+            held = _bytes(info)
+        grads = []
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            grads = [((id(gm), n.target), sum(p.numel() * p.element_size() for p in trained_params(m)))]
+            if n.target not in stateful:
+                if isinstance(m, RecomputeSegment):  # its neurons carry their states: one step of each output
+                    carries = m.state_bytes is None and any(isinstance(x, Node) and x.carry_state
+                                                            for x in m.body.modules())
+                    if m.state_bytes is not None:
+                        stateful.add(n.target)
+                        held = m.state_bytes
+                else:
+                    carries = m.carry_state if isinstance(m, Node) else is_neuron(m)
+                if carries and info["shape"]:
+                    stateful.add(n.target)
+                    held = _bytes(info) // info["shape"][0]  # one step of its output
+        # a parameter read with get_attr is no activation: its gradient counts with the parameters'
+        for a in n.all_input_nodes:
+            if a.op == "get_attr":
+                owner, _, attr = a.target.rpartition(".")
+                t = getattr(gm.get_submodule(owner), attr)
+                if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+                    grads.append(((id(gm), a.target), t.numel() * t.element_size()))
+        reads = tuple((_key(a), _bytes(meta.info(a)), len(a.users) > 1) for a in n.all_input_nodes
+                      if a.op != "get_attr" and (meta.info(a) or {}).get("shape") and a.name not in no_grad)
+        out.append(_Item(n, _key(n), info["kept_bytes"], _bytes(info), reads, n.op == "call_module",
+                         info.get("workspace_bytes") or 0, tuple(grads), held))
+    return out
+
+
+def _key(n: fx.Node) -> str:
+    return meta.replaces(n)[-1]  # a segment's or a folded node's value is its last node's
+
+
+def _sweep(items: List[_Item], where: Optional[list], with_grads: bool):
+    held = sum(it.kept + it.held for it in items)
+    grads = 0
     best_total, best, at = held, held, None
     seen = set()
-    pending = {}  # gradients of multi-reader values, accumulating until their producer runs
-    for n in reversed(nodes):
-        info = meta.info(n)
-        pending.pop(n, None)
-        # a parameter read with get_attr is no activation: its gradient counts with the parameters'
-        params = [a for a in n.all_input_nodes if a.op == "get_attr"]
-        inputs = [a for a in n.all_input_nodes if a.op != "get_attr" and (meta.info(a) or {}).get("shape")
-                  and a.name not in no_grad]
+    pending: Dict[str, int] = {}  # gradients of multi-reader values, accumulating until their producer runs
+    for it in reversed(items):
+        pending.pop(it.key, None)
         temp = 0
-        if kept[n] or n.op == "call_module":
-            temp = _bytes(info) + sum(_bytes(meta.info(a)) for a in inputs)
-        temp += info.get("workspace_bytes") or 0  # a recomputed segment's layers, rebuilt for its backward
+        if it.kept or it.call:
+            temp = it.out + sum(b for _, b, _ in it.reads)
+        temp += it.workspace  # a recomputed segment's layers, rebuilt for its backward
         temp += sum(pending.values())
-        for a in inputs:
-            if len(a.users) > 1:
-                pending[a] = _bytes(meta.info(a))
-        if n.op == "call_module" and n.target not in seen:
-            seen.add(n.target)
-            grads += sum(p.numel() * p.element_size() for p in trained_params(gm.get_submodule(n.target)))
-        for a in params:
-            t = getattr(gm.get_submodule(a.target.rpartition(".")[0]), a.target.rpartition(".")[2])
-            if a.target not in seen and isinstance(t, torch.nn.Parameter) and t.requires_grad:
-                seen.add(a.target)
-                grads += t.numel() * t.element_size()
+        for key, b, several in it.reads:
+            if several:
+                pending[key] = b
+        for ident, b in it.grads:
+            if ident not in seen:
+                seen.add(ident)
+                grads += b
         if grads + held + temp > best_total:
-            best_total, best, at = grads + held + temp, held + temp, n
-        held -= kept[n]
+            best_total, best, at = grads + held + temp, held + temp, it.node
+        held -= it.kept
     if where is not None:
         where.append(at)
     return (best_total, best) if with_grads else best
+
+
+class PlanEstimate:
+    """The estimated peak (:func:`estimate_peak`) of any choice of strategies per site, from
+    conversions with one strategy at every site (the planner's probes, annotated), without
+    converting again: the nodes of the ``base`` probe (recompute: its segments are the coarsest
+    regions), where a segment ends at sites chosen otherwise the nodes of that strategy's probe
+    that stand for the same nodes of the unconverted graph (``meta.replaces``). Values are matched
+    across probes by those names. What a real conversion of the choice would change at the
+    regions' borders (a max pool joining a segment or not) is not modelled: the planner checks
+    the chosen conversion's own estimate."""
+
+    def __init__(self, probes: Dict[str, fx.GraphModule], base: str = "recompute"):
+        self.base = base
+        self._regions: List[Tuple[_Item, Tuple[str, ...], Dict[str, List[_Item]]]] = []
+        items = {s: _items(g) for s, g in probes.items()}
+        gm = probes[base]
+        for it in items[base]:
+            m = gm.get_submodule(it.node.target) if it.call else None
+            if isinstance(m, RecomputeSegment):
+                region = set(meta.replaces(it.node))
+                self._regions.append((it, m.sites, {s: [x for x in xs if x.key in region]
+                                                    for s, xs in items.items() if s != base}))
+            else:
+                self._regions.append((it, None, {}))
+
+    def items(self, choice: Dict[str, Optional[str]]) -> List[_Item]:
+        out: List[_Item] = []
+        any_base = self.base in choice.values()
+        for it, sites, others in self._regions:
+            if sites is None:  # no segment here
+                out.append(it)
+                continue
+            # a layer on spikes recomputed alone (no site) is one only when some site is recomputed
+            chosen = {choice.get(s, self.base) for s in sites} if sites else {self.base if any_base else "exact"}
+            if self.base in chosen:
+                out.append(it)
+                continue
+            s = chosen.pop() if len(chosen) == 1 else None
+            out.extend(others.get(s) or others.get("exact") or [it])  # unchanged: as the exact node
+        return out
+
+    def __call__(self, choice: Dict[str, Optional[str]], with_grads: bool = False):
+        return _sweep(self.items(choice), None, with_grads)
+
+    def kept(self, choice: Dict[str, Optional[str]]) -> int:
+        """Bytes the choice keeps for backward at the end of the forward."""
+        return sum(it.kept for it in self.items(choice))
 
 
 def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:

@@ -159,3 +159,88 @@ def test_the_command_line_takes_each_kind_of_budget():
     assert _budget("min") == "min" and _budget("1234") == 1234 and _budget("peak:99") == revpass.Peak(99)
     with pytest.raises(SystemExit, match="peak:BYTES"):
         _budget("12MiB")
+
+
+def test_any_choice_is_estimated_from_the_probes_as_its_conversion_is():
+    """PlanEstimate: the estimated peak and kept bytes of a mixed choice, composed from the
+    one-strategy probes without converting, are those of the choice's own conversion."""
+    from dataclasses import replace
+
+    from revpass import api
+    from revpass.planning.memory_plan import plan_of
+    from revpass.planning.peak import PlanEstimate, estimate_peak
+    from revpass.utils import as_tuple, safe_deepcopy
+
+    net = models.sj_zoo("spiking_resnet18")
+    x = torch.randn(4, 2, 3, 32, 32)
+    opts = replace(api._Options(mode="exact", backward="optimized"), fold_exact=True)
+    traced = api._faithful_trace(safe_deepcopy(net), as_tuple(x), opts)
+    probes = {s: api._pipeline(net, x, replace(opts, mode=s), traced) for s in ("exact", "recompute")}
+    estimate = PlanEstimate(probes)
+    sites = [r.path for r in probes["exact"].revpass_report.rows]
+    for k in (0, 1, 3, len(sites)):  # the first k sites recomputed, the rest exact
+        choice = {p: "recompute" if i < k else "exact" for i, p in enumerate(sites)}
+        gm = api._pipeline(net, x, replace(opts, planned={p: (s, "") for p, s in choice.items()}), traced)
+        assert [r.decision for r in gm.revpass_report.rows] == [choice[p] for p in sites]
+        assert estimate(choice) == estimate_peak(gm), k
+        assert estimate.kept(choice) == plan_of(gm, "planned").kept_after, k
+    assert estimate({p: "exact" for p in sites}) > estimate({p: "recompute" for p in sites})
+
+
+def test_min_recomputes_only_where_it_lowers_the_peak():
+    """budget="min" relaxes the lowest plan: sites whose rebuild does not set the peak (the deep
+    ones) are exact nodes again, at no cost in the estimated peak, and the function is kept."""
+    from revpass.planning.peak import estimate_peak
+
+    net = models.sj_zoo("spiking_resnet18")
+    x = torch.randn(4, 2, 3, 32, 32)
+    low = revpass.convert(net, x, mode="exact", budget="min")
+    every = revpass.convert(net, x, mode="recompute")  # every site recomputed: the lowest here
+    rows = low.revpass_report.rows
+    recomputed = [r.path for r in rows if r.decision == "recompute"]
+    assert 0 < len(recomputed) <= 3 and recomputed[0] == "sn1"  # the stem sets the peak
+    assert all(r.decision == "exact" for r in rows if r.path not in recomputed)
+    assert estimate_peak(low) <= 1.01 * estimate_peak(every)
+    assert all("within 1% of the lowest" in r.reason for r in rows[len(recomputed) + 2:] if r.path.endswith("sn1"))
+    with torch.no_grad():
+        reset_states(net), reset_states(low)
+        assert torch.equal(net(x), low(x))
+    assert revpass.verify(net, low, x).passed
+
+
+def test_a_peak_budget_relaxes_the_lowest_plan_as_far_as_it_fits(resnet):
+    from revpass.planning.peak import estimate_peak
+
+    net, x, rev, ex = resnet
+    low = revpass.convert(net, x, mode="exact", budget="min")
+    uniform_exact = revpass.plan(net, x, mode="exact", budget=revpass.Peak(ex.peak_before - 1)).peak_after
+    bound = (estimate_peak(low) + uniform_exact) // 2  # between the lowest and exact everywhere
+    mid = revpass.convert(net, x, mode="exact", budget=revpass.Peak(bound))
+    n_rec = mid.revpass_report.count("recompute")
+    assert estimate_peak(mid) <= bound
+    assert 0 < n_rec <= low.revpass_report.count("recompute")
+    assert any("still fits Peak(" in r.reason for r in mid.revpass_report)
+
+
+def test_a_node_left_at_the_peak_by_chunked_segments_is_sliced():
+    """The annotate pass slices the nodes again after chunking the segments: with the stem and the
+    first block recomputed a chunk at a time, the next block's exact node sets the peak until its
+    backward is sliced (spiking_resnet18, T = 16: then the plan is as low as recomputing everything)."""
+    from dataclasses import replace
+
+    from revpass import api
+    from revpass.nodes.modules import Node
+    from revpass.planning.peak import estimate_peak
+    from revpass.utils import as_tuple, safe_deepcopy
+
+    net = models.sj_zoo("spiking_resnet18")
+    x = torch.randn(16, 4, 3, 32, 32)
+    opts = replace(api._Options(mode="exact", backward="optimized"), fold_exact=True)
+    traced = api._faithful_trace(safe_deepcopy(net), as_tuple(x), opts)
+    every = api._pipeline(net, x, replace(opts, mode="recompute"), traced)
+    sites = [r.path for r in every.revpass_report.rows]
+    planned = {p: ("recompute" if i < 3 else "exact", "") for i, p in enumerate(sites)}
+    gm = api._pipeline(net, x, replace(opts, planned=planned), traced)
+    assert gm.get_submodule("layer1.1.sn2").slice_min_elems is not None
+    assert isinstance(gm.get_submodule("layer1.1.sn2"), Node)
+    assert estimate_peak(gm) <= 1.01 * estimate_peak(every)
