@@ -31,6 +31,7 @@ def test_every_model_exports_original_and_converted(name, make, inp, n_sites, n_
         # every ONNX node carries revpass's annotations: its module's, or its own fx node's
         assert len(proto.graph.node) == rep.nodes and rep.annotated_nodes == rep.nodes
         assert all(any(p.key == "revpass.shape" for p in n.metadata_props) for n in proto.graph.node)
+        path.unlink()  # a zoo network's file is hundreds of MB: one on disk at a time
         if name == "spiking_resnet18" and label == "reversible":
             # the residual adds are functions of the graph, in no module: their own fx node's
             # annotations (one per block)
