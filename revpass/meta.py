@@ -38,10 +38,11 @@ class NodeInfo:
     backward_step: Optional[int] = None  # the step of the backward that frees what it keeps
     kept_bytes_before: Optional[int] = None  # the same, over the nodes it replaced, before conversion
     workspace_bytes: Optional[int] = None  # nodes and segments: what their backward allocates besides gradients
+    forward_bytes: Optional[int] = None  # module calls: the most their forward holds at once beyond what existed before
 
     def as_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in asdict(self).items()
-                if v is not None or k not in ("kept_bytes_before", "workspace_bytes")}
+                if v is not None or k not in ("kept_bytes_before", "workspace_bytes", "forward_bytes")}
 
 
 def info(n: fx.Node) -> Optional[Dict[str, Any]]:

@@ -29,9 +29,12 @@ def test_annotations_on_every_node_add_up_to_the_whole_graph():
     for n in conv.graph.nodes:
         info = n.meta["revpass"]
         is_node = n.op == "call_module" and isinstance(conv.get_submodule(n.target), revpass.ReversibleNode)
-        assert set(info) == keys | ({"workspace_bytes"} if is_node else set())
-        if is_node:  # measured on the node alone
+        # module calls: what their forward held at its peak (any that allocated something)
+        assert set(info) - {"forward_bytes"} == keys | ({"workspace_bytes"} if is_node else set())
+        if is_node:  # measured on the node alone, and in the run
             assert info["workspace_bytes"] > 0
+            assert info["forward_bytes"] >= math.prod(info["shape"]) * 4  # its output at least
+        assert "forward_bytes" not in info or n.op == "call_module"
         assert n.meta["custom"]["revpass"] == info  # survives torch.export
         infos.append(info)
     steps = [i["forward_step"] for i in infos if i["forward_step"] is not None]
@@ -156,3 +159,31 @@ def test_a_nodes_workspace_is_measured_once_per_configuration(monkeypatch):
     assert len(calls) == 2 and sliced < first
     ws.node_workspace(node, (8, 2, 16, 8, 8), torch.float32)  # another shape
     assert len(calls) == 3
+
+
+def test_the_estimate_sees_a_recomputed_segments_forward():
+    """A small network whose layers are all recomputed peaks in its first segment's forward (the
+    layers run whole under no_grad), not in a backward: the estimate counts each module call's
+    measured forward (forward_bytes) and agrees with the measured peak."""
+    from spikingjelly.activation_based import layer, neuron
+
+    from revpass import meta
+    from revpass.planning.peak import estimate_peak
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        layer.Conv2d(1, 16, 3, padding=1, bias=False), layer.BatchNorm2d(16), neuron.LIFNode(), layer.MaxPool2d(2),
+        layer.Conv2d(16, 32, 3, padding=1, bias=False), layer.BatchNorm2d(32), neuron.LIFNode(), layer.MaxPool2d(2),
+        layer.Flatten(), layer.Linear(128, 10))
+    from spikingjelly.activation_based import functional
+
+    functional.set_step_mode(net, "m")
+    x = torch.randn(4, 64, 1, 8, 8) * 2
+    gm = revpass.convert(net, x, mode="recompute")
+    first = next(n for n in gm.graph.nodes if n.op == "call_module")
+    act = 4 * 64 * 16 * 8 * 8 * 4  # one of its layers' outputs, float32
+    assert meta.info(first)["forward_bytes"] >= 2 * act  # the conv's and the batch norm's at least
+    where = []
+    est = estimate_peak(gm, where)
+    assert where == [None]  # in the forward
+    assert abs(est - step_peak(gm, x)) <= 0.1 * step_peak(gm, x)

@@ -15,6 +15,8 @@ from one measuring run (revpass.analysis.measure):
     workspace_bytes       revpass nodes and recomputed segments: what their backward allocates
                           besides the gradients of their inputs and parameters (measured on the
                           module alone, revpass.analysis.workspace)
+    forward_bytes         module calls: the most their forward held at once beyond what existed
+                          when it started (output and kept bytes included), measured in the run
 """
 
 from __future__ import annotations
@@ -63,4 +65,6 @@ def _write(gm: fx.GraphModule, mem: Dict[str, NodeMemory], prior: Optional[Dict[
             info.strategy, info.reason = meta.strategy(n)
         if m is not None and m.workspace_bytes:
             info.workspace_bytes = m.workspace_bytes
+        if m is not None and m.forward_bytes:
+            info.forward_bytes = m.forward_bytes
         meta.write(n, info)

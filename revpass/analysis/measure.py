@@ -11,9 +11,10 @@ recomputed segments (revpass.analysis.workspace).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx
@@ -36,6 +37,9 @@ class NodeMemory:
     binary: bool = False  # every element of the output is 0 or 1 (spikes)
     own_bytes: int = 0  # what the node keeps, counting storages other nodes also keep
     workspace_bytes: int = 0  # revpass nodes: what their backward allocates besides the input gradient
+    #: module calls: the most its forward held at once beyond what existed when it started (its
+    #: output and what it keeps included: a recomputed segment's whole layers, a node's temporaries)
+    forward_bytes: int = 0
 
 
 class _Recorder(fx.Interpreter):
@@ -45,16 +49,66 @@ class _Recorder(fx.Interpreter):
         self.order: List[fx.Node] = []
         self.outputs: Dict[str, Any] = {}
         self.binary: Dict[str, bool] = {}
+        self.forward: Dict[str, int] = {}  # module calls: the most their forward held beyond what existed
+        self.tracker: Optional[_Forward] = None  # None: forwards not measured (meta tensors)
 
     def run_node(self, n: fx.Node) -> Any:
         self.now[0] = n.name
         self.order.append(n)
-        out = super().run_node(n)
+        if n.op == "call_module" and self.tracker is not None:
+            out, self.forward[n.name] = self.tracker.call(lambda: super(_Recorder, self).run_node(n))
+        else:
+            out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             self.outputs[n.name] = (list(out.shape), str(out.dtype).replace("torch.", ""))
             with torch.no_grad():
                 self.binary[n.name] = is_binary(out)
         return out
+
+
+class _NoModules:
+    """A stand-in for MemTracker's module tracker that tracks no module (see _forward_peak)."""
+
+    parents: frozenset = frozenset()
+    is_bw = False
+
+    def register_user_hooks(self, *hooks):
+        pass
+
+    def clear_user_hooks(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        pass
+
+
+class _Forward:
+    """What each module call's forward holds at once beyond what existed when it started: one
+    MemTracker over the measuring run, told of the parameters, buffers and inputs first (a view
+    of one made inside would otherwise count its storage as new), its peak set back to the
+    current total before each call. Without its module tracker: its per-module statistics refuse a
+    module called more than once (a time loop), and the tracker's grad hooks on the tensors it
+    sees would tie it to the graph the measuring run keeps."""
+
+    def __init__(self, tensors: List[torch.Tensor]):
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        self.mt = MemTracker()
+        self.mt._mod_tracker = _NoModules()
+        self.mt.track_external(*tensors)
+
+    def call(self, run) -> Tuple[Any, int]:
+        from revpass.memory import tracker_bytes
+
+        snap = self.mt.get_tracker_snapshot()
+        start = tracker_bytes(snap)
+        # MemTracker's running peak (per device), from now
+        self.mt._peak_mem = {dev: tracker_bytes({dev: d}) for dev, d in snap.items()}
+        out = run()
+        return out, max(0, sum(self.mt._peak_mem.values()) - start)
 
 
 def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, NodeMemory]:
@@ -88,8 +142,12 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
     buffers = [(b, b.clone()) for b in gm.buffers()]
     cuda = sorted({t.device.index or 0 for t in (*gm.parameters(), *leaves)
                    if isinstance(t, torch.Tensor) and t.is_cuda})
-    with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    known = [*gm.parameters(), *gm.buffers(), *(x for x in leaves if isinstance(x, torch.Tensor))]
+    rec.tracker = None if any(t.device.type == "meta" for t in known) else _Forward(known)
+    with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            rec.tracker.mt if rec.tracker is not None else contextlib.nullcontext():
         out = rec.run(*leaves)
+    rec.tracker = None  # the tracker holds weak references only, but not past the run
     with torch.no_grad():
         for b, v in buffers:
             b.copy_(v)
@@ -110,7 +168,7 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
     for i, n in enumerate(rec.order):
         shape, dtype = rec.outputs.get(n.name, (None, None))
         result[n.name] = NodeMemory(kept.get(n.name, 0), i, shape, dtype, rec.binary.get(n.name, False),
-                                    sum(own.get(n.name, {}).values()))
+                                    sum(own.get(n.name, {}).values()), forward_bytes=rec.forward.get(n.name, 0))
     sized: Dict[str, int] = {}
     for n in rec.order:  # the backward workspace of revpass nodes and segments, once per module and shapes
         if n.op != "call_module" or not n.args or not isinstance(gm.get_submodule(n.target),

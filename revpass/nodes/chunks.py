@@ -45,7 +45,7 @@ Tensor = torch.Tensor
 #: least one sample): smaller chunks cost more in launches and passes than they save (a GPU runs
 #: few large chunks faster). Also the chunk where the conversion did not choose
 #: (RecomputeSegment.chunk_elems None); a segment whose whole batch fits runs unchunked
-CHUNK_ELEMS = {"cpu": 1 << 16, "cuda": 1 << 22}
+CHUNK_ELEMS = {"cpu": 1 << 14, "cuda": 1 << 22}
 
 
 class Unchunkable(ValueError):

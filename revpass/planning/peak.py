@@ -31,8 +31,10 @@ def estimate_peak(gm, where: Optional[list] = None, with_grads: bool = False) ->
     optimizer state (activations plus temporaries), from an annotated GraphModule, without running
     a backward. The model of a training step:
 
-    * the inputs are held throughout; at the end of the forward, every node's kept bytes are
-      held, and each stateful neuron keeps its final state (one step of its output);
+    * the inputs are held throughout; in the forward, a module call holds what the nodes before
+      it keep, the values it reads, and at its own peak ``forward_bytes`` more (measured: a
+      recomputed segment runs its layers whole there); at the end of the forward, every node's
+      kept bytes are held, and each stateful neuron keeps its final state (one step of its output);
     * the backward visits the nodes in reverse; at a node it holds the gradients of its output
       and inputs (and, for a recomputed segment, its rebuilt layers: ``workspace_bytes``), and
       the gradients of values with several readers accumulate until their producer is reached;
@@ -42,7 +44,7 @@ def estimate_peak(gm, where: Optional[list] = None, with_grads: bool = False) ->
       activations and temporaries there, which is what MemTracker's peak less parameters,
       gradients, buffers and optimizer state measures.
 
-    ``where``: a list the node at the peak is appended to (None: at the end of the forward).
+    ``where``: a list the node at the peak is appended to (None: in the forward or at its end).
     ``with_grads``: (the figure with the parameters' gradients that exist there, the figure): the
     first is the step's whole peak less parameters, buffers and optimizer state, what a change
     must lower to lower the peak (the figure without them can rise when the peak moves to where
@@ -64,6 +66,7 @@ class _Item:
     workspace: int
     grads: Tuple[Tuple[Any, int], ...]  # (identity, bytes) of the parameters' gradients its backward makes
     held: int  # bytes held from the forward to the end: an input, a neuron's final state
+    forward: int  # the most its forward holds at once beyond what existed before it
 
 
 def _items(gm) -> List[_Item]:
@@ -103,7 +106,7 @@ def _items(gm) -> List[_Item]:
         reads = tuple((_key(a), _bytes(meta.info(a)), len(a.users) > 1) for a in n.all_input_nodes
                       if a.op != "get_attr" and (meta.info(a) or {}).get("shape") and a.name not in no_grad)
         out.append(_Item(n, _key(n), info["kept_bytes"], _bytes(info), reads, n.op == "call_module",
-                         info.get("workspace_bytes") or 0, tuple(grads), held))
+                         info.get("workspace_bytes") or 0, tuple(grads), held, info.get("forward_bytes") or 0))
     return out
 
 
@@ -112,9 +115,18 @@ def _key(n: fx.Node) -> str:
 
 
 def _sweep(items: List[_Item], where: Optional[list], with_grads: bool):
-    held = sum(it.kept + it.held for it in items)
+    # the forward: at each module call, what earlier nodes keep and hold, the values it reads, and
+    # what its own forward holds at its peak (no parameter gradients exist yet)
+    best, at, so_far = 0, None, 0
+    for it in items:
+        now = so_far + sum(b for _, b, _ in it.reads) + it.forward
+        if it.forward and now > best:
+            best = now
+        so_far += it.kept + it.held
+    held = so_far
+    best = best_total = max(best, held)
+    at = None
     grads = 0
-    best_total, best, at = held, held, None
     seen = set()
     pending: Dict[str, int] = {}  # gradients of multi-reader values, accumulating until their producer runs
     for it in reversed(items):
@@ -278,7 +290,7 @@ def chunk_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
     workspace falls; then it takes the first point on that path within ``tolerance`` of its lowest
     estimate (the whole estimate, parameters' gradients included: the activations alone can rise
     when the peak moves deeper). A segment runs in at most CHUNK_MAX chunks of at least
-    revpass.nodes.chunks.CHUNK_ELEMS elements of its largest value (2^16 on the CPU, 2^22 on a
+    revpass.nodes.chunks.CHUNK_ELEMS elements of its largest value (2^14 on the CPU, 2^22 on a
     GPU: more, smaller ones cost launches and passes more than they save). The workspace need not
     fall: a chunk's parameter gradients exist beside their sum so far, so a deep layer, whose
     weights outweigh its activations, needs more in chunks than whole. Returns {segment: samples
