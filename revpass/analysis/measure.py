@@ -5,8 +5,9 @@
 forward returns) to the node that saved it, deduplicated by storage over the whole graph: a
 storage kept by several nodes (a reversible node's output, kept again by the conv that reads it)
 counts once, at the first node that keeps it. It also records each node's output shape, dtype,
-whether its values are all 0 or 1 (spikes), and the backward workspace of revpass nodes and
-recomputed segments (revpass.analysis.workspace).
+whether its values are all 0 or 1 (spikes), the most each module call's forward held at once
+(:class:`_Forward`), and the backward workspace of revpass nodes and recomputed segments
+(revpass.analysis.workspace).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class _Recorder(fx.Interpreter):
 
 
 class _NoModules:
-    """A stand-in for MemTracker's module tracker that tracks no module (see _forward_peak)."""
+    """A stand-in for MemTracker's module tracker that tracks no module (see :class:`_Forward`)."""
 
     parents: frozenset = frozenset()
     is_bw = False
