@@ -99,8 +99,9 @@ def train(model: nn.Module, data, epochs: int, batch: int, lr: float, bar: Progr
             correct += int((model(xte[:, i:i + 256]).argmax(1) == yte[i:i + 256]).sum())
     model.train()
     reset_states(model)
-    kept = kept_bytes(model, xtr[:, :batch])
-    peak = step_peak(model, xtr[:, :batch])
+    one = xtr[:, :batch].clone()  # a batch of its own: a slice would count the whole set's storage
+    kept = kept_bytes(model, one)
+    peak = step_peak(model, one)
     model.zero_grad(set_to_none=True)
     return {"accuracy": correct / len(yte), "kept_bytes": kept, "peak_bytes": peak, "train_s": seconds}
 
