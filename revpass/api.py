@@ -509,8 +509,11 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     estimate = PlanEstimate(probes, base="recompute")
     order = [r.path for r in probes["exact"].revpass_report.rows]  # the sites in forward order
 
+    def strategies_of(choice):  # {path: strategy} of a choice {path: (strategy, reason)}
+        return {p: s for p, (s, _) in choice.items()}
+
     def peak_of(choice):
-        return estimate({p: s for p, (s, _) in choice.items()})
+        return estimate(strategies_of(choice))
 
     def lowest():  # budget="min": (choice, its estimated peak)
         choice = min_choice
@@ -556,16 +559,17 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         the regions' own: a conversion chunks and slices for the whole plan)."""
         choice = relax(low, bound, why)
         gm = with_plan(choice)
-        if choice != low and estimate_peak(gm) > bound:
+        peak = estimate_peak(gm)
+        if choice != low and peak > bound:
             gm_low = with_plan(low)
-            if estimate_peak(gm_low) < estimate_peak(gm):
+            if estimate_peak(gm_low) < peak:
                 choice, gm = low, gm_low
         return choice, gm
 
     def kept_of(choice):  # the bytes a choice keeps for backward, from the probes
         if all(c is None for c, _ in choice.values()):
             return total_before
-        return estimate.kept({p: c for p, (c, _) in choice.items()})
+        return estimate.kept(strategies_of(choice))
 
     min_choice, predicted = choose(total_before, savings, "min", strategies)
     if isinstance(budget, Peak):

@@ -117,14 +117,12 @@ def _key(n: fx.Node) -> str:
 def _sweep(items: List[_Item], where: Optional[list], with_grads: bool):
     # the forward: at each module call, what earlier nodes keep and hold, the values it reads, and
     # what its own forward holds at its peak (no parameter gradients exist yet)
-    best, at, so_far = 0, None, 0
+    best, held = 0, 0
     for it in items:
-        now = so_far + sum(b for _, b, _ in it.reads) + it.forward
-        if it.forward and now > best:
-            best = now
-        so_far += it.kept + it.held
-    held = so_far
-    best = best_total = max(best, held)
+        if it.forward:
+            best = max(best, held + sum(b for _, b, _ in it.reads) + it.forward)
+        held += it.kept + it.held
+    best = best_total = max(best, held)  # then at the end of the forward
     at = None
     grads = 0
     seen = set()
