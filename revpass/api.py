@@ -48,7 +48,7 @@ from revpass.passes.untraced import settle, untraced_parts, untraced_sites
 from revpass.planning.budget import (STRATEGIES, BudgetError, Peak, allowed, choose, site_savings,
                                      workspaces)
 from revpass.planning.memory_plan import MemoryPlan, plan_of
-from revpass.planning.peak import (PlanEstimate, chunk_where_it_sets_the_peak, estimate_peak,
+from revpass.planning.peak import (PlanEstimate, estimate_peak, refine_where_it_sets_the_peak,
                                    slice_where_it_sets_the_peak)
 from revpass.report import ConversionReport, SiteRow
 from revpass.trace import TraceError, trace
@@ -235,8 +235,7 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     gm.revpass_inputs_without_grad = {name for name, x in zip(placeholders, run.inputs)
                                       if not (isinstance(x, torch.Tensor) and x.requires_grad)}
     slice_where_it_sets_the_peak(gm)  # the nodes' backward transient, bounded where it matters
-    if chunk_where_it_sets_the_peak(gm):  # and the recomputed segments' rebuilds
-        slice_where_it_sets_the_peak(gm)  # chunked, they can leave the peak at a node's backward
+    refine_where_it_sets_the_peak(gm)  # and whatever backward sets the peak then, segments' rebuilds included
     gm.revpass_peak_before = estimate_peak(run.before)  # the unconverted graph, for revpass.plan
     run.before = None
     if run.options.collect:

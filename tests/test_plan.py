@@ -185,5 +185,11 @@ def test_the_estimate_sees_a_recomputed_segments_forward():
     assert meta.info(first)["forward_bytes"] >= 2 * act  # the conv's and the batch norm's at least
     where = []
     est = estimate_peak(gm, where)
-    assert where == [None]  # in the forward
-    assert abs(est - step_peak(gm, x)) <= 0.1 * step_peak(gm, x)
+    measured = step_peak(gm, x)
+    assert abs(est - measured) <= 0.1 * measured
+    # the forward alone: the segments' rebuilds (chunked as finely as the peak needed) left out
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target.startswith("revpass_segment"):
+            meta.update(n, workspace_bytes=0)
+    forward = estimate_peak(gm, where)
+    assert where[-1] is None and forward >= 0.95 * est and abs(forward - measured) <= 0.1 * measured

@@ -36,16 +36,18 @@ from torch import fx, nn
 
 from revpass.neurons import multi_step_batch_norm
 from revpass.nodes.batchnorm import per_channel, statistics
-from revpass.nodes.bits import is_binary, pack_planes
+from revpass.nodes.bits import is_binary, pack_planes, unpack_flat
 from revpass.nodes.modules import Node
 
 Tensor = torch.Tensor
 
 #: the least elements a chunk of the segment's largest value holds, by device type (a chunk is at
-#: least one sample): smaller chunks cost more in launches and passes than they save (a GPU runs
-#: few large chunks faster). Also the chunk where the conversion did not choose
+#: least one step of one sample): smaller chunks cost more in launches and passes than they save
+#: (a GPU runs few large chunks faster). Also the chunk where the conversion did not choose
 #: (RecomputeSegment.chunk_elems None); a segment whose whole batch fits runs unchunked
-CHUNK_ELEMS = {"cpu": 1 << 14, "cuda": 1 << 22}
+CHUNK_ELEMS = {"cpu": 1 << 12, "cuda": 1 << 22}
+#: the most chunks a segment's backward is rebuilt in (samples times parts of their steps)
+CHUNKS_MAX = 32
 
 
 class Unchunkable(ValueError):
@@ -84,6 +86,14 @@ class Plan:
             raise Unchunkable("a batch norm or neuron is called more than once")
         if any(m.folded_bn is not None for m in self.modules(self.neurons)):
             raise Unchunkable("a batch norm is folded into a neuron (it would take a chunk's statistics)")
+        #: why the rebuild cannot also run a chunk of the time steps at a time (None: it can, if
+        #: :func:`check` finds it reproduces the forward): each neuron must carry its state from
+        #: one call to the next, the states at the chunks' boundaries being what links them
+        self.why_not_in_time: Optional[str] = None
+        for n, m in zip(self.neurons, self.modules(self.neurons)):
+            if not m.carry_state or m.step_mode != "m" or len(n.args) != 1 or n.kwargs:
+                self.why_not_in_time = f"{n.target} does not carry its state from one call to the next"
+                break
 
     def modules(self, nodes) -> List[nn.Module]:
         return [self.body.get_submodule(n.target) for n in nodes]
@@ -116,12 +126,38 @@ def _run(body: fx.GraphModule, nodes: Sequence[fx.Node], env: Dict[fx.Node, Any]
                 del env[a]
 
 
+class Packed:
+    """A (T, B, ...) input of 0s and 1s kept as one row of bits (revpass.nodes.bits.pack_flat),
+    unpacked a chunk at a time: whole, it would be as large as the activation chunks avoid."""
+
+    def __init__(self, packed: Tensor, shape, dtype: torch.dtype):
+        self.packed, self.shape, self.dtype = packed, tuple(shape), dtype
+
+    def whole(self) -> Tensor:
+        return unpack_flat(self.packed, self.shape, self.dtype)
+
+    def block(self, a: int, b: int, t0: int, t1: int) -> Tensor:
+        """Samples a:b of steps t0:t1."""
+        T, B = self.shape[:2]
+        if b - a == B:
+            return unpack_flat(self.packed, self.shape, self.dtype, (t0, t1))
+        out = torch.empty((t1 - t0, b - a, *self.shape[2:]), dtype=self.dtype, device=self.packed.device)
+        for t in range(t0, t1):  # samples a:b of a step: one run of bits
+            out[t - t0] = unpack_flat(self.packed, (T * B, *self.shape[2:]), self.dtype, (t * B + a, t * B + b))
+        return out
+
+    def new_zeros(self, shape) -> Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.packed.device)
+
+
 def _batched(v: Any, B: int) -> bool:
-    return isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == B
+    return isinstance(v, Packed) or isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == B
 
 
-def _slice(v: Any, B: int, a: int, b: int) -> Any:
-    return v[:, a:b] if _batched(v, B) else v
+def _slice(v: Any, B: int, a: int, b: int, t0: int = 0, t1: Optional[int] = None) -> Any:
+    if isinstance(v, Packed):
+        return v.block(a, b, t0, v.shape[0] if t1 is None else t1)
+    return v[t0:t1, a:b] if _batched(v, B) else v
 
 
 def _state_slice(state, B: int, a: int, b: int):
@@ -202,96 +238,148 @@ def forward_hooks(plan: Plan, stats: Dict[fx.Node, Tuple[Tensor, Tensor]], spike
 
 
 def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequence[Tensor],
-             grad_out: Tensor, stats, spikes, states0: Dict[nn.Module, Any], per: int
+             grad_out: Tensor, stats, spikes, states0: Dict[nn.Module, Any], per: int, steps: Optional[int] = None
              ) -> Optional[Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]]:
     """The segment's gradients (of ``inputs[i]`` for i in ``wants``, and of ``params``), rebuilt
-    ``per`` samples at a time; None when a chunk's spikes differ from the forward's (the caller
-    then rebuilds the segment whole)."""
+    ``per`` samples at a time and, of each, ``steps`` time steps at a time (None: all); None when
+    a chunk's spikes differ from the forward's (the caller then rebuilds the segment whole).
+
+    In time, a sample chunk's steps are differentiated from the last chunk to the first: the
+    neurons' states at each chunk's start are rebuilt by running the chunks before it without
+    gradients (they are a step of one chunk of samples each), a chunk starts from them as
+    leaves, and their gradients are the gradients of the previous chunk's final states."""
     if any(s is None for s in spikes.values()):
         return None
-    B = grad_out.shape[1]
-    parts = chunks_of(B, per)
+    T, B = grad_out.shape[:2]
+    parts, times = chunks_of(B, per), chunks_of(T, steps or T)
     body = plan.body
     sums: Dict[fx.Node, _Sums] = {}
+    neurons = set(plan.neurons)
+    nodes = list(states0)
 
-    def chunk_inputs(a: int, b: int, leaves: bool):
+    def chunk_inputs(a: int, b: int, t0: int, t1: int, leaves: bool):
         env, leaf = {}, []
         for i, (p, x) in enumerate(zip(plan.placeholders, inputs)):
-            v = _slice(x, B, a, b)
+            v = _slice(x, B, a, b, t0, t1)
             if leaves and i in wants:
                 v = v.detach().requires_grad_(True)
                 leaf.append(v)
             env[p] = v
-        for m, s in states0.items():
-            m.state = _state_slice(s, B, a, b)
         return env, leaf
 
     def normalize(n, x):
         mean, invstd = stats[n]
         bn = body.get_submodule(n.target)
-        if n not in sums:  # elements per channel over the whole batch
-            sums[n] = _Sums(x.numel() // x.shape[2] // x.shape[1] * B)
+        if n not in sums:  # elements per channel over the whole batch and every step
+            sums[n] = _Sums(x.numel() // x.shape[2] // x.shape[1] // x.shape[0] * B * T)
         return _Normalize.apply(x, mean, invstd, bn.weight, bn.bias, sums[n])
 
-    neurons = set(plan.neurons)
-
-    def same_spikes(k: int):
-        a, b = parts[k]
-
+    def same_spikes(a: int, b: int, t0: int, t1: int):
         def seen(n, y):
             if n in neurons:
-                kept = spikes[n].reshape(y.shape[0], B, -1)[:, a:b].reshape(y.shape[0], -1)
+                kept = spikes[n].reshape(T, B, -1)[t0:t1, a:b].reshape(t1 - t0, -1)
                 if not torch.equal(pack_planes(y.detach() != 0), kept):
                     raise _Differs(n.name)
 
         return seen
 
-    if plan.bns:  # the first pass: the batch norms' sums
-        for k, (a, b) in enumerate(parts):
-            env, _ = chunk_inputs(a, b, leaves=False)
-            with torch.no_grad():
-                _run(body, plan.upstream, env)
-            firsts = []
-            for n in plan.bns:  # the batch norms' inputs, as leaves the first pass differentiates to
-                firsts.append(env[n.args[0]].detach().requires_grad_(True))
-                env[n.args[0]] = firsts[-1]
+    def starts(a: int, b: int) -> List[Dict[nn.Module, Any]]:
+        """The neurons' states at each time chunk's start, for samples a:b."""
+        for m, s in states0.items():
+            m.state = _state_slice(s, B, a, b)
+        at = [{m: m.state for m in nodes}]
+        with torch.no_grad():
+            for t0, t1 in times[:-1]:
+                env, _ = chunk_inputs(a, b, t0, t1, leaves=False)
+                _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
+                at.append({m: m.state for m in nodes})
+        return at
+
+    def through_time(a: int, b: int, first: bool):
+        """Differentiates samples a:b a time chunk at a time, from the last; yields each chunk's
+        (t0, t1, gradients of its targets): in the first pass, of the batch norms' inputs (their
+        sums are what it is for); in the second, of the inputs in ``wants`` and the parameters."""
+        at, carried = starts(a, b), {}
+        for k in reversed(range(len(times))):
+            t0, t1 = times[k]
+            env, leaf = chunk_inputs(a, b, t0, t1, leaves=not first)
+            held = {}  # the states this chunk starts from, as leaves (the first chunk's are given)
+            for m in nodes:
+                s = at[k][m]
+                if k and s is not None:
+                    s = tuple(t.detach().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point()
+                              else t for t in s)
+                    held[m] = s
+                m.state = s
             with torch.enable_grad():
                 try:
-                    _run(body, plan.rest, env, bn=normalize, seen=same_spikes(k), result=plan.result)
+                    if first:
+                        with torch.no_grad():
+                            _run(body, plan.upstream, env)
+                        targets = []
+                        for n in plan.bns:  # the batch norms' inputs, as leaves the first pass differentiates to
+                            targets.append(env[n.args[0]].detach().requires_grad_(True))
+                            env[n.args[0]] = targets[-1]
+                        _run(body, plan.rest, env, bn=normalize, seen=same_spikes(a, b, t0, t1), result=plan.result)
+                    else:
+                        _run(body, plan.upstream + plan.rest, env, bn=normalize, seen=same_spikes(a, b, t0, t1),
+                             result=plan.result)
+                        targets = [*leaf, *params]
                 except _Differs:
+                    yield None
+                    return
+                outs, gouts = [env.pop(plan.result)], [grad_out[t0:t1, a:b]]
+                for m, gs in carried.items():  # the gradients of this chunk's final states
+                    for t, g in zip(m.state or (), gs):
+                        if g is not None and isinstance(t, Tensor) and t.requires_grad:
+                            outs.append(t)
+                            gouts.append(g)
+                flat = [t for s in held.values() for t in s if isinstance(t, Tensor) and t.requires_grad]
+                got = torch.autograd.grad(outs, [*targets, *flat], gouts, allow_unused=True)
+            del env, outs, gouts
+            state_grads = iter(got[len(targets):])
+            carried = {m: tuple(next(state_grads) if isinstance(t, Tensor) and t.requires_grad else None for t in s)
+                       for m, s in held.items()}
+            yield t0, t1, got[:len(targets)]
+
+    if plan.bns:  # the first pass: the batch norms' sums
+        for a, b in parts:
+            for got in through_time(a, b, first=True):
+                if got is None:
                     return None
-                torch.autograd.grad(env.pop(plan.result), firsts, grad_out[:, a:b])
-            del env, firsts
         for s in sums.values():
             s.totals = (s.dbeta.to(grad_out.dtype), s.dgamma.to(grad_out.dtype))
     g_in: List[Optional[Tensor]] = [None] * len(inputs)
     g_par: List[Optional[Tensor]] = [None] * len(params)
-    for k, (a, b) in enumerate(parts):  # the second pass: every gradient
-        env, leaf = chunk_inputs(a, b, leaves=True)
-        with torch.enable_grad():
-            try:
-                _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result, seen=same_spikes(k))
-            except _Differs:
+    for a, b in parts:  # the second pass: every gradient
+        for got in through_time(a, b, first=False):
+            if got is None:
                 return None
-            got = torch.autograd.grad(env.pop(plan.result), [*leaf, *params], grad_out[:, a:b], allow_unused=True)
-        del env
-        for j, i in enumerate(wants):
-            if got[j] is not None:
-                if g_in[i] is None:
-                    g_in[i] = inputs[i].new_zeros(inputs[i].shape)
-                g_in[i][:, a:b] = got[j]
-        for j, g in enumerate(got[len(leaf):]):
-            if g is not None:
-                g_par[j] = g if g_par[j] is None else g_par[j].add_(g)
+            t0, t1, got = got
+            for j, i in enumerate(wants):
+                if got[j] is not None:
+                    if g_in[i] is None:
+                        g_in[i] = inputs[i].new_zeros(inputs[i].shape)
+                    g_in[i][t0:t1, a:b] = got[j]
+            for j, g in enumerate(got[len(wants):]):
+                if g is not None:
+                    g_par[j] = g if g_par[j] is None else g_par[j].add_(g)
     return g_in, g_par
 
 
-def check(plan: Plan, inputs: Sequence[Any], per: int) -> Optional[str]:
-    """Why ``plan``'s chunked rebuild is not the segment's forward on these inputs (None: it is)."""
+def check(plan: Plan, inputs: Sequence[Any], per: int, steps: Optional[int] = None) -> Optional[str]:
+    """Why ``plan``'s rebuild in chunks of ``per`` samples and ``steps`` time steps (None: all) is
+    not the segment's forward on these inputs (None: it is)."""
     body = plan.body
     B = next((x.shape[1] for x in inputs if isinstance(x, Tensor) and x.dim() >= 2), None)
     if B is None or not all(_batched(x, B) or not isinstance(x, Tensor) for x in inputs):
         return "its inputs are not (T, B, ...) sequences of one batch"
+    T = next(x.shape[0] for x in inputs if isinstance(x, Tensor))
+    if steps is not None:
+        if plan.why_not_in_time is not None:
+            return plan.why_not_in_time
+        if any(isinstance(x, Tensor) and x.shape[0] != T for x in inputs):
+            return "its inputs are not sequences of the same steps"
     nodes = plan.modules(plan.neurons)
     states0 = {m: m.state for m in nodes}
     buffers = [(t, t.clone()) for t in body.buffers()]
@@ -312,16 +400,19 @@ def check(plan: Plan, inputs: Sequence[Any], per: int) -> Optional[str]:
                     h.remove()
             # what the second pass computes, chunk by chunk, with the whole batch's statistics
             for a, b in chunks_of(B, per):
-                env = {p: _slice(x, B, a, b) for p, x in zip(plan.placeholders, inputs)}
                 for m in nodes:
                     m.state = _state_slice(states0[m], B, a, b)
-                _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
-                got = env[plan.result]
-                if not isinstance(got, Tensor) or not isinstance(whole, Tensor) or got.shape != whole[:, a:b].shape:
-                    return "a chunk's output is not the matching part of the whole batch's"
-                if not torch.equal(got, whole[:, a:b]):
-                    return ("a chunk's output differs from the whole batch's (its layers mix samples or draw "
-                            "random numbers)")
+                for t0, t1 in chunks_of(T, steps or T):  # the neurons carry their states from chunk to chunk
+                    env = {p: _slice(x, B, a, b, t0, t1) for p, x in zip(plan.placeholders, inputs)}
+                    _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
+                    got = env[plan.result]
+                    if (not isinstance(got, Tensor) or not isinstance(whole, Tensor)
+                            or got.shape != whole[t0:t1, a:b].shape):
+                        return "a chunk's output is not the matching part of the whole batch's"
+                    if not torch.equal(got, whole[t0:t1, a:b]):
+                        return ("a chunk's output differs from the whole batch's (its layers mix samples or steps, "
+                                "or draw random numbers)" if steps else "a chunk's output differs from the whole "
+                                "batch's (its layers mix samples or draw random numbers)")
     except Unchunkable as e:
         return str(e)
     except (RuntimeError, TypeError, ValueError, IndexError) as e:  # shapes fixed at tracing, and the like

@@ -29,7 +29,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from revpass.nodes import chunks
-from revpass.nodes.bits import is_binary, pack_flat, unpack_flat
+from revpass.nodes.bits import is_binary, pack_flat
 from revpass.nodes.modules import Node
 
 Tensor = torch.Tensor
@@ -48,9 +48,13 @@ class RecomputeSegment(nn.Module):
         self.plain = False  # run the layers as they are, nothing saved (revpass.export_onnx sets it)
         #: the rebuild a chunk of the batch at a time (revpass/nodes/chunks.py): its plan, set by
         #: :meth:`try_chunks` where the chunks reproduce the forward; elements of the largest value
-        #: per sample; elements per chunk (None: chunks.CHUNK_ELEMS for the device)
+        #: per sample and the steps they were counted over (the example inputs'); whether a chunk
+        #: may also be a part of a sample's steps; elements per chunk (None: chunks.CHUNK_ELEMS
+        #: for the device)
         self.chunking: Optional[chunks.Plan] = None
         self.sample_elems = 0
+        self.sample_steps = 1
+        self.in_time = False
         self.chunk_elems: Optional[int] = None
         #: bytes of the states its neurons carry after a forward (one step of each one's output),
         #: measured when formed; None: not known (estimated from its output)
@@ -72,9 +76,12 @@ class RecomputeSegment(nn.Module):
 
     def extra_repr(self) -> str:
         names = [n.target for n in self._body.graph.nodes if n.op == "call_module"]
-        return f"recomputes {' -> '.join(map(str, names))}" + (
-            f", {self.chunk_elems // self.sample_elems} samples a chunk at most"
-            if self.chunking is not None and self.chunk_elems else "")
+        what = ""
+        if self.chunking is not None and self.chunk_elems:
+            per, steps = self.chunk_shape(self.sample_steps, max(1, self.chunk_elems // self.sample_elems))
+            what = f", {per} samples a chunk at most" + (
+                f" ({steps} of {self.sample_steps} steps of one)" if steps < self.sample_steps else "")
+        return f"recomputes {' -> '.join(map(str, names))}" + what
 
     def try_chunks(self, inputs: Sequence[Any], sample_elems: int) -> Optional[str]:
         """Let the backward rebuild a chunk of the batch at a time if, on these (example)
@@ -83,20 +90,41 @@ class RecomputeSegment(nn.Module):
             plan = chunks.Plan(self._body)
         except chunks.Unchunkable as e:
             return str(e)
-        why = chunks.check(plan, inputs, 1)
+        in_time = plan.why_not_in_time is None and chunks.check(plan, inputs, 1, 1) is None
+        why = None if in_time else chunks.check(plan, inputs, 1)
         if why is None:
-            self.chunking, self.sample_elems = plan, max(1, int(sample_elems))
-            B = next(x.shape[1] for x in inputs if isinstance(x, Tensor) and x.dim() >= 2)
-            self.chunk_elems = B * self.sample_elems  # unchunked until chosen (chunk_where_it_sets_the_peak)
+            self.chunking, self.sample_elems, self.in_time = plan, max(1, int(sample_elems)), in_time
+            T, B = next(x.shape[:2] for x in inputs if isinstance(x, Tensor) and x.dim() >= 2)
+            self.sample_steps = max(1, T)
+            self.chunk_elems = B * self.sample_elems  # unchunked until chosen (refine_where_it_sets_the_peak)
         return why
+
+    def chunk_shape(self, T: int, B: int, elems: Optional[int] = None) -> Tuple[int, int]:
+        """(samples, steps) of each chunk the backward rebuilds for a (T, B, ...) sequence, its
+        largest value at most ``elems`` elements a chunk (default: :attr:`chunk_elems`); (B, T):
+        unchunked. A chunk is a part of one sample's steps only where it must be, to fit."""
+        if self.chunking is None:
+            return B, T
+        elems = elems or self.chunk_elems or chunks.CHUNK_ELEMS["cuda"]
+        step = max(1, self.sample_elems // self.sample_steps)  # the largest value's elements per sample and step
+        per = max(1, min(B, elems // (step * T)))
+        steps = max(1, min(T, elems // step)) if per == 1 and self.in_time else T
+        return per, steps
+
+    def chunk_elems_of(self, per: int, steps: int) -> int:
+        """The :attr:`chunk_elems` whose chunks are ``per`` samples (``steps`` of the example's steps)."""
+        step = max(1, self.sample_elems // self.sample_steps)
+        return per * step * (steps if per == 1 and steps < self.sample_steps else self.sample_steps)
 
     def samples_per_chunk(self, x: Tensor) -> int:
         """Samples of each chunk the backward rebuilds for a batch like ``x``'s (all: unchunked)."""
-        B = x.shape[1] if x.dim() >= 2 else 1
-        if self.chunking is None:
-            return B
-        elems = self.chunk_elems or chunks.CHUNK_ELEMS.get(x.device.type, chunks.CHUNK_ELEMS["cuda"])
-        return max(1, min(B, elems // self.sample_elems))
+        return self._shape_for(x)[0]
+
+    def _shape_for(self, x: Tensor) -> Tuple[int, int]:
+        if x.dim() < 2:
+            return 1, 1
+        elems = None if self.chunk_elems else chunks.CHUNK_ELEMS.get(x.device.type, chunks.CHUNK_ELEMS["cuda"])
+        return self.chunk_shape(x.shape[0], x.shape[1], elems)
 
 
 def _rng_state(inputs) -> Tuple[Tensor, Optional[Tuple[int, Tensor]]]:
@@ -121,7 +149,7 @@ class _Recompute(torch.autograd.Function):
             for h in hooks:
                 h.remove()
         if ctx.per and any(s is None for s in spikes.values()):
-            ctx.per = 0  # a neuron's output is not spikes of 0 and 1: nothing to check a chunk by
+            ctx.per = None  # a neuron's output is not spikes of 0 and 1: nothing to check a chunk by
         if not isinstance(out, Tensor):
             raise TypeError(f"{seg.name}: a recomputed segment must return one tensor, got {type(out).__name__}")
         saved, layout = [], []
@@ -158,12 +186,14 @@ class _Recompute(torch.autograd.Function):
         for how, info in ctx.layout:
             if how == "value":
                 inputs.append(info)
-            elif how == "bits":
+            elif how == "bits":  # unpacked a chunk at a time where the rebuild runs in chunks
                 shape, dtype = info
-                inputs.append(unpack_flat(next(saved), shape, dtype))
+                packed = chunks.Packed(next(saved), shape, dtype)
+                inputs.append(packed if ctx.per else packed.whole())
             else:
                 inputs.append(next(saved).detach())
-        wants = [i for i in range(n_in) if ctx.needs_input_grad[2 + i] and isinstance(inputs[i], Tensor)]
+        wants = [i for i in range(n_in) if ctx.needs_input_grad[2 + i]
+                 and isinstance(inputs[i], (Tensor, chunks.Packed))]
         params = [p for p in seg._body.parameters() if p.requires_grad]
         p_wants = [j for j in range(len(params)) if ctx.needs_input_grad[2 + n_in + j]]
         now = {m: m.state for m in ctx.states}
@@ -172,11 +202,12 @@ class _Recompute(torch.autograd.Function):
             grads = None
             if ctx.per:
                 got = chunks.backward(plan, inputs, wants, [params[j] for j in p_wants], grad_out, stats, spikes,
-                                      ctx.states, ctx.per)
+                                      ctx.states, *ctx.per)
                 if got is not None:
                     grads = [got[0][i] for i in wants] + got[1]
                 else:
                     seg.whole_rebuilds += 1  # a chunk's spikes differed from the forward's
+                    inputs = [x.whole() if isinstance(x, chunks.Packed) else x for x in inputs]
             if grads is None:
                 grads = _rebuild_whole(ctx, seg, inputs, wants, params, p_wants, grad_out)
         finally:  # the buffers after the grad: batch norm's backward reads its running statistics
@@ -194,18 +225,20 @@ class _Recompute(torch.autograd.Function):
 
 
 
-def _chunked(seg: RecomputeSegment, inputs) -> int:
-    """Samples per chunk for this call's backward (revpass/nodes/chunks.py), 0: rebuilt whole."""
+def _chunked(seg: RecomputeSegment, inputs) -> Optional[Tuple[int, Optional[int]]]:
+    """(samples, steps or None: all) per chunk for this call's backward (revpass/nodes/chunks.py);
+    None: rebuilt whole."""
     plan = seg.chunking
     if plan is None:
-        return 0
+        return None
     xs = [x for x in inputs if isinstance(x, Tensor)]
-    if not xs or xs[0].dim() < 2 or any(x.dim() < 2 or x.shape[1] != xs[0].shape[1] for x in xs):
-        return 0
+    if not xs or xs[0].dim() < 2 or any(x.dim() < 2 or x.shape[:2] != xs[0].shape[:2] for x in xs):
+        return None
     if not all(bn.training for bn in plan.modules(plan.bns)):
-        return 0  # a batch norm in eval mode: running statistics, no batch sums to take
-    per = seg.samples_per_chunk(xs[0])
-    return per if per < xs[0].shape[1] else 0
+        return None  # a batch norm in eval mode: running statistics, no batch sums to take
+    T, B = xs[0].shape[:2]
+    per, steps = seg._shape_for(xs[0])
+    return (per, steps if steps < T else None) if per < B or steps < T else None
 
 
 def _rebuild_whole(ctx, seg: RecomputeSegment, inputs, wants, params, p_wants, grad_out) -> List[Optional[Tensor]]:

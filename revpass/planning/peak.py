@@ -15,8 +15,8 @@ from revpass.analysis.workspace import node_workspace, trained_params
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
-from revpass.nodes.chunks import CHUNK_ELEMS
-from revpass.nodes.slicing import CHUNK_MAX, CHUNK_MIN_ELEMS_FINE, chunks
+from revpass.nodes.chunks import CHUNK_ELEMS, CHUNKS_MAX
+from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE, chunks
 
 
 def _bytes(info) -> int:
@@ -275,82 +275,135 @@ def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
     return sliced
 
 
-def chunk_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
-    """Choose how many samples of the batch each recomputed segment's backward rebuilds at a time
-    (revpass/nodes/chunks.py), for the segments that can, and only as finely as it takes.
+def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tuple[int, ...]]:
+    """Rebuild in smaller pieces whatever backward sets the estimated peak, and only as finely as
+    it takes: a recomputed segment's rebuild in chunks of the batch (revpass/nodes/chunks.py), a
+    node's backward in slices (revpass.nodes.slicing), for those that can.
 
     Chunks bound a segment's rebuild to a part of the batch, at the price of running its layers
-    twice more on fewer samples (two passes) and more, smaller kernels. As
-    :func:`slice_where_it_sets_the_peak` does for slices, this keeps the estimated peak within
-    ``tolerance`` of the lowest it met, with the fewest chunks: starting unchunked (the segments'
-    workspaces as annotated), it halves the chunk of the segment whose backward sets the
-    estimated peak, measuring its workspace at the new size, as long as a segment does and its
-    workspace falls; then it takes the first point on that path within ``tolerance`` of its lowest
-    estimate (the whole estimate, parameters' gradients included: the activations alone can rise
-    when the peak moves deeper). A segment runs in at most CHUNK_MAX chunks of at least
-    revpass.nodes.chunks.CHUNK_ELEMS elements of its largest value (2^14 on the CPU, 2^22 on a
-    GPU: more, smaller ones cost launches and passes more than they save). The workspace need not
-    fall: a chunk's parameter gradients exist beside their sum so far, so a deep layer, whose
-    weights outweigh its activations, needs more in chunks than whole. Returns {segment: samples
-    per chunk} for the segments it chunked."""
+    twice more on fewer samples (two passes) and more, smaller kernels; a chunk smaller than a
+    sample is a part of its time steps, and costs a third run of the steps before it (the
+    neurons' states at its start). Slices bound a node's backward transient the same way, at the
+    price of more launches. Starting from the conversion as it is (segments unchunked, nodes as
+    :func:`slice_where_it_sets_the_peak` left them), this refines what sets the estimated peak:
+    a segment's chunk halves (its samples, down to one, then that sample's steps), a node's
+    slices double, its workspace measured at the new size, as long as the peak is at one that
+    can and its workspace falls; then it takes the first point on that path within ``tolerance``
+    (of the figure) of its lowest estimate (the whole estimate, parameters' gradients included:
+    the activations alone can rise when the peak moves deeper). Deeper layers hold few
+    activations, so the peak moves among a few early layers, and each refinement is measured
+    once. A segment runs in at most revpass.nodes.chunks.CHUNKS_MAX chunks of at least
+    CHUNK_ELEMS elements of its largest value (2^12 on the CPU, 2^22 on a GPU: more, smaller
+    ones cost launches and passes more than they save). The workspace need not fall: a chunk's
+    parameter gradients exist beside their sum so far, so a deep layer, whose weights outweigh
+    its activations, needs more in chunks than whole. Returns {segment: (samples, steps) per
+    chunk, node: (slices,)} for what it refined."""
     from revpass.analysis.workspace import workspace
     from revpass.passes.spikes import spike_values
 
     spikes = None
-    calls, batch, ws = {}, {}, {}  # ws: samples per chunk -> measured workspace
+    calls: Dict[str, list] = {}  # target -> its calls
+    whole: Dict[str, Tuple[int, ...]] = {}  # target -> its coarsest setting: (B, T) or (slices,)
+    ws: Dict[str, Dict[Tuple[int, ...], List[int]]] = {}  # target -> setting -> its calls' workspaces
+    most: Dict[str, int] = {}  # a node's slices at the finest
     for n in gm.graph.nodes:
         info = meta.info(n) or {}
-        if (n.op == "call_module" and info.get("shape") and len(info["shape"]) >= 2
-                and info.get("workspace_bytes") is not None and n.target not in calls):
-            seg = gm.get_submodule(n.target)
-            if (isinstance(seg, RecomputeSegment) and seg.chunking is not None and info["shape"][1] >= 2
-                    and all(isinstance(a, fx.Node) and (meta.info(a) or {}).get("shape") for a in n.args)):
-                calls[n.target], batch[n.target] = n, info["shape"][1]
-                seg.chunk_elems = batch[n.target] * seg.sample_elems  # unchunked, as annotated
-                ws[n.target] = {batch[n.target]: info["workspace_bytes"]}
+        if not (n.op == "call_module" and info.get("shape") and len(info["shape"]) >= 2
+                and info.get("workspace_bytes") is not None):
+            continue
+        m = gm.get_submodule(n.target)
+        if n.target in calls:
+            calls[n.target].append(n)
+        elif (isinstance(m, RecomputeSegment) and m.chunking is not None
+              and (info["shape"][1] >= 2 or m.in_time and info["shape"][0] >= 2)
+              and all(isinstance(a, fx.Node) and (meta.info(a) or {}).get("shape") for a in n.args)):
+            calls[n.target], whole[n.target] = [n], (info["shape"][1], info["shape"][0])
+            m.chunk_elems = m.chunk_elems_of(*whole[n.target])  # unchunked, as annotated
+        elif isinstance(m, Node) and info.get("workspace_bytes"):
+            plan = chunks(info["shape"], m.params(), CHUNK_MIN_ELEMS_FINE)
+            if plan is None or len(plan[1]) < 2:
+                continue
+            most[n.target] = len(plan[1])
+            k = most[n.target] if m.slice_min_elems == CHUNK_MIN_ELEMS_FINE else (
+                1 if m.slice_min_elems is None else -(-math.prod(info["shape"][1:]) // m.slice_min_elems))
+            calls[n.target], whole[n.target] = [n], (min(k, most[n.target]),)
+    for target, ns in calls.items():
+        ws[target] = {whole[target]: [meta.info(n)["workspace_bytes"] for n in ns]}
 
-    def set_per(target: str, per: int) -> None:
-        """Chunks of ``per`` samples for ``target``, its workspace measured on first use."""
+    def set_to(target: str, setting: Tuple[int, ...]) -> None:
+        """``target`` in chunks or slices of ``setting``, its workspace measured on first use."""
         nonlocal spikes
-        seg, n = gm.get_submodule(target), calls[target]
-        seg.chunk_elems = per * seg.sample_elems
-        if per not in ws[target]:
-            spikes = spike_values(gm) if spikes is None else spikes
-            ins = [(meta.info(a)["shape"], getattr(torch, meta.info(a)["dtype"]), a in spikes) for a in n.args]
-            ws[target][per] = workspace(seg, ins)
-        meta.update(n, workspace_bytes=ws[target][per])
+        m, ns = gm.get_submodule(target), calls[target]
+        if isinstance(m, RecomputeSegment):
+            m.chunk_elems = m.chunk_elems_of(*setting)
+        else:
+            k, per_step = setting[0], math.prod(meta.info(ns[0])["shape"][1:])
+            m.set_slicing(None if k == 1 else CHUNK_MIN_ELEMS_FINE if k >= most[target] else -(-per_step // k))
+        if setting not in ws[target]:
+            if isinstance(m, RecomputeSegment):
+                spikes = spike_values(gm) if spikes is None else spikes
+                ins = [(meta.info(a)["shape"], getattr(torch, meta.info(a)["dtype"]), a in spikes) for a in ns[0].args]
+                ws[target][setting] = [workspace(m, ins)]
+            else:
+                ws[target][setting] = [node_workspace(m, meta.info(n)["shape"], getattr(torch, meta.info(n)["dtype"]))
+                                       for n in ns]
+        for n, w in zip(ns, ws[target][setting]):
+            meta.update(n, workspace_bytes=w)
 
-    per = dict(batch)
+    def finer(target: str) -> Optional[Tuple[int, ...]]:
+        """The setting after ``target``'s present one: half a segment's samples, or at one sample
+        half the steps (None past CHUNKS_MAX chunks or below CHUNK_ELEMS elements); twice a
+        node's slices (None past its finest)."""
+        m = gm.get_submodule(target)
+        if not isinstance(m, RecomputeSegment):
+            k = setting[target][0]
+            return (min(2 * k, most[target]),) if k < most[target] else None
+        (B, T), (per, steps) = whole[target], setting[target]
+        nxt = ((per + 1) // 2, steps) if per > 1 else (1, (steps + 1) // 2) if m.in_time and steps > 1 else None
+        if nxt is None:
+            return None
+        dev = next((p.device.type for p in m.body.parameters()), "cpu")
+        least = CHUNK_ELEMS.get(dev, CHUNK_ELEMS["cuda"])
+        step = max(1, m.sample_elems // m.sample_steps)
+        if -(-B // nxt[0]) * -(-T // nxt[1]) > CHUNKS_MAX or nxt[0] * nxt[1] * step < least:
+            return None
+        return nxt
+
+    setting = dict(whole)
     at: list = []
 
     def point():  # (the whole estimated peak, parameters' gradients included; the figure without them)
-        return (*estimate_peak(gm, at, with_grads=True), dict(per))
+        return (*estimate_peak(gm, at, with_grads=True), dict(setting))
 
-    path = [point()]  # each halving's estimates, fewest chunks first
-    def finest(target: str) -> int:  # at most CHUNK_MAX chunks of at least chunks.CHUNK_ELEMS elements
-        B, seg = batch[target], gm.get_submodule(target)
-        dev = next((p.device.type for p in seg.body.parameters()), "cpu")
-        least = CHUNK_ELEMS.get(dev, CHUNK_ELEMS["cuda"])
-        return min(B, max(-(-B // CHUNK_MAX), -(-least // seg.sample_elems)))
-
-    while at and at[-1] is not None and at[-1].target in per and per[at[-1].target] > finest(at[-1].target):
-        target = at[-1].target  # the segment whose backward sets the estimated peak: halve its chunk
-        before = ws[target][per[target]]
-        half = max((per[target] + 1) // 2, finest(target))
-        set_per(target, half)
-        if ws[target][half] >= before:  # finer does not help it: it stays as it was, and sets the peak
-            set_per(target, per[target])
+    path = [point()]  # each refinement's estimates, fewest pieces first
+    while at and at[-1] is not None and at[-1].target in setting:
+        target = at[-1].target  # what sets the estimated peak: its backward in smaller pieces
+        nxt = finer(target)
+        if nxt is None:
             break
-        per[target] = half
+        before = sum(ws[target][setting[target]])
+        set_to(target, nxt)
+        if sum(ws[target][nxt]) >= before:  # finer does not help it: it stays as it was, and sets the peak
+            set_to(target, setting[target])
+            break
+        setting[target] = nxt
         path.append(point())
     lowest = min(path, key=lambda p: p[0])
-    chosen = next(p for t, _, p in path if t <= lowest[0] + tolerance * lowest[1])  # the fewest chunks within bounds
-    chunked = {}
+    # the fewest pieces within bounds, in the whole estimate and in the figure (small changes of
+    # the whole, which the parameters' gradients dominate, can be large ones of the figure)
+    chosen = next(p for t, f, p in path if t <= lowest[0] + tolerance * lowest[1] and f <= (1 + tolerance) * lowest[1])
+    refined = {}
     report = getattr(gm, "revpass_report", None)
     for target, k in chosen.items():
-        set_per(target, k)
-        if k < batch[target]:
-            chunked[target] = k
-            for site in gm.get_submodule(target).sites if report is not None else ():
-                report.by_path(site).reason += f"; its backward rebuilds {k} of {batch[target]} samples at a time"
-    return chunked
+        set_to(target, k)
+        if k == whole[target]:
+            continue
+        refined[target] = k
+        m = gm.get_submodule(target)
+        if isinstance(m, RecomputeSegment):
+            B, T = whole[target]
+            what = (f"{k[0]} of {B} samples" if k[1] == T else
+                    f"{k[1]} of {T} steps of {'one sample' if B > 1 else 'the sample'}")
+            for site in m.sites if report is not None else ():
+                report.by_path(site).reason += f"; its backward rebuilds {what} at a time"
+    return refined
