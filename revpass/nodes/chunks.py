@@ -322,8 +322,10 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
                             env[n.args[0]] = targets[-1]
                         _run(body, plan.rest, env, bn=normalize, seen=same_spikes(a, b, t0, t1), result=plan.result)
                     else:
-                        _run(body, plan.upstream + plan.rest, env, bn=normalize, seen=same_spikes(a, b, t0, t1),
-                             result=plan.result)
+                        # the first pass compared every neuron's spikes (they all follow the batch
+                        # norms), and this pass computes them again the same way
+                        _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result,
+                             seen=None if checked else same_spikes(a, b, t0, t1))
                         targets = [*leaf, *params]
                 except _Differs:
                     yield None
@@ -342,6 +344,7 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
                        for m, s in held.items()}
             yield t0, t1, got[:len(targets)]
 
+    checked = bool(plan.bns) and not any(n in set(plan.upstream) for n in plan.neurons)
     if plan.bns:  # the first pass: the batch norms' sums
         for a, b in parts:
             for got in through_time(a, b, first=True):
