@@ -112,8 +112,10 @@ class _Forward:
         return out, max(0, sum(self.mt._peak_mem.values()) - start)
 
 
-def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, NodeMemory]:
-    """Bytes each node keeps for backward (storage-deduplicated over the graph), by node name."""
+def measure(gm: fx.GraphModule, example_inputs: Sequence[Any], detail: bool = True) -> Dict[str, NodeMemory]:
+    """Bytes each node keeps for backward (storage-deduplicated over the graph), by node name;
+    with ``detail``, also each module call's forward peak and each node's and segment's backward
+    workspace (what the estimate needs; a pass that reads only shapes and kept bytes skips them)."""
     inputs = as_tuple(example_inputs)
     reset_states(gm)
     rec = _Recorder(gm)
@@ -144,7 +146,7 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
     cuda = sorted({t.device.index or 0 for t in (*gm.parameters(), *leaves)
                    if isinstance(t, torch.Tensor) and t.is_cuda})
     known = [*gm.parameters(), *gm.buffers(), *(x for x in leaves if isinstance(x, torch.Tensor))]
-    rec.tracker = None if any(t.device.type == "meta" for t in known) else _Forward(known)
+    rec.tracker = None if not detail or any(t.device.type == "meta" for t in known) else _Forward(known)
     with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             rec.tracker.mt if rec.tracker is not None else contextlib.nullcontext():
         out = rec.run(*leaves)
@@ -171,7 +173,8 @@ def measure(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, Node
         result[n.name] = NodeMemory(kept.get(n.name, 0), i, shape, dtype, rec.binary.get(n.name, False),
                                     sum(own.get(n.name, {}).values()), forward_bytes=rec.forward.get(n.name, 0))
     sized: Dict[str, int] = {}
-    for n in rec.order:  # the backward workspace of revpass nodes and segments, once per module and shapes
+    for n in rec.order if detail else ():  # the backward workspace of revpass nodes and segments, once per
+        # module and shapes
         if n.op != "call_module" or not n.args or not isinstance(gm.get_submodule(n.target),
                                                                                          (Node, RecomputeSegment)):
             continue

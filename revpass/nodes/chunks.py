@@ -28,6 +28,7 @@ mixes samples, or draws random numbers, fails that and leaves the segment unchun
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +37,7 @@ from torch import fx, nn
 
 from revpass.neurons import multi_step_batch_norm
 from revpass.nodes.batchnorm import per_channel, statistics
-from revpass.nodes.bits import is_binary, pack_planes, unpack_flat
+from revpass.nodes.bits import is_binary, pack_planes, unpack_bits, unpack_flat
 from revpass.nodes.modules import Node
 
 Tensor = torch.Tensor
@@ -141,6 +142,11 @@ class Packed:
         T, B = self.shape[:2]
         if b - a == B:
             return unpack_flat(self.packed, self.shape, self.dtype, (t0, t1))
+        row = math.prod(self.shape[2:])  # elements of a sample's step
+        if row % 8 == 0:  # each sample's step starts on a byte: one block of bytes
+            part = self.packed.reshape(T, B, row // 8)[t0:t1, a:b]
+            return unpack_bits(part.reshape(1, -1), (1, part.numel() * 8)).reshape(
+                (t1 - t0, b - a, *self.shape[2:])).to(self.dtype)
         out = torch.empty((t1 - t0, b - a, *self.shape[2:]), dtype=self.dtype, device=self.packed.device)
         for t in range(t0, t1):  # samples a:b of a step: one run of bits
             out[t - t0] = unpack_flat(self.packed, (T * B, *self.shape[2:]), self.dtype, (t * B + a, t * B + b))
@@ -370,9 +376,11 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
     return g_in, g_par
 
 
-def check(plan: Plan, inputs: Sequence[Any], per: int, steps: Optional[int] = None) -> Optional[str]:
+def check(plan: Plan, inputs: Sequence[Any], per: int, steps: Optional[int] = None,
+          samples: Optional[int] = None) -> Optional[str]:
     """Why ``plan``'s rebuild in chunks of ``per`` samples and ``steps`` time steps (None: all) is
-    not the segment's forward on these inputs (None: it is)."""
+    not the segment's forward on these inputs (None: it is), checked on the first ``samples``
+    samples (None: all)."""
     body = plan.body
     B = next((x.shape[1] for x in inputs if isinstance(x, Tensor) and x.dim() >= 2), None)
     if B is None or not all(_batched(x, B) or not isinstance(x, Tensor) for x in inputs):
@@ -402,7 +410,7 @@ def check(plan: Plan, inputs: Sequence[Any], per: int, steps: Optional[int] = No
                 for h in hooks:
                     h.remove()
             # what the second pass computes, chunk by chunk, with the whole batch's statistics
-            for a, b in chunks_of(B, per):
+            for a, b in chunks_of(B if samples is None else min(B, samples), per):
                 for m in nodes:
                     m.state = _state_slice(states0[m], B, a, b)
                 for t0, t1 in chunks_of(T, steps or T):  # the neurons carry their states from chunk to chunk

@@ -90,8 +90,10 @@ class RecomputeSegment(nn.Module):
             plan = chunks.Plan(self._body)
         except chunks.Unchunkable as e:
             return str(e)
-        in_time = plan.why_not_in_time is None and chunks.check(plan, inputs, 1, 1) is None
-        why = None if in_time else chunks.check(plan, inputs, 1)
+        why = chunks.check(plan, inputs, 1)  # every sample alone
+        # and a step at a time (on one sample: the layers act on each step alone or not at all;
+        # the backward compares each chunk's spikes with the forward's anyway)
+        in_time = why is None and plan.why_not_in_time is None and chunks.check(plan, inputs, 1, 1, samples=1) is None
         if why is None:
             self.chunking, self.sample_elems, self.in_time = plan, max(1, int(sample_elems)), in_time
             T, B = next(x.shape[:2] for x in inputs if isinstance(x, Tensor) and x.dim() >= 2)

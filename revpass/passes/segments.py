@@ -123,7 +123,7 @@ def form_segments(
     """Replace the segments ending at the call_module nodes whose target is in ``ends`` (exact
     nodes) by :class:`RecomputeSegment` calls; with ``singles``, also wrap the layers that read
     only spikes and keep more than their inputs as bits. Returns [(segment name, sites)]."""
-    mem = measure(gm, example_inputs)
+    mem = measure(gm, example_inputs, detail=False)  # shapes, spikes and kept bytes
     binary = {name: m.binary for name, m in mem.items()}
     tensors = {name for name, m in mem.items() if m.shape is not None}
     taken: Set[fx.Node] = set()

@@ -200,6 +200,10 @@ def test_an_input_kept_as_bits_unpacks_a_chunk_at_a_time():
     assert torch.equal(packed.whole(), x)
     for a, b, t0, t1 in [(0, 5, 0, 3), (1, 2, 0, 3), (3, 5, 1, 2), (4, 5, 2, 3), (0, 3, 1, 3)]:
         assert torch.equal(packed.block(a, b, t0, t1), x[t0:t1, a:b]), (a, b, t0, t1)
+    y = (torch.rand(3, 5, 2, 2, 4, generator=g) > 0.5).float()  # 16 elements: each sample's step on a byte
+    packed = chunks.Packed(pack_flat(y), y.shape, y.dtype)
+    for a, b, t0, t1 in [(1, 2, 0, 3), (3, 5, 1, 2), (0, 4, 2, 3)]:
+        assert torch.equal(packed.block(a, b, t0, t1), y[t0:t1, a:b]), (a, b, t0, t1)
 
 
 def test_a_chunk_whose_spikes_differ_rebuilds_the_segment_whole(block, monkeypatch):
