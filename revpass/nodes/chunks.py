@@ -289,29 +289,45 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
 
         return seen
 
-    def starts(a: int, b: int) -> List[Dict[nn.Module, Any]]:
-        """The neurons' states at each time chunk's start, for samples a:b."""
+    def starts(a: int, b: int):
+        """Yields (k, the neurons' states at time part k's start) for samples a:b, from the last
+        part to the first. The starts are rebuilt without gradients by bisection: a range's
+        second half is done from the state at its middle, run from the range's start, before the
+        first half, so that one state per level of halving is held at once (not one per part:
+        at one step a part, those states are as large as a part's activations)."""
         for m, s in states0.items():
             m.state = _state_slice(s, B, a, b)
-        at = [{m: m.state for m in nodes}]
-        with torch.no_grad():
-            for t0, t1 in times[:-1]:
-                env, _ = chunk_inputs(a, b, t0, t1, leaves=False)
-                _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
-                at.append({m: m.state for m in nodes})
-        return at
+
+        def run(lo: int, hi: int, start):  # the states after parts lo..hi-1, from ``start``
+            for m in nodes:
+                m.state = start[m]
+            with torch.no_grad():
+                for t0, t1 in times[lo:hi]:
+                    env, _ = chunk_inputs(a, b, t0, t1, leaves=False)
+                    _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
+            return {m: m.state for m in nodes}
+
+        def halves(lo: int, hi: int, start):
+            if hi - lo == 1:
+                yield lo, start
+                return
+            mid = (lo + hi) // 2
+            yield from halves(mid, hi, run(lo, mid, start))
+            yield from halves(lo, mid, start)
+
+        yield from halves(0, len(times), {m: m.state for m in nodes})
 
     def through_time(a: int, b: int, first: bool):
         """Differentiates samples a:b a time chunk at a time, from the last; yields each chunk's
         (t0, t1, gradients of its targets): in the first pass, of the batch norms' inputs (their
         sums are what it is for); in the second, of the inputs in ``wants`` and the parameters."""
-        at, carried = starts(a, b), {}
-        for k in reversed(range(len(times))):
+        carried: Dict[nn.Module, Any] = {}
+        for k, start in starts(a, b):
             t0, t1 = times[k]
             env, leaf = chunk_inputs(a, b, t0, t1, leaves=not first)
             held = {}  # the states this chunk starts from, as leaves (the first chunk's are given)
             for m in nodes:
-                s = at[k][m]
+                s = start[m]
                 if k and s is not None:
                     s = tuple(t.detach().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point()
                               else t for t in s)

@@ -334,3 +334,32 @@ def test_the_conversion_refines_whatever_sets_the_peak_as_far_as_it_lowers_it(re
             meta.update(n, workspace_bytes=node_workspace(m, info["shape"], getattr(torch, info["dtype"])))
     finest = estimate_peak(gm)
     assert chosen <= 1.05 * finest, (chosen / 2**20, finest / 2**20)
+
+
+def test_the_starts_of_a_samples_parts_are_held_one_per_halving():
+    """Rebuilt by bisection, the neurons' states at the parts' starts are held one per level of
+    halving, not one per part: in parts of one step, the rebuild's workspace grows by one step's
+    state (here as large as a part's activation) each time T doubles, not by T/2 of them."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from revpass.analysis.workspace import measure_workspace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(layer.Conv2d(2, 8, 3, padding=1), layer.BatchNorm2d(8), neuron.LIFNode(), layer.Flatten(),
+                        layer.Linear(8 * 16 * 16, 3))
+    functional.set_step_mode(net, "m")
+    part = 8 * 16 * 16 * 4  # one step of one sample of the neuron's output, float32
+    ws = {}
+    for T in (4, 8, 16):
+        x = torch.randn(T, 2, 2, 16, 16)
+        gm = revpass.convert(net, x, mode="recompute")
+        seg = next(s for s in _segments(gm).values() if s.sites)
+        seg.chunk_elems = 1  # a step of a sample
+        assert seg.chunk_shape(T, 2) == (1, 1)
+        ws[T] = measure_workspace(seg, [((T, 2, 2, 16, 16), torch.float32, False)])
+        y0, g0 = _grads(net, x)
+        y1, g1 = _grads(gm, x)
+        assert torch.equal(y0, y1)
+        for k in g0:
+            assert close(g1[k], g0[k]) or worst(g1[k], g0[k]) < 10, (T, k, worst(g1[k], g0[k]))
+    assert ws[8] - ws[4] == part and ws[16] - ws[8] == part, {T: w / part for T, w in ws.items()}
