@@ -101,6 +101,11 @@ class RecomputeSegment(nn.Module):
             self.chunk_elems = B * self.sample_elems  # unchunked until chosen (refine_where_it_sets_the_peak)
         return why
 
+    @property
+    def step_elems(self) -> int:
+        """Elements of the largest value per sample and step."""
+        return max(1, self.sample_elems // self.sample_steps)
+
     def chunk_shape(self, T: int, B: int, elems: Optional[int] = None) -> Tuple[int, int]:
         """(samples, steps) of each chunk the backward rebuilds for a (T, B, ...) sequence, its
         largest value at most ``elems`` elements a chunk (default: :attr:`chunk_elems`); (B, T):
@@ -108,14 +113,14 @@ class RecomputeSegment(nn.Module):
         if self.chunking is None:
             return B, T
         elems = elems or self.chunk_elems or chunks.CHUNK_ELEMS["cuda"]
-        step = max(1, self.sample_elems // self.sample_steps)  # the largest value's elements per sample and step
+        step = self.step_elems
         per = max(1, min(B, elems // (step * T)))
         steps = max(1, min(T, elems // step)) if per == 1 and self.in_time else T
         return per, steps
 
     def chunk_elems_of(self, per: int, steps: int) -> int:
         """The :attr:`chunk_elems` whose chunks are ``per`` samples (``steps`` of the example's steps)."""
-        step = max(1, self.sample_elems // self.sample_steps)
+        step = self.step_elems
         return per * step * (steps if per == 1 and steps < self.sample_steps else self.sample_steps)
 
     def samples_per_chunk(self, x: Tensor) -> int:

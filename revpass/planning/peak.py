@@ -364,8 +364,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
             return None
         dev = next((p.device.type for p in m.body.parameters()), "cpu")
         least = CHUNK_ELEMS.get(dev, CHUNK_ELEMS["cuda"])
-        step = max(1, m.sample_elems // m.sample_steps)
-        if -(-B // nxt[0]) * -(-T // nxt[1]) > CHUNKS_MAX or nxt[0] * nxt[1] * step < least:
+        if -(-B // nxt[0]) * -(-T // nxt[1]) > CHUNKS_MAX or nxt[0] * nxt[1] * m.step_elems < least:
             return None
         return nxt
 
