@@ -18,6 +18,9 @@ from revpass.nodes.segment import RecomputeSegment
 from revpass.nodes.chunks import CHUNK_ELEMS, CHUNKS_MAX
 from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE, chunks
 
+#: how many finer settings :func:`refine_where_it_sets_the_peak` measures past one that does not
+#: lower a backward's workspace before it leaves that backward as it is
+LOOK_AHEAD = 2
 
 def _bytes(info) -> int:
     shape = info.get("shape") if info else None
@@ -288,7 +291,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     :func:`slice_where_it_sets_the_peak` left them), this refines what sets the estimated peak:
     a segment's chunk halves (its samples, down to one, then that sample's steps), a node's
     slices double, its workspace measured at the new size, as long as the peak is at one that
-    can and its workspace falls; then it takes the first point on that path within ``tolerance``
+    can and its workspace falls at that size or one of the next LOOK_AHEAD; then it takes the first point on that path within ``tolerance``
     (of the figure) of its lowest estimate (the whole estimate, parameters' gradients included:
     the activations alone can rise when the peak moves deeper). Deeper layers hold few
     activations, so the peak moves among a few early layers, and each refinement is measured
@@ -350,15 +353,15 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
         for n, w in zip(ns, ws[target][setting]):
             meta.update(n, workspace_bytes=w)
 
-    def finer(target: str) -> Optional[Tuple[int, ...]]:
-        """The setting after ``target``'s present one: half a segment's samples, or at one sample
+    def finer(target: str, now: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+        """The setting after ``now`` for ``target``: half a segment's samples, or at one sample
         half the steps (None past CHUNKS_MAX chunks or below CHUNK_ELEMS elements); twice a
         node's slices (None past its finest)."""
         m = gm.get_submodule(target)
         if not isinstance(m, RecomputeSegment):
-            k = setting[target][0]
+            k = now[0]
             return (min(2 * k, most[target]),) if k < most[target] else None
-        (B, T), (per, steps) = whole[target], setting[target]
+        (B, T), (per, steps) = whole[target], now
         nxt = ((per + 1) // 2, steps) if per > 1 else (1, (steps + 1) // 2) if m.in_time and steps > 1 else None
         if nxt is None:
             return None
@@ -377,12 +380,20 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     path = [point()]  # each refinement's estimates, fewest pieces first
     while at and at[-1] is not None and at[-1].target in setting:
         target = at[-1].target  # what sets the estimated peak: its backward in smaller pieces
-        nxt = finer(target)
-        if nxt is None:
-            break
-        before = sum(ws[target][setting[target]])
-        set_to(target, nxt)
-        if sum(ws[target][nxt]) >= before:  # finer does not help it: it stays as it was, and sets the peak
+        before, nxt = sum(ws[target][setting[target]]), finer(target, setting[target])
+        # the next setting need not lower the workspace when a later one does (two chunks of
+        # samples can hold more than the whole, each chunk's parameter gradients beside their
+        # sum, where one sample's chunks hold less): up to LOOK_AHEAD settings are measured
+        for _ in range(LOOK_AHEAD):
+            if nxt is None:
+                break
+            set_to(target, nxt)
+            if sum(ws[target][nxt]) < before:
+                break
+            nxt = finer(target, nxt)
+        else:
+            nxt = None
+        if nxt is None:  # finer does not help it: it stays as it was, and sets the peak
             set_to(target, setting[target])
             break
         setting[target] = nxt
