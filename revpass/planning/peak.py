@@ -291,16 +291,16 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     :func:`slice_where_it_sets_the_peak` left them), this refines what sets the estimated peak:
     a segment's chunk halves (its samples, down to one, then that sample's steps), a node's
     slices double, its workspace measured at the new size, as long as the peak is at one that
-    can and its workspace falls at that size or one of the next LOOK_AHEAD; then it takes the first point on that path within ``tolerance``
-    (of the figure) of its lowest estimate (the whole estimate, parameters' gradients included:
-    the activations alone can rise when the peak moves deeper). Deeper layers hold few
-    activations, so the peak moves among a few early layers, and each refinement is measured
-    once. A segment runs in at most revpass.nodes.chunks.CHUNKS_MAX chunks of at least
-    CHUNK_ELEMS elements of its largest value (2^12 on the CPU, 2^22 on a GPU: more, smaller
-    ones cost launches and passes more than they save). The workspace need not fall: a chunk's
-    parameter gradients exist beside their sum so far, so a deep layer, whose weights outweigh
-    its activations, needs more in chunks than whole. Returns {segment: (samples, steps) per
-    chunk, node: (slices,)} for what it refined."""
+    can and its workspace falls at that size or one of the next LOOK_AHEAD; then it takes the
+    first point on that path within ``tolerance`` (of the figure) of its lowest estimate (the
+    whole estimate, parameters' gradients included: the activations alone can rise when the peak
+    moves deeper). Deeper layers hold few activations, so the peak moves among a few early
+    layers, and each refinement is measured once. A segment runs in at most
+    revpass.nodes.chunks.CHUNKS_MAX chunks of at least CHUNK_ELEMS elements of its largest value
+    (2^12 on the CPU, 2^22 on a GPU: more, smaller ones cost launches and passes more than they
+    save). The workspace need not fall: a chunk's parameter gradients exist beside their sum so
+    far, so a deep layer, whose weights outweigh its activations, needs more in chunks than
+    whole. Returns {segment: (samples, steps) per chunk, node: (slices,)} for what it refined."""
     from revpass.analysis.workspace import workspace
     from revpass.passes.spikes import spike_values
 
