@@ -3,11 +3,13 @@
 One home for both questions about a revpass node or a recomputed segment: :func:`owners` (the
 modules whose parameters and buffers it uses: a segment's body, folded batch norms),
 :func:`trained_params` (the parameters whose gradients its backward makes) and
-:func:`workspace` (its backward's transient memory, measured).
+:func:`workspace` (its backward's transient memory, measured), :func:`measure_kept` (what its
+forward keeps for backward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Dict, Iterator, List
 
@@ -117,28 +119,11 @@ def measure_workspace(module, inputs, device="cpu") -> int:
     or in a segment) are left as they were; 0 on the meta device."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    if device == "meta" or str(device) == "meta" or not inputs or any(not shape for shape, _, _ in inputs):
-        return 0
-    device = next((p.device for p in module.parameters()), torch.device(device))
-    if device.type == "meta":
-        return 0
-    used = owners(module)
-    nodes = [m for m in used[0].modules() if isinstance(m, Node)]
-    states = [(m, m.state) for m in nodes]
-    buffers = [(b, b.clone()) for o in used for b in o.buffers()]
-    try:
-        for m in nodes:
-            m.state = None
-        saved = []  # what the forward keeps: it exists before the backward, as do x, y and g
-        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t) or t, lambda t: t):
-            xs = [(torch.randint(0, 2, shape, device=device).to(dtype) if binary
-                   else torch.randn(shape, dtype=dtype, device=device) + 0.5).requires_grad_(True)
-                  for shape, dtype, binary in inputs]
-            # a node's second input is the residual its folded batch norm's output gets
-            y = module(xs[0], residual=xs[1]) if isinstance(module, Node) and len(xs) == 2 else module(*xs)
-            y = y[0] if isinstance(y, tuple) else y
-            g = torch.randn_like(y)
+    with _forward(module, inputs, device) as run:
+        if run is None:
+            return 0
+        xs, y, g, saved = run
+        used = owners(module)
         params = list(trained_params(module))
         existing = [*xs, y, g, *saved] + [t for o in used for t in (*o.parameters(), *o.buffers())]
         before = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in existing}
@@ -150,10 +135,52 @@ def measure_workspace(module, inputs, device="cpu") -> int:
         with visible_internals(), mt:
             grads = torch.autograd.grad(y, [*xs, *params], g, allow_unused=True)
         total = tracker_bytes(mt.get_tracker_snapshot("peak"))
-        saved.clear()  # the hook may outlive this call (see measure): it must not keep these
         return max(0, total - sum(before.values()) - sum(t.numel() * t.element_size() for t in grads
                                                          if t is not None))
+
+
+def measure_kept(module, inputs, device="cpu") -> int:
+    """Bytes ``module``'s forward keeps for its backward (each storage once), on random inputs
+    described as for :func:`measure_workspace`; 0 on the meta device. A recomputed segment keeps
+    more when its backward runs in chunks (the neurons' spikes as bits, the batch norms'
+    statistics) than when it is rebuilt whole."""
+    with _forward(module, inputs, device) as run:
+        return 0 if run is None else sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                                          for t in run[3]}.values())
+
+
+@contextlib.contextmanager
+def _forward(module, inputs, device):
+    """Runs ``module`` forward on random inputs described by ``inputs`` and yields (inputs,
+    output, a random output gradient, the tensors the forward saved for backward), or None on
+    the meta device; the neurons' carried states and every buffer are as they were afterwards."""
+    if device == "meta" or str(device) == "meta" or not inputs or any(not shape for shape, _, _ in inputs):
+        yield None
+        return
+    device = next((p.device for p in module.parameters()), torch.device(device))
+    if device.type == "meta":
+        yield None
+        return
+    used = owners(module)
+    nodes = [m for m in used[0].modules() if isinstance(m, Node)]
+    states = [(m, m.state) for m in nodes]
+    buffers = [(b, b.clone()) for o in used for b in o.buffers()]
+    saved: List[torch.Tensor] = []  # what the forward keeps: it exists before the backward, as do x, y and g
+    try:
+        for m in nodes:
+            m.state = None
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            xs = [(torch.randint(0, 2, shape, device=device).to(dtype) if binary
+                   else torch.randn(shape, dtype=dtype, device=device) + 0.5).requires_grad_(True)
+                  for shape, dtype, binary in inputs]
+            # a node's second input is the residual its folded batch norm's output gets
+            y = module(xs[0], residual=xs[1]) if isinstance(module, Node) and len(xs) == 2 else module(*xs)
+            y = y[0] if isinstance(y, tuple) else y
+            g = torch.randn_like(y)
+        yield xs, y, g, saved
     finally:
+        saved.clear()  # the hook may outlive this call (see measure): it must not keep these
         for m, st in states:
             m.state = st
         with torch.no_grad():

@@ -301,7 +301,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     save). The workspace need not fall: a chunk's parameter gradients exist beside their sum so
     far, so a deep layer, whose weights outweigh its activations, needs more in chunks than
     whole. Returns {segment: (samples, steps) per chunk, node: (slices,)} for what it refined."""
-    from revpass.analysis.workspace import workspace
+    from revpass.analysis.workspace import measure_kept, workspace
     from revpass.passes.spikes import spike_values
 
     spikes = None
@@ -309,6 +309,10 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     whole: Dict[str, Tuple[int, ...]] = {}  # target -> its coarsest setting: (B, T) or (slices,)
     ws: Dict[str, Dict[Tuple[int, ...], List[int]]] = {}  # target -> setting -> its calls' workspaces
     most: Dict[str, int] = {}  # a node's slices at the finest
+    # a segment's kept bytes as annotated (unchunked), and what its forward keeps more in chunks
+    # (the neurons' spikes as bits, the batch norms' statistics)
+    kept: Dict[str, int] = {}
+    kept_in_chunks: Dict[str, int] = {}
     for n in gm.graph.nodes:
         info = meta.info(n) or {}
         if not (n.op == "call_module" and info.get("shape") and len(info["shape"]) >= 2
@@ -322,6 +326,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
               and all(isinstance(a, fx.Node) and (meta.info(a) or {}).get("shape") for a in n.args)):
             calls[n.target], whole[n.target] = [n], (info["shape"][1], info["shape"][0])
             m.chunk_elems = m.chunk_elems_of(*whole[n.target])  # unchunked, as annotated
+            kept[n.target] = info["kept_bytes"]
         elif isinstance(m, Node) and info.get("workspace_bytes"):
             plan = chunks(info["shape"], m.params(), CHUNK_MIN_ELEMS_FINE)
             if plan is None or len(plan[1]) < 2:
@@ -342,16 +347,23 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
         else:
             k, per_step = setting[0], math.prod(meta.info(ns[0])["shape"][1:])
             m.set_slicing(None if k == 1 else CHUNK_MIN_ELEMS_FINE if k >= most[target] else -(-per_step // k))
-        if setting not in ws[target]:
-            if isinstance(m, RecomputeSegment):
-                spikes = spike_values(gm) if spikes is None else spikes
-                ins = [(meta.info(a)["shape"], getattr(torch, meta.info(a)["dtype"]), a in spikes) for a in ns[0].args]
+        if isinstance(m, RecomputeSegment) and (setting not in ws[target] or target not in kept_in_chunks):
+            spikes = spike_values(gm) if spikes is None else spikes
+            ins = [(meta.info(a)["shape"], getattr(torch, meta.info(a)["dtype"]), a in spikes) for a in ns[0].args]
+            if setting not in ws[target]:
                 ws[target][setting] = [workspace(m, ins)]
-            else:
-                ws[target][setting] = [node_workspace(m, meta.info(n)["shape"], getattr(torch, meta.info(n)["dtype"]))
-                                       for n in ns]
+            if setting != whole[target] and target not in kept_in_chunks:
+                in_chunks = measure_kept(m, ins)
+                m.chunk_elems = m.chunk_elems_of(*whole[target])
+                kept_in_chunks[target] = in_chunks - measure_kept(m, ins)
+                m.chunk_elems = m.chunk_elems_of(*setting)
+        elif setting not in ws[target]:
+            ws[target][setting] = [node_workspace(m, meta.info(n)["shape"], getattr(torch, meta.info(n)["dtype"]))
+                                   for n in ns]
         for n, w in zip(ns, ws[target][setting]):
             meta.update(n, workspace_bytes=w)
+            if isinstance(m, RecomputeSegment):
+                meta.update(n, kept_bytes=kept[target] + (kept_in_chunks[target] if setting != whole[target] else 0))
 
     def finer(target: str, now: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
         """The setting after ``now`` for ``target``: half a segment's samples, or at one sample
