@@ -243,6 +243,20 @@ def forward_hooks(plan: Plan, stats: Dict[fx.Node, Tuple[Tensor, Tensor]], spike
     return handles
 
 
+def _halves(lo: int, hi: int, start, run):
+    """Yields (k, the state at part k's start) for parts lo..hi-1, the last first, from the
+    state at part lo's start: ``run(lo, mid, start)`` gives the state at part mid's start. A
+    function of the module, not a closure of :func:`backward`: a closure that calls itself is a
+    reference cycle, which would hold the backward's inputs (a segment's kept bits) until the
+    garbage collector runs."""
+    if hi - lo == 1:
+        yield lo, start
+        return
+    mid = (lo + hi) // 2
+    yield from _halves(mid, hi, run(lo, mid, start), run)
+    yield from _halves(lo, mid, start, run)
+
+
 def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequence[Tensor],
              grad_out: Tensor, stats, spikes, states0: Dict[nn.Module, Any], per: int, steps: Optional[int] = None
              ) -> Optional[Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]]:
@@ -307,15 +321,7 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
                     _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
             return {m: m.state for m in nodes}
 
-        def halves(lo: int, hi: int, start):
-            if hi - lo == 1:
-                yield lo, start
-                return
-            mid = (lo + hi) // 2
-            yield from halves(mid, hi, run(lo, mid, start))
-            yield from halves(lo, mid, start)
-
-        yield from halves(0, len(times), {m: m.state for m in nodes})
+        yield from _halves(0, len(times), {m: m.state for m in nodes}, run)
 
     def through_time(a: int, b: int, first: bool):
         """Differentiates samples a:b a time chunk at a time, from the last; yields each chunk's

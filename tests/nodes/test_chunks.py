@@ -158,6 +158,30 @@ def test_chunks_of_time_steps_give_the_whole_rebuilds_gradients(block, steps):
     net.float()
 
 
+def test_a_chunked_backward_leaves_nothing_for_the_garbage_collector(block):
+    """Rebuilt a part of a sample's steps at a time, a segment's backward frees what it kept (its
+    input's bits) when it returns, not when the garbage collector next runs: the bisection of the
+    starts was a closure calling itself, a reference cycle through the backward's inputs, and
+    spiking_resnet18's layer1 segments held their inputs' bits to the end of the step (0.22 MiB
+    of a 5.95 MiB peak at T = 16)."""
+    import gc
+
+    net, x = block
+    gm = revpass.convert(net, x, mode="recompute")
+    _per(gm, 1, 1)
+    gc.collect()
+    gc.disable()
+    try:
+        reset_states(gm)
+        gm(x).sum().backward()
+        left = [o for o in gc.get_objects() if isinstance(o, chunks.Packed)]
+    finally:
+        gc.enable()
+        reset_states(gm)
+    assert any(s.in_time and s.chunk_shape(3, 5) == (1, 1) for s in _segments(gm).values())
+    assert left == []
+
+
 def test_a_segment_that_mixes_steps_is_chunked_by_samples_only():
     torch.manual_seed(0)
     net = Block(mix="step-mean")
