@@ -3,8 +3,8 @@
 One home for both questions about a revpass node or a recomputed segment: :func:`owners` (the
 modules whose parameters and buffers it uses: a segment's body, folded batch norms),
 :func:`trained_params` (the parameters whose gradients its backward makes) and
-:func:`workspace` (its backward's transient memory, measured), :func:`measure_kept` (what its
-forward keeps for backward).
+:func:`workspace` (its backward's transient memory, measured), :func:`measure_kept` and
+:func:`kept_in_chunks` (what its forward keeps for backward).
 """
 
 from __future__ import annotations
@@ -137,6 +137,25 @@ def measure_workspace(module, inputs, device="cpu") -> int:
         total = tracker_bytes(mt.get_tracker_snapshot("peak"))
         return max(0, total - sum(before.values()) - sum(t.numel() * t.element_size() for t in grads
                                                          if t is not None))
+
+
+def kept_in_chunks(seg: RecomputeSegment, inputs, device="cpu") -> int:
+    """What ``seg``'s forward keeps more when its backward runs in chunks (at the setting it has:
+    the neurons' spikes as bits, the batch norms' statistics) than when it is rebuilt whole,
+    :func:`measure_kept` both ways, remembered as :func:`workspace` is."""
+    key = ("kept in chunks", _segment_key(seg, inputs, device))
+    if key not in _NODE_WORKSPACE:
+        chosen = seg.chunk_elems
+        T, B = next(shape[:2] for shape, _, _ in inputs)
+        try:
+            seg.chunk_elems = seg.chunk_elems_of(B, T)  # rebuilt whole
+            whole = measure_kept(seg, inputs, device)
+        finally:
+            seg.chunk_elems = chosen
+        if len(_NODE_WORKSPACE) >= _CACHE_LIMIT:
+            _NODE_WORKSPACE.clear()
+        _NODE_WORKSPACE[key] = measure_kept(seg, inputs, device) - whole
+    return _NODE_WORKSPACE[key]
 
 
 def measure_kept(module, inputs, device="cpu") -> int:

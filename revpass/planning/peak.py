@@ -301,7 +301,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     save). The workspace need not fall: a chunk's parameter gradients exist beside their sum so
     far, so a deep layer, whose weights outweigh its activations, needs more in chunks than
     whole. Returns {segment: (samples, steps) per chunk, node: (slices,)} for what it refined."""
-    from revpass.analysis.workspace import measure_kept, workspace
+    from revpass.analysis.workspace import kept_in_chunks, workspace
     from revpass.passes.spikes import spike_values
 
     spikes = None
@@ -312,7 +312,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     # a segment's kept bytes as annotated (unchunked), and what its forward keeps more in chunks
     # (the neurons' spikes as bits, the batch norms' statistics)
     kept: Dict[str, int] = {}
-    kept_in_chunks: Dict[str, int] = {}
+    in_chunks: Dict[str, int] = {}
     for n in gm.graph.nodes:
         info = meta.info(n) or {}
         if not (n.op == "call_module" and info.get("shape") and len(info["shape"]) >= 2
@@ -347,23 +347,20 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
         else:
             k, per_step = setting[0], math.prod(meta.info(ns[0])["shape"][1:])
             m.set_slicing(None if k == 1 else CHUNK_MIN_ELEMS_FINE if k >= most[target] else -(-per_step // k))
-        if isinstance(m, RecomputeSegment) and (setting not in ws[target] or target not in kept_in_chunks):
+        if isinstance(m, RecomputeSegment) and (setting not in ws[target] or target not in in_chunks):
             spikes = spike_values(gm) if spikes is None else spikes
             ins = [(meta.info(a)["shape"], getattr(torch, meta.info(a)["dtype"]), a in spikes) for a in ns[0].args]
             if setting not in ws[target]:
                 ws[target][setting] = [workspace(m, ins)]
-            if setting != whole[target] and target not in kept_in_chunks:
-                in_chunks = measure_kept(m, ins)
-                m.chunk_elems = m.chunk_elems_of(*whole[target])
-                kept_in_chunks[target] = in_chunks - measure_kept(m, ins)
-                m.chunk_elems = m.chunk_elems_of(*setting)
+            if setting != whole[target] and target not in in_chunks:
+                in_chunks[target] = kept_in_chunks(m, ins)
         elif setting not in ws[target]:
             ws[target][setting] = [node_workspace(m, meta.info(n)["shape"], getattr(torch, meta.info(n)["dtype"]))
                                    for n in ns]
         for n, w in zip(ns, ws[target][setting]):
             meta.update(n, workspace_bytes=w)
             if isinstance(m, RecomputeSegment):
-                meta.update(n, kept_bytes=kept[target] + (kept_in_chunks[target] if setting != whole[target] else 0))
+                meta.update(n, kept_bytes=kept[target] + (in_chunks[target] if setting != whole[target] else 0))
 
     def finer(target: str, now: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
         """The setting after ``now`` for ``target``: half a segment's samples, or at one sample
