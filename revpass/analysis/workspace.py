@@ -102,10 +102,15 @@ def workspace(module, inputs, device="cpu") -> int:
         key = _node_key(module, inputs, device)
     else:
         return measure_workspace(module, inputs, device)
+    return _remembered(key, lambda: measure_workspace(module, inputs, device))
+
+
+def _remembered(key: tuple, compute) -> int:
+    """``compute()``, remembered under ``key`` (the cache is emptied when full)."""
     if key not in _NODE_WORKSPACE:
         if len(_NODE_WORKSPACE) >= _CACHE_LIMIT:
             _NODE_WORKSPACE.clear()
-        _NODE_WORKSPACE[key] = measure_workspace(module, inputs, device)
+        _NODE_WORKSPACE[key] = compute()
     return _NODE_WORKSPACE[key]
 
 
@@ -143,8 +148,7 @@ def kept_in_chunks(seg: RecomputeSegment, inputs, device="cpu") -> int:
     """What ``seg``'s forward keeps more when its backward runs in chunks (at the setting it has:
     the neurons' spikes as bits, the batch norms' statistics) than when it is rebuilt whole,
     :func:`measure_kept` both ways, remembered as :func:`workspace` is."""
-    key = ("kept in chunks", _segment_key(seg, inputs, device))
-    if key not in _NODE_WORKSPACE:
+    def compute() -> int:
         chosen = seg.chunk_elems
         T, B = next(shape[:2] for shape, _, _ in inputs)
         try:
@@ -152,10 +156,9 @@ def kept_in_chunks(seg: RecomputeSegment, inputs, device="cpu") -> int:
             whole = measure_kept(seg, inputs, device)
         finally:
             seg.chunk_elems = chosen
-        if len(_NODE_WORKSPACE) >= _CACHE_LIMIT:
-            _NODE_WORKSPACE.clear()
-        _NODE_WORKSPACE[key] = measure_kept(seg, inputs, device) - whole
-    return _NODE_WORKSPACE[key]
+        return measure_kept(seg, inputs, device) - whole
+
+    return _remembered(("kept in chunks", _segment_key(seg, inputs, device)), compute)
 
 
 def measure_kept(module, inputs, device="cpu") -> int:
