@@ -370,7 +370,15 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
             state_grads = iter(got[len(targets):])
             carried = {m: tuple(next(state_grads) if isinstance(t, Tensor) and t.requires_grad else None for t in s)
                        for m, s in held.items()}
-            yield t0, t1, got[:len(targets)]
+            # nothing of this chunk outlives its gradients but the carried ones: not its inputs,
+            # start or final states while the next chunk's start is rebuilt and it runs (each
+            # as large as the chunk's activations; the segment's backward restores the states)
+            result = () if first else got[:len(targets)]  # the first pass wants its sums only
+            for m in nodes:
+                m.state = None
+            del got, leaf, targets, held, flat, start, state_grads
+            yield t0, t1, result
+            del result
 
     checked = bool(plan.bns) and not any(n in set(plan.upstream) for n in plan.neurons)
     if plan.bns:  # the first pass: the batch norms' sums
@@ -395,6 +403,7 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
             for j, g in enumerate(got[len(wants):]):
                 if g is not None:
                     g_par[j] = g if g_par[j] is None else g_par[j].add_(g)
+            del got, g  # copied: not held while the next chunk runs
     return g_in, g_par
 
 

@@ -226,7 +226,9 @@ def test_a_node_left_at_the_peak_by_chunked_segments_is_sliced():
     """The annotate pass slices the nodes again after chunking the segments: with the stem and the
     first block recomputed a chunk at a time, the next block's exact node sets the peak until its
     backward is sliced (spiking_resnet18, T = 16: unsliced, its backward sets an estimated peak
-    half as high again; recomputing everything, chunked in time, goes a fifth lower still)."""
+    1.4 times as high, 9.9 against 7.1 MiB). Sliced, the whole step's estimated peak (the
+    parameters' gradients included, which decide where the peak is) is within 5% of recomputing
+    everything."""
     from dataclasses import replace
 
     from revpass import api, meta
@@ -245,15 +247,15 @@ def test_a_node_left_at_the_peak_by_chunked_segments_is_sliced():
     gm = api._pipeline(net, x, replace(opts, planned=planned), traced)
     node = gm.get_submodule("layer1.1.sn2")
     assert isinstance(node, Node) and node.slice_min_elems is not None
-    sliced = estimate_peak(gm)
+    sliced, sliced_total = estimate_peak(gm), estimate_peak(gm, with_grads=True)[0]
     call = next(n for n in gm.graph.nodes if n.target == "layer1.1.sn2")
     info = meta.info(call)
     node.set_slicing(None)
     meta.update(call, workspace_bytes=node_workspace(node, info["shape"], getattr(torch, info["dtype"])))
     at = []
     whole = estimate_peak(gm, at)
-    assert at[-1] is call and whole > 1.4 * sliced, (whole / 2**20, sliced / 2**20)
-    assert sliced <= 1.3 * estimate_peak(every)
+    assert at[-1] is call and whole > 1.35 * sliced, (whole / 2**20, sliced / 2**20)
+    assert sliced_total <= 1.05 * estimate_peak(every, with_grads=True)[0]
 
 
 def test_min_with_reversible_allowed_goes_at_least_as_low_as_keeping_the_function():
