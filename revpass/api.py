@@ -156,6 +156,7 @@ class _Options:
     planned: Optional[Planned] = None  # the budget planner's strategy per path (then mode is unused)
     fold_exact: bool = False  # batch norms fold into exact nodes too (under a budget: method.md section 12)
     collect: bool = True  # free each conversion's copies at once (the planner collects once, at its end)
+    peak_budget: Optional[int] = None  # a Peak budget's bytes: segments and nodes in no smaller pieces than fit it
 
 
 @dataclass
@@ -235,7 +236,9 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     gm.revpass_inputs_without_grad = {name for name, x in zip(placeholders, run.inputs)
                                       if not (isinstance(x, torch.Tensor) and x.requires_grad)}
     slice_where_it_sets_the_peak(gm)  # the nodes' backward transient, bounded where it matters
-    refine_where_it_sets_the_peak(gm)  # and whatever backward sets the peak then, segments' rebuilds included
+    # and whatever backward sets the peak then, segments' rebuilds included (under a Peak budget
+    # no finer than it takes to fit: smaller pieces cost time)
+    refine_where_it_sets_the_peak(gm, budget=run.options.peak_budget)
     gm.revpass_peak_before = estimate_peak(run.before)  # the unconverted graph, for revpass.plan
     run.before = None
     if run.options.collect:
@@ -492,12 +495,16 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     uniform = {s: estimate_peak(g) for s, g in probes.items()}
     uniform[None] = probes["exact"].revpass_peak_before  # leaving every site as it is
 
+    # under a Peak budget the chosen plan's rebuilds are refined only as far as it takes to fit
+    # (the probes as far as they lower the peak: the lowest plan is what the budget is checked against)
+    final = replace(options, peak_budget=budget.bytes) if isinstance(budget, Peak) else options
+
     def with_plan(planned, inplace=False):
-        if not inplace:  # a probe is that conversion already when the plan is one strategy everywhere
-            for g in probes.values():
+        if not inplace and final is options:  # a probe is that conversion already when the plan is one
+            for g in probes.values():         # strategy everywhere
                 if _probe_is_plan(g, planned):
                     return _as_planned(g, planned)
-        return _pipeline(model, example_inputs, replace(options, planned=planned, inplace=inplace), traced)
+        return _pipeline(model, example_inputs, replace(final, planned=planned, inplace=inplace), traced)
 
     rank = {None: -1, **{k: i for i, k in enumerate(STRATEGIES)}}  # extra compute, least first
 

@@ -278,7 +278,8 @@ def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
     return sliced
 
 
-def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tuple[int, ...]]:
+def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[int] = None
+                                  ) -> Dict[str, Tuple[int, ...]]:
     """Rebuild in smaller pieces whatever backward sets the estimated peak, and only as finely as
     it takes: a recomputed segment's rebuild in chunks of the batch (revpass/nodes/chunks.py), a
     node's backward in slices (revpass.nodes.slicing), for those that can.
@@ -294,8 +295,10 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     can and its workspace falls at that size or one of the next LOOK_AHEAD; then it takes the
     first point on that path within ``tolerance`` (of the figure) of its lowest estimate (the
     whole estimate, parameters' gradients included: the activations alone can rise when the peak
-    moves deeper). Deeper layers hold few activations, so the peak moves among a few early
-    layers, and each refinement is measured once. A segment runs in at most
+    moves deeper). With a ``budget`` (bytes of the estimated peak, :func:`estimate_peak`: a
+    revpass.Peak budget), it stops at the first point that fits it, fewer pieces costing less
+    time; where none does, the rule above. Deeper layers hold few activations, so the peak moves
+    among a few early layers, and each refinement is measured once. A segment runs in at most
     revpass.nodes.chunks.CHUNKS_MAX chunks of at least CHUNK_ELEMS elements of its largest value
     (2^12 on the CPU, 2^22 on a GPU: more, smaller ones cost launches and passes more than they
     save). The workspace need not fall: a chunk's parameter gradients exist beside their sum so
@@ -387,7 +390,11 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
         return (*estimate_peak(gm, at, with_grads=True), dict(setting))
 
     path = [point()]  # each refinement's estimates, fewest pieces first
-    while at and at[-1] is not None and at[-1].target in setting:
+
+    def fits() -> bool:
+        return budget is not None and path[-1][1] <= budget
+
+    while not fits() and at and at[-1] is not None and at[-1].target in setting:
         target = at[-1].target  # what sets the estimated peak: its backward in smaller pieces
         before, nxt = sum(ws[target][setting[target]]), finer(target, setting[target])
         # the next setting need not lower the workspace when a later one does (two chunks of
@@ -410,7 +417,8 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, Tupl
     lowest = min(path, key=lambda p: p[0])
     # the fewest pieces within bounds, in the whole estimate and in the figure (small changes of
     # the whole, which the parameters' gradients dominate, can be large ones of the figure)
-    chosen = next(p for t, f, p in path if t <= lowest[0] + tolerance * lowest[1] and f <= (1 + tolerance) * lowest[1])
+    chosen = path[-1][2] if fits() else next(
+        p for t, f, p in path if t <= lowest[0] + tolerance * lowest[1] and f <= (1 + tolerance) * lowest[1])
     refined = {}
     report = getattr(gm, "revpass_report", None)
     for target, k in chosen.items():
