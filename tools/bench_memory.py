@@ -4,7 +4,7 @@ SpikingJelly's memopt (optimize_memory, level 1 on the CPU; the levels given on 
 SpikingJelly zoo's spiking_resnet18, spiking_vgg11_bn and spiking_vgg16_bn (up to T = 8) and the
 snnTorch convolutional tutorial network, at several T, in one run.
 
-    .venv/bin/python tools/bench_memory.py [--T 4 8 16 32] [--batch 4] [--repeat 3] [--quick]
+    .venv/bin/python tools/bench_memory.py [--T 4 8 16 32] [--batch 4] [--batches 8 16] [--repeat 3] [--quick]
     .venv/bin/python tools/bench_memory.py --device cuda --batch 32 --T 4 --memopt 1 2
     .venv/bin/python tools/bench_memory.py --render bench_out/bench_memory.json   # tables and plot again
 
@@ -13,8 +13,11 @@ For each model, T and variant: bytes kept for backward at the end of the forward
 (MemTracker on the CPU: its peak minus parameters, gradients, buffers and optimizer state, i.e.
 activations plus temporaries, so that recompute buffers count; on CUDA torch.cuda's peak less
 what existed before the step and the parameters' gradients), and the training-step time.
+Besides every T at --batch, the models of --batch-models run at the first T with each of
+--batches: the saving should hold or grow with the batch as with T.
 Writes bench_out/bench_memory.{json,md} and, with matplotlib, bench_out/bench_memory.png
-(memory against T). Targets (issue #4) are printed, not asserted.
+(memory and step time against T, memory against the batch). Targets (issues #4 and #15) are
+printed, not asserted.
 """
 
 from __future__ import annotations
@@ -100,6 +103,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--T", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batches", type=int, nargs="*", default=[8, 16],
+                    help="larger batches, at the first T, for --batch-models (none: no batch sweep)")
+    ap.add_argument("--batch-models", nargs="+", default=["spiking_resnet18", "spiking_vgg11_bn"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--quick", action="store_true", help="T=4, one model, one timed run")
@@ -113,45 +119,47 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.render:
         data = json.loads(a.render.read_text())
-        md = _markdown(data["results"], _targets(data["results"]), data["meta"])  # the targets from the rows given
+        md = _markdown(data["results"], _targets(data["results"], data["meta"]["batch"]), data["meta"])  # from the rows
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "bench_memory.md").write_text(md)
         print(md)
-        _plot(data["results"], a.out / "bench_memory.png")
+        _plot(data["results"], a.out / "bench_memory.png", data["meta"]["batch"])
         return 0
     if a.memopt is None:
         a.memopt = [1, 2, 3, 4] if a.device == "cuda" else [1]
     if a.device == "cpu" and any(level > 1 for level in a.memopt):
         ap.error("memopt levels 2 to 4 search by measuring CUDA memory: --device cuda")
     if a.job:
-        mname, T = a.job.split(":")
-        print(json.dumps(_row(mname, int(T), a.batch, a.repeat, a.device, a.memopt)))
+        mname, T, batch = a.job.split(":")
+        print(json.dumps(_row(mname, int(T), int(batch), a.repeat, a.device, a.memopt)))
         return 0
     if a.quick:
-        a.T, a.repeat, a.models = [4], 1, a.models or ["spiking_resnet18"]
+        a.T, a.repeat, a.models, a.batches = [4], 1, a.models or ["spiking_resnet18"], []
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.manual_seed(0)
     results: List[Dict[str, Any]] = []
-    jobs = [(m, T) for T in a.T for m in _models(T, a.batch) if (a.models is None or m in a.models)
+    jobs = [(m, T, a.batch) for T in a.T for m in _models(T, a.batch) if (a.models is None or m in a.models)
             and T <= MAX_T.get(m, T)]
-    for i, (mname, T) in enumerate(jobs, 1):
-        # each model and T in a process of its own: memory the allocator keeps from one row does
-        # not pile up into the next (spiking_vgg11_bn at T=32 would not fit in 24 GiB otherwise)
-        proc = subprocess.run([sys.executable, __file__, "--job", f"{mname}:{T}", "--batch", str(a.batch),
+    jobs += [(m, min(a.T), b) for b in a.batches if b != a.batch for m in a.batch_models
+             if (a.models is None or m in a.models) and m in _models(min(a.T), b)]
+    for i, (mname, T, batch) in enumerate(jobs, 1):
+        # each model, T and batch in a process of its own: memory the allocator keeps from one row
+        # does not pile up into the next (spiking_vgg11_bn at T=32 would not fit in 24 GiB otherwise)
+        proc = subprocess.run([sys.executable, __file__, "--job", f"{mname}:{T}:{batch}",
                                "--repeat", str(a.repeat), "--device", a.device,
                                "--memopt", *map(str, a.memopt)], capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"[{i}/{len(jobs)}] {mname} T={T}: FAILED (exit {proc.returncode}): "
+            print(f"[{i}/{len(jobs)}] {mname} T={T} batch {batch}: FAILED (exit {proc.returncode}): "
                   f"{proc.stderr.strip().splitlines()[-1:] or 'killed'}", file=sys.stderr, flush=True)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(row)
         o = row["variants"]["original"]
-        print(f"[{i}/{len(jobs)}] {mname} T={T}: peak original {o['peak_bytes'] / 2**20:.2f} MiB, "
+        print(f"[{i}/{len(jobs)}] {mname} T={T} batch {batch}: peak original {o['peak_bytes'] / 2**20:.2f} MiB, "
               + ", ".join(f"{v} {o['peak_bytes'] / d['peak_bytes']:.2f}x" for v, d in row["variants"].items()
                           if v != "original"), file=sys.stderr, flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    targets = _targets(results)
+    targets = _targets(results, a.batch)
     meta = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "batch": a.batch,
             "repeat": a.repeat, "device": a.device,
             "device_name": torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU",
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
     md = _markdown(results, targets, meta)
     (a.out / "bench_memory.md").write_text(md)
     print(md)
-    _plot(results, a.out / "bench_memory.png")
+    _plot(results, a.out / "bench_memory.png", a.batch)
     return 0 if results else 1
 
 
@@ -170,7 +178,8 @@ def _row(mname: str, T: int, batch: int, repeat: int, device: str = "cpu", memop
     make, x = _models(T, batch)[mname]
     x = x.to(device)
     peak = cuda_step_peak if device == "cuda" else step_peak
-    row: Dict[str, Any] = {"model": mname, "T": T, "input": list(x.shape), "device": device, "variants": {}}
+    row: Dict[str, Any] = {"model": mname, "T": T, "batch": batch, "input": list(x.shape), "device": device,
+                           "variants": {}}
     for v in VARIANTS:
         if v.startswith("memopt") and int(v.rsplit("L", 1)[1]) not in memopt:
             continue
@@ -184,9 +193,37 @@ def _row(mname: str, T: int, batch: int, repeat: int, device: str = "cpu", memop
     return row
 
 
-def _targets(results) -> List[Dict[str, Any]]:
+def _batch(r: Dict[str, Any], default: int) -> int:
+    return r.get("batch", default)  # rows of runs before the batch sweep: all at the run's batch
+
+
+def _scaling(results, batch: int, variant: str = "exact-min") -> List[Dict[str, Any]]:
+    """Whether the variant's peak ratio holds or grows with T (at ``batch``) and with the batch
+    (at the smallest T of the sweep), per model: each ratio at least 95% of the one before."""
     out = []
+    for m in sorted({r["model"] for r in results}):
+        rows = [r for r in results if r["model"] == m and variant in r["variants"]]
+        T0 = min((r["T"] for r in rows if _batch(r, batch) != batch), default=None)
+        for along, key, pick in (("T", "T", lambda r: _batch(r, batch) == batch),
+                                 ("the batch", "batch", lambda r, T0=T0: r["T"] == T0)):
+            pts = sorted(((r[key] if key == "T" else _batch(r, batch)), r["variants"]["original"]["peak_bytes"]
+                          / r["variants"][variant]["peak_bytes"]) for r in rows if pick(r))
+            if len(pts) < 2:
+                continue
+            worst = min(b / a for (_, a), (_, b) in zip(pts, pts[1:]))
+            at = f" (T = {T0})" if key == "batch" else f" (batch {batch})"
+            out.append({"target": f"{m}: mode='exact', budget='min' peak ratio holds or grows with {along}{at}: "
+                                  + ", ".join(f"{x}: {q:.2f}x" for x, q in pts)
+                                  + "; the least step from one to the next",
+                        "value": worst, "pass": worst >= 0.95})
+    return out
+
+
+def _targets(results, batch: int = 4) -> List[Dict[str, Any]]:
+    out = _scaling(results, batch)
     for r in results:
+        if _batch(r, batch) != batch:
+            continue
         if r["model"] == "spiking_vgg16_bn" and r["T"] == 4 and "exact-min" in r["variants"]:
             v, o = r["variants"], r["variants"]["original"]
             ratio = o["peak_bytes"] / v["exact-min"]["peak_bytes"]
@@ -232,28 +269,31 @@ def _markdown(results, targets, meta) -> str:
              f"{meta.get('device_name', 'CPU')}, torch {meta['torch']}, batch {meta['batch']}, median of "
              f"{meta['repeat']} training steps; {meta['date']}. Peak: {how}. Ratios: original / variant."
              + (f" Note: {meta['note']}." if meta.get("note") else ""), "",
-             "| model | T | variant | kept for backward | measured peak | step time | peak ratio | time ratio |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| model | T | batch | variant | kept for backward | measured peak | step time | peak ratio "
+             "| time ratio |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in results:
         o = r["variants"]["original"]
         for v, d in r["variants"].items():
-            lines.append(f"| {r['model']} | {r['T']} | {v} | {d['kept_bytes'] / 2**20:.2f} MiB | "
+            lines.append(f"| {r['model']} | {r['T']} | {_batch(r, meta['batch'])} | {v} | "
+                         f"{d['kept_bytes'] / 2**20:.2f} MiB | "
                          f"{d['peak_bytes'] / 2**20:.2f} MiB | {d['step_s'] * 1e3:.0f} ms | "
                          f"{o['peak_bytes'] / d['peak_bytes']:.2f}x | {d['step_s'] / o['step_s']:.2f}x |")
-    lines += ["", "## Summary: measured peak, original / variant", ""] + _summary(results)
-    lines += ["", "## Targets (spiking_resnet18 and spiking_vgg16_bn, T=4; reported, not asserted)", ""]
+    lines += ["", "## Summary: measured peak, original / variant", ""] + _summary(results, meta["batch"])
+    lines += ["", f"## Targets (spiking_resnet18 and spiking_vgg16_bn at T=4 and batch {meta['batch']}, and the "
+              "scaling with T and the batch; reported, not asserted)", ""]
     lines += [f"- {'PASS' if t['pass'] else 'MISS'} {t['target']}: {t['value']:.2f}" for t in targets]
     return "\n".join(lines) + "\n"
 
 
-def _summary(results) -> List[str]:
-    """The peak ratios as one row per model and T (the README's table)."""
+def _summary(results, batch: int = 4) -> List[str]:
+    """The peak ratios as one row per model, T and batch (the README's table)."""
     levels = sorted({v for r in results for v in r["variants"] if v.startswith("memopt")}) or ["memopt-L1"]
-    lines = ["| model | T | exact | reversible | recompute | planner \"min\" | exact, \"min\" | "
+    lines = ["| model | T | batch | exact | reversible | recompute | planner \"min\" | exact, \"min\" | "
              + " | ".join(f"SpikingJelly memopt {lv.split('-')[1]}" for lv in levels)
-             + " | step time: reversible / recompute / min / exact min |", "|---|---:|---:|---:|---:|---:|---:|"
+             + " | step time: reversible / recompute / min / exact min |", "|---|---:|---:|---:|---:|---:|---:|---:|"
              + "---:|" * len(levels) + "---:|"]
-    for r in results:  # in run order: T, then model
+    for r in results:  # in run order: T, then model; then the batch sweep
         v = r["variants"]
         o = v["original"]
 
@@ -262,13 +302,16 @@ def _summary(results) -> List[str]:
 
         times = " / ".join(f"{v[n]['step_s'] / o['step_s']:.2f}x" if n in v else "n/a"
                            for n in ("reversible", "recompute", "planner-min", "exact-min"))
-        lines.append(f"| {r['model']} | {r['T']} | {peak('exact')} | {peak('reversible')} | {peak('recompute')} | "
+        lines.append(f"| {r['model']} | {r['T']} | {_batch(r, batch)} | {peak('exact')} | {peak('reversible')} | "
+                     f"{peak('recompute')} | "
                      f"{peak('planner-min')} | {peak('exact-min')} | " + " | ".join(peak(lv) for lv in levels)
                      + f" | {times} |")
     return lines
 
 
-def _plot(results, path: Path) -> None:
+def _plot(results, path: Path, batch: int = 4) -> None:
+    """Per model, measured peak and step time against T (at ``batch``), and, where the batch was
+    swept, measured peak against the batch."""
     try:
         import matplotlib
 
@@ -278,18 +321,30 @@ def _plot(results, path: Path) -> None:
         print("bench_memory: matplotlib not installed, no plot (pip install matplotlib)", file=sys.stderr)
         return
     models = sorted({r["model"] for r in results})
-    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 8), squeeze=False)
-    panels = (("peak_bytes", 2**-20, "measured peak, MiB (activations + temporaries)"),
-              ("step_s", 1e3, "training step, ms"))
-    for row, (key, scale, label) in zip(axes, panels):
+    swept = {r["model"] for r in results if _batch(r, batch) != batch}
+    T0 = min((r["T"] for r in results if _batch(r, batch) != batch), default=None)
+    panels = [("peak_bytes", 2**-20, "measured peak, MiB (activations + temporaries)", "T"),
+              ("step_s", 1e3, "training step, ms", "T")] + (
+        [("peak_bytes", 2**-20, f"measured peak at T = {T0}, MiB", "batch")] if swept else [])
+    fig, axes = plt.subplots(len(panels), len(models), figsize=(5 * len(models), 4 * len(panels)), squeeze=False)
+    for row, (key, scale, label, along) in zip(axes, panels):
         for ax, m in zip(row, models):
-            rows = sorted((r for r in results if r["model"] == m), key=lambda r: r["T"])
+            if along == "T":
+                rows = sorted((r for r in results if r["model"] == m and _batch(r, batch) == batch),
+                              key=lambda r: r["T"])
+            else:
+                rows = sorted((r for r in results if r["model"] == m and r["T"] == T0),
+                              key=lambda r: _batch(r, batch))
+                if m not in swept:
+                    ax.axis("off")
+                    continue
             for v in VARIANTS:
-                pts = [(r["T"], r["variants"][v][key] * scale) for r in rows if v in r["variants"]]
+                pts = [(r["T"] if along == "T" else _batch(r, batch), r["variants"][v][key] * scale)
+                       for r in rows if v in r["variants"]]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=v)
             ax.set_title(m)
-            ax.set_xlabel("T (time steps)")
+            ax.set_xlabel("T (time steps)" if along == "T" else "batch (samples)")
             ax.set_ylabel(label)
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)

@@ -22,7 +22,7 @@ def test_bench_memory_quick(tmp_path):
     # a measured peak exists for every variant and the conversions lower it
     assert all(d["peak_bytes"] > 0 for d in v.values())
     assert v["reversible"]["peak_bytes"] < v["original"]["peak_bytes"]
-    assert "| spiking_resnet18 | 4 | reversible |" in (tmp_path / "bench_memory.md").read_text()
+    assert "| spiking_resnet18 | 4 | 4 | reversible |" in (tmp_path / "bench_memory.md").read_text()
     # the summary table (the README's) holds the same ratios, and --render writes it again from
     # the JSON alone
     o = v["original"]["peak_bytes"]
@@ -35,3 +35,27 @@ def test_bench_memory_quick(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (again / "bench_memory.md").read_text() == (tmp_path / "bench_memory.md").read_text()
+
+
+def test_the_scaling_targets_read_the_ratio_along_T_and_along_the_batch():
+    """The report's scaling targets: per model, the exact 'min' peak ratio against T at the run's
+    batch and against the batch at the sweep's T, each step at least 95% of the one before."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_memory
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+    def row(T, batch, original, exact_min):
+        return {"model": "m", "T": T, "batch": batch, "variants": {"original": {"peak_bytes": original},
+                                                                   "exact-min": {"peak_bytes": exact_min}}}
+
+    rows = [row(4, 4, 60, 10), row(8, 4, 120, 19), row(4, 8, 120, 21), row(4, 16, 240, 40)]
+    along_T, along_batch = bench_memory._scaling(rows, batch=4)
+    assert "with T (batch 4): 4: 6.00x, 8: 6.32x" in along_T["target"]
+    assert along_T["pass"] and abs(along_T["value"] - (120 / 19) / 6) < 1e-9
+    # 6.00x, 5.71x, 6.00x: the step from batch 4 to 8 falls by 4.8%, within the 5% allowed
+    assert "with the batch (T = 4): 4: 6.00x, 8: 5.71x, 16: 6.00x" in along_batch["target"]
+    assert along_batch["pass"] and abs(along_batch["value"] - (120 / 21) / 6) < 1e-9
+    rows[2] = row(4, 8, 120, 22)  # 5.45x: 9% below batch 4's
+    assert not bench_memory._scaling(rows, batch=4)[1]["pass"]
