@@ -50,6 +50,12 @@ def _sg(spec, recs, h: Tensor, thr) -> Tensor:
     return spec.surrogate.deriv_(shift if shift is not None else h - thr)
 
 
+def _untracked(*ts: Tensor) -> bool:
+    """Nothing records these for a backward: a step's temporaries can share buffers (the same
+    values: each in-place operation computes what its out-of-place form would)."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+
+
 def _spike(spec, h: Tensor, thr, bits, autograd: bool) -> Tensor:
     """The step's spike: the surrogate's Heaviside, or the stored bit during reconstruction."""
     if bits is not None and not autograd:
@@ -97,6 +103,9 @@ class SpikingJellyFamily(Family):
             return const(c["beta"], x) * v + x
         if kind == "lif":
             tau = const(c["tau"], x)
+            if _untracked(x, v):  # the same operations in one buffer (IEEE: x - a == -a + x, a + b == b + a)
+                a = v - r
+                return a.neg_().add_(x).div_(tau).add_(v) if c["decay_input"] else a.div_(tau).neg_().add_(v).add_(x)
             return v + (x - (v - r)) / tau if c["decay_input"] else v - (v - r) / tau + x
         q = P["q"]
         return v + (x - (v - r)) * q if c["decay_input"] else v - (v - r) * q + x
@@ -104,6 +113,10 @@ class SpikingJellyFamily(Family):
     def _reset(self, c, h, s):
         sd = s.detach() if c["detach_reset"] else s
         r = c["v_reset"]
+        if _untracked(h, sd):  # as below, in fewer buffers (IEEE: h - a == -a + h, a + b == b + a)
+            if r is None:
+                return (sd * const(c["v_threshold"], h)).neg_().add_(h)
+            return (const(1.0, h) - sd).mul_(h).add_(sd * const(r, h))
         if r is None:
             return h - sd * const(c["v_threshold"], h)
         return sd * const(r, h) + (const(1.0, h) - sd) * h
