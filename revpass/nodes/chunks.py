@@ -243,6 +243,12 @@ def forward_hooks(plan: Plan, stats: Dict[fx.Node, Tuple[Tensor, Tensor]], spike
     return handles
 
 
+def _as_leaves(state):
+    """A neuron's state (a tuple), its floating-point tensors as new leaves requiring grad."""
+    return tuple(t.detach().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point() else t
+                 for t in state)
+
+
 def _halves(lo: int, hi: int, start, run):
     """Yields (k, the state at part k's start) for parts lo..hi-1, the last first, from the
     state at part lo's start: ``run(lo, mid, start)`` gives the state at part mid's start. A
@@ -331,14 +337,12 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
         for k, start in starts(a, b):
             t0, t1 = times[k]
             env, leaf = chunk_inputs(a, b, t0, t1, leaves=not first)
-            held = {}  # the states this chunk starts from, as leaves (the first chunk's are given)
+            # the states this chunk starts from, as leaves (the first chunk's are given); no loop
+            # variable of this frame may hold a tensor past its use: the frame lives on while the
+            # next chunk runs (a comprehension's variables are its own)
+            held = {m: _as_leaves(start[m]) for m in nodes if k and start[m] is not None}
             for m in nodes:
-                s = start[m]
-                if k and s is not None:
-                    s = tuple(t.detach().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point()
-                              else t for t in s)
-                    held[m] = s
-                m.state = s
+                m.state = held.get(m, start[m])
             with torch.enable_grad():
                 try:
                     if first:
@@ -358,12 +362,12 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
                 except _Differs:
                     yield None
                     return
-                outs, gouts = [env.pop(plan.result)], [grad_out[t0:t1, a:b]]
-                for m, gs in carried.items():  # the gradients of this chunk's final states
-                    for t, g in zip(m.state or (), gs):
-                        if g is not None and isinstance(t, Tensor) and t.requires_grad:
-                            outs.append(t)
-                            gouts.append(g)
+                # this chunk's final states, with their gradients (from the chunk after it)
+                finals = [(t, g) for m, gs in carried.items() for t, g in zip(m.state or (), gs)
+                          if g is not None and isinstance(t, Tensor) and t.requires_grad]
+                outs = [env.pop(plan.result), *(t for t, _ in finals)]
+                gouts = [grad_out[t0:t1, a:b], *(g for _, g in finals)]
+                del finals
                 flat = [t for s in held.values() for t in s if isinstance(t, Tensor) and t.requires_grad]
                 got = torch.autograd.grad(outs, [*targets, *flat], gouts, allow_unused=True)
             del env, outs, gouts
@@ -400,10 +404,8 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
                     if g_in[i] is None:
                         g_in[i] = inputs[i].new_zeros(inputs[i].shape)
                     g_in[i][t0:t1, a:b] = got[j]
-            for j, g in enumerate(got[len(wants):]):
-                if g is not None:
-                    g_par[j] = g if g_par[j] is None else g_par[j].add_(g)
-            del got, g  # copied: not held while the next chunk runs
+            g_par = [g if s is None else s if g is None else s.add_(g) for s, g in zip(g_par, got[len(wants):])]
+            del got  # copied: not held while the next chunk runs
     return g_in, g_par
 
 

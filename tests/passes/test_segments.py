@@ -146,17 +146,23 @@ def test_resnet_recompute_is_the_original_function_and_keeps_its_spikes_as_bits(
     assert gm.revpass_report.count("recompute") == 17
     segs = _segments(gm)
     assert sorted(s for m in segs.values() for s in m.sites) == sorted(r.path for r in gm.revpass_report)
-    # every segment after the first reads spikes only: kept as 1 bit per element
+    # every segment after the first reads spikes only: kept as 1 bit per element (a segment
+    # rebuilt in chunks keeps its neurons' spikes as bits too: tests/nodes/test_chunks.py)
     from revpass.planning.memory_plan import plan_of
 
     plan = plan_of(gm, "recompute")
     assert plan.kept_before / plan.kept_after > 50
     assert gm.get_submodule("revpass_segment_0").sites == ("sn1",)
+    T, B = x.shape[:2]
+    unchunked = 0
     for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target in segs and n.target != "revpass_segment_0":
+        if (n.op == "call_module" and n.target in segs and n.target != "revpass_segment_0"
+                and segs[n.target].chunk_shape(T, B) == (B, T)):
             bits = sum((torch.Size(a.meta["revpass"]["shape"]).numel() + 7) // 8 for a in n.all_input_nodes)
             assert n.meta["revpass"]["kept_bytes"] == bits, n.name
             assert n.meta["revpass"]["strategy"] == "recompute" and n.meta["revpass"]["workspace_bytes"] > 0
+            unchunked += 1
+    assert unchunked >= 10
     y0, g0 = _grads(net, x)
     y1, g1 = _grads(gm, x)
     assert torch.equal(y0, y1)
