@@ -51,9 +51,12 @@ def _sg(spec, recs, h: Tensor, thr) -> Tensor:
 
 
 def _untracked(*ts: Tensor) -> bool:
-    """Nothing records these for a backward: a step's temporaries can share buffers (the same
-    values: each in-place operation computes what its out-of-place form would)."""
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+    """Nothing records these for a backward, and they are alike (shape, dtype): a step's
+    temporaries can share buffers, each in-place operation computing what its out-of-place form
+    would (no broadcast to a larger shape, no promotion to another dtype)."""
+    first = ts[0]
+    return (not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+            and all(t.shape == first.shape and t.dtype == first.dtype for t in ts))
 
 
 def _spike(spec, h: Tensor, thr, bits, autograd: bool) -> Tensor:
