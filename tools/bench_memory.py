@@ -197,22 +197,35 @@ def _batch(r: Dict[str, Any], default: int) -> int:
     return r.get("batch", default)  # rows of runs before the batch sweep: all at the run's batch
 
 
+def _sweep_T(results, batch: int) -> Optional[int]:
+    """The T the batch sweep ran at (None: no sweep)."""
+    return min((r["T"] for r in results if _batch(r, batch) != batch), default=None)
+
+
+def _series(results, model: str, along: str, batch: int) -> List[tuple]:
+    """``model``'s rows along ``along`` ("T": at ``batch``; "batch": at the sweep's T), as
+    (T or batch, row), in order."""
+    if along == "T":
+        return sorted(((r["T"], r) for r in results if r["model"] == model and _batch(r, batch) == batch),
+                      key=lambda p: p[0])
+    T0 = _sweep_T(results, batch)
+    return sorted(((_batch(r, batch), r) for r in results if r["model"] == model and r["T"] == T0),
+                  key=lambda p: p[0])
+
+
 def _scaling(results, batch: int, variant: str = "exact-min") -> List[Dict[str, Any]]:
     """Whether the variant's peak ratio holds or grows with T (at ``batch``) and with the batch
     (at the smallest T of the sweep), per model: each ratio at least 95% of the one before."""
     out = []
     for m in sorted({r["model"] for r in results}):
-        rows = [r for r in results if r["model"] == m and variant in r["variants"]]
-        T0 = min((r["T"] for r in rows if _batch(r, batch) != batch), default=None)
-        for along, key, pick in (("T", "T", lambda r: _batch(r, batch) == batch),
-                                 ("the batch", "batch", lambda r, T0=T0: r["T"] == T0)):
-            pts = sorted(((r[key] if key == "T" else _batch(r, batch)), r["variants"]["original"]["peak_bytes"]
-                          / r["variants"][variant]["peak_bytes"]) for r in rows if pick(r))
+        for along, name in (("T", "T"), ("batch", "the batch")):
+            pts = [(x, r["variants"]["original"]["peak_bytes"] / r["variants"][variant]["peak_bytes"])
+                   for x, r in _series(results, m, along, batch) if variant in r["variants"]]
             if len(pts) < 2:
                 continue
             worst = min(b / a for (_, a), (_, b) in zip(pts, pts[1:]))
-            at = f" (T = {T0})" if key == "batch" else f" (batch {batch})"
-            out.append({"target": f"{m}: mode='exact', budget='min' peak ratio holds or grows with {along}{at}: "
+            at = f" (T = {_sweep_T(results, batch)})" if along == "batch" else f" (batch {batch})"
+            out.append({"target": f"{m}: mode='exact', budget='min' peak ratio holds or grows with {name}{at}: "
                                   + ", ".join(f"{x}: {q:.2f}x" for x, q in pts)
                                   + "; the least step from one to the next",
                         "value": worst, "pass": worst >= 0.95})
@@ -322,25 +335,19 @@ def _plot(results, path: Path, batch: int = 4) -> None:
         return
     models = sorted({r["model"] for r in results})
     swept = {r["model"] for r in results if _batch(r, batch) != batch}
-    T0 = min((r["T"] for r in results if _batch(r, batch) != batch), default=None)
+    T0 = _sweep_T(results, batch)
     panels = [("peak_bytes", 2**-20, "measured peak, MiB (activations + temporaries)", "T"),
               ("step_s", 1e3, "training step, ms", "T")] + (
         [("peak_bytes", 2**-20, f"measured peak at T = {T0}, MiB", "batch")] if swept else [])
     fig, axes = plt.subplots(len(panels), len(models), figsize=(5 * len(models), 4 * len(panels)), squeeze=False)
     for row, (key, scale, label, along) in zip(axes, panels):
         for ax, m in zip(row, models):
-            if along == "T":
-                rows = sorted((r for r in results if r["model"] == m and _batch(r, batch) == batch),
-                              key=lambda r: r["T"])
-            else:
-                rows = sorted((r for r in results if r["model"] == m and r["T"] == T0),
-                              key=lambda r: _batch(r, batch))
-                if m not in swept:
-                    ax.axis("off")
-                    continue
+            if along == "batch" and m not in swept:
+                ax.axis("off")
+                continue
+            rows = _series(results, m, along, batch)
             for v in VARIANTS:
-                pts = [(r["T"] if along == "T" else _batch(r, batch), r["variants"][v][key] * scale)
-                       for r in rows if v in r["variants"]]
+                pts = [(x, r["variants"][v][key] * scale) for x, r in rows if v in r["variants"]]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=v)
             ax.set_title(m)
