@@ -53,7 +53,7 @@ from revpass.planning.peak import (PlanEstimate, estimate_peak, refine_where_it_
 from revpass.report import ConversionReport, SiteRow
 from revpass.trace import TraceError, trace
 from revpass.state import reset_states
-from revpass.utils import as_tuple, safe_deepcopy, time_steps
+from revpass.utils import as_tuple, safe_deepcopy, scratch_copy, time_steps
 
 MODES = ("reversible", "exact", "recompute")
 Patterns = Optional[Union[str, Iterable[str]]]
@@ -160,6 +160,18 @@ class _Options:
 
 
 @dataclass
+class _Traced:
+    """A faithful trace of the model on the example inputs (:func:`_faithful_trace`), which each
+    of the planner's conversions converts a copy of; what the graph before conversion keeps is
+    measured by the first of them, once for all (the same graph on the same inputs)."""
+
+    graph: fx.GraphModule
+    shapes: Dict[str, tuple]
+    prior: Optional[Dict[str, Any]] = None  # revpass.analysis.measure of the graph before conversion
+    peak_before: Optional[int] = None  # its estimated peak
+
+
+@dataclass
 class _Run:
     """What the passes of one conversion share."""
 
@@ -171,6 +183,7 @@ class _Run:
     sites: List[Site] = field(default_factory=list)
     patterns: List[PatternSite] = field(default_factory=list)
     report: Optional[ConversionReport] = None
+    traced: Optional[_Traced] = None  # the planner's shared trace, when converting a copy of it
 
 
 def _detect(gm: fx.GraphModule, run: _Run) -> List[Site]:
@@ -231,7 +244,10 @@ def _bits(gm: fx.GraphModule, run: _Run) -> List[str]:
 def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     if run.inputs is None:  # nothing measured: no annotations
         return
-    annotate(gm, run.inputs, before=run.before)  # node.meta (revpass/meta.py): memory, strategy, lifetimes
+    # node.meta (revpass/meta.py): memory, strategy, lifetimes; the graph before conversion is
+    # measured once per trace (the planner's conversions after the first reuse it)
+    shared = run.traced if run.traced is not None and run.traced.prior is not None else None
+    prior = annotate(gm, run.inputs, before=run.before, prior=shared.prior if shared else None)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     gm.revpass_inputs_without_grad = {name for name, x in zip(placeholders, run.inputs)
                                       if not (isinstance(x, torch.Tensor) and x.requires_grad)}
@@ -239,7 +255,10 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     # and whatever backward sets the peak then, segments' rebuilds included (under a Peak budget
     # no finer than it takes to fit: smaller pieces cost time)
     refine_where_it_sets_the_peak(gm, budget=run.options.peak_budget)
-    gm.revpass_peak_before = estimate_peak(run.before)  # the unconverted graph, for revpass.plan
+    # the unconverted graph's estimated peak, for revpass.plan
+    gm.revpass_peak_before = shared.peak_before if shared else estimate_peak(run.before)
+    if run.traced is not None and shared is None:
+        run.traced.prior, run.traced.peak_before = prior, gm.revpass_peak_before
     run.before = None
     if run.options.collect:
         gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
@@ -250,16 +269,18 @@ PASSES = (("detect", _detect), ("decide", _decide), ("rewrite", _rewrite), ("fol
           ("segments", _segments), ("bits", _bits), ("annotate", _annotate))
 
 
-def _pipeline(model: nn.Module, example_inputs, options: _Options, traced=None) -> fx.GraphModule:
+def _pipeline(model: nn.Module, example_inputs, options: _Options, traced: Optional[_Traced] = None
+              ) -> fx.GraphModule:
     """trace, then :data:`PASSES` in order, ``graph.lint()`` after each (the module docstring).
-    ``traced``: (graph, shapes) of a faithful trace of ``model`` on these inputs, which a copy of
-    is converted instead of tracing again (the planner's conversions; not in place)."""
+    ``traced``: a faithful trace of ``model`` on these inputs, which a copy of is converted
+    instead of tracing again (the planner's conversions; not in place)."""
     inputs = as_tuple(example_inputs) if example_inputs is not None else None
     run = _Run(model, inputs, options)
     if traced is not None and inputs is not None and not options.inplace:
-        gm = safe_deepcopy(traced[0])
-        run.shapes = dict(traced[1])
-        run.before = safe_deepcopy(gm)
+        gm = safe_deepcopy(traced.graph)
+        run.shapes, run.traced = dict(traced.shapes), traced
+        if traced.prior is None:  # the first conversion of it measures the graph before conversion
+            run.before = scratch_copy(gm)
         for _, fn in PASSES:
             fn(gm, run)
             gm.graph.lint()
@@ -270,8 +291,9 @@ def _pipeline(model: nn.Module, example_inputs, options: _Options, traced=None) 
         gm.graph.lint()
     else:
         gm, run.shapes = _faithful_trace(work, inputs, options)
-        # an untouched copy of the traced graph, for the memory it keeps ("before" conversion)
-        run.before = safe_deepcopy(gm)
+        # an untouched copy of the traced graph, for the memory it keeps ("before" conversion),
+        # measured and dropped (on the same weights: the passes replace modules, never write one)
+        run.before = scratch_copy(gm)
     for _, fn in PASSES:
         fn(gm, run)
         gm.graph.lint()
@@ -297,7 +319,7 @@ def _faithful_trace(work: nn.Module, inputs: tuple, options: _Options):
 
     def problem(gm):  # (None, shapes) when the graph is the model on the inputs, else (why, None)
         try:
-            shapes = site_shapes(safe_deepcopy(gm), inputs)
+            shapes = site_shapes(scratch_copy(gm), inputs)
         except ExampleInputError as exc:
             error = str(exc).split(": ", 1)[-1].rsplit(". Pass inputs", 1)[0]
             return f"fails on the example inputs, which the model itself runs: {error}", None
@@ -314,7 +336,7 @@ def _faithful_trace(work: nn.Module, inputs: tuple, options: _Options):
     if why is None:
         return gm, shapes
     if why.startswith("fails") and not _runs(work, inputs):
-        site_shapes(safe_deepcopy(gm), inputs)  # the model itself does not run: its own error
+        site_shapes(scratch_copy(gm), inputs)  # the model itself does not run: its own error
     first = why
     with_values = _or_none(traced, {}, True) or gm  # with example values: a leaf's tuple is a tuple
     why, shapes = problem(with_values)
@@ -487,7 +509,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     probe = replace(options, inplace=False)
     strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
     # one faithful trace for every conversion the planner makes (each converts a copy of it)
-    traced = _faithful_trace(safe_deepcopy(model), as_tuple(example_inputs), probe)
+    traced = _Traced(*_faithful_trace(safe_deepcopy(model), as_tuple(example_inputs), probe))
     probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s), traced) for s in strategies}
     total_before = plan_of(probes["exact"], "exact").kept_before
     savings = {s: site_savings(g) for s, g in probes.items()}

@@ -39,6 +39,17 @@ def safe_deepcopy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, detached_memo(model))
 
 
+def scratch_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` to run once and throw away (a check of a trace, a shape pass): as
+    :func:`safe_deepcopy`, but with ``model``'s own parameters, which a forward does not write,
+    rather than clones of them (a large model's classifier alone can take seconds to clone);
+    buffers and states are copies, as a run in training mode writes them."""
+    memo = detached_memo(model)
+    for p in model.parameters():
+        memo.setdefault(id(p), p)
+    return copy.deepcopy(model, memo)
+
+
 def detached_memo(model: nn.Module) -> dict:
     """A deepcopy memo that maps every non-leaf tensor held in ``model``'s modules (attributes,
     buffers, a framework's state dict such as SpikingJelly's ``_memories``, nested in tuples,

@@ -208,6 +208,28 @@ def test_parameters_shared_between_neurons():
         assert revpass.verify(net, gm, _x()).passed
 
 
+def test_a_scratch_copy_runs_on_the_weights_without_writing_anything_of_the_model():
+    """convert's checks of a trace run copies that share the model's parameters (a large model's
+    weights are not cloned for them) and copy the rest: a training-mode run of one writes no
+    batch-norm statistic, no neuron state and no parameter of the model."""
+    from revpass.utils import scratch_copy
+
+    from spikingjelly.activation_based import neuron
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), neuron.LIFNode())  # single-step
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    copy_ = scratch_copy(net)
+    assert all(a is b for a, b in zip(copy_.parameters(), net.parameters()))
+    assert all(a is not b for a, b in zip(copy_.buffers(), net.buffers()))
+    with torch.no_grad():
+        copy_(torch.randn(3, 2, 6, 6))
+    assert not torch.equal(copy_[1].running_mean, before["1.running_mean"])  # the copy's own ran
+    assert isinstance(copy_[2].v, torch.Tensor) and copy_[2].v.shape == (3, 4, 4, 4)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert net[2].v == 0.0  # the model's neuron never ran
+
+
 @pytest.mark.parametrize("mode", ["exact", "reversible", "recompute"])
 def test_convert_with_example_inputs_leaves_nothing_alive(mode):
     """Converting with example inputs runs measuring passes; once the converted model is dropped,

@@ -34,16 +34,20 @@ def annotate(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
     before: Optional[fx.GraphModule] = None,
-) -> Dict[str, NodeMemory]:
+    prior: Optional[Dict[str, NodeMemory]] = None,
+) -> Optional[Dict[str, NodeMemory]]:
     """Write node.meta["revpass"] on every node of ``gm`` (see the module docstring), and, when
-    the graph ``before`` conversion is given, on every node of it too (its own measurements)."""
+    the graph ``before`` conversion is given, on every node of it too (its own measurements).
+    ``prior``: that graph's measurements, already taken (and written on it) by an earlier call on
+    the same graph and inputs, instead of ``before`` (the planner converts one trace several
+    times). Returns the measurements of the graph before conversion, or None without it."""
     after = measure(gm, example_inputs)
-    prior = measure(before, example_inputs) if before is not None else None
+    if prior is None and before is not None:
+        prior = measure(before, example_inputs)
+        _write(before, prior, prior, {})
     report = getattr(gm, "revpass_report", None)
     _write(gm, after, prior, {r.path: r for r in report} if report is not None else {})
-    if before is not None:
-        _write(before, prior, prior, {})
-    return after
+    return prior
 
 
 def _write(gm: fx.GraphModule, mem: Dict[str, NodeMemory], prior: Optional[Dict[str, NodeMemory]], rows) -> None:

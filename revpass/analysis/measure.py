@@ -22,11 +22,12 @@ from torch import fx
 
 from revpass.analysis.workspace import workspace
 from revpass.errors import ExampleInputError
+from revpass.memory import StorageTracker
 from revpass.nodes import Node
 from revpass.nodes.bits import is_binary
 from revpass.nodes.segment import RecomputeSegment
 from revpass.state import reset_states
-from revpass.utils import as_tuple, flatten, safe_deepcopy
+from revpass.utils import as_tuple, flatten, scratch_copy
 
 
 @dataclass
@@ -67,49 +68,19 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-class _NoModules:
-    """A stand-in for MemTracker's module tracker that tracks no module (see :class:`_Forward`)."""
-
-    parents: frozenset = frozenset()
-    is_bw = False
-
-    def register_user_hooks(self, *hooks):
-        pass
-
-    def clear_user_hooks(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        pass
-
-
 class _Forward:
     """What each module call's forward holds at once beyond what existed when it started: one
-    MemTracker over the measuring run, told of the parameters, buffers and inputs first (a view
-    of one made inside would otherwise count its storage as new), its peak set back to the
-    current total before each call. Without its module tracker: its per-module statistics refuse a
-    module called more than once (a time loop), and the tracker's grad hooks on the tensors it
-    sees would tie it to the graph the measuring run keeps."""
+    storage tracker (revpass.memory.StorageTracker) over the measuring run, told of the
+    parameters, buffers and inputs first (a view of one made inside would otherwise count its
+    storage as new), its peak set back to the current total before each call."""
 
     def __init__(self, tensors: List[torch.Tensor]):
-        from torch.distributed._tools.mem_tracker import MemTracker
-
-        self.mt = MemTracker()
-        self.mt._mod_tracker = _NoModules()
-        self.mt.track_external(*tensors)
+        self.mt = StorageTracker(*tensors)
 
     def call(self, run) -> Tuple[Any, int]:
-        from revpass.memory import tracker_bytes
-
-        snap = self.mt.get_tracker_snapshot()
-        start = tracker_bytes(snap)
-        # MemTracker's running peak (per device), from now
-        self.mt._peak_mem = {dev: tracker_bytes({dev: d}) for dev, d in snap.items()}
+        start = self.mt.peak = self.mt.total  # the running peak, from now
         out = run()
-        return out, max(0, sum(self.mt._peak_mem.values()) - start)
+        return out, max(0, self.mt.peak - start)
 
 
 def measure(gm: fx.GraphModule, example_inputs: Sequence[Any], detail: bool = True) -> Dict[str, NodeMemory]:
@@ -237,7 +208,7 @@ def trace_differs(original: torch.nn.Module, traced: fx.GraphModule, example_inp
     cuda = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
     outs = []
     for m in (original, traced):
-        m = safe_deepcopy(m)
+        m = scratch_copy(m)
         reset_states(m)
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             torch.manual_seed(0)

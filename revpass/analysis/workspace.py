@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 from torch import fx, nn
 
-from revpass.memory import tracker_bytes
+from revpass.memory import StorageTracker
 from revpass.nodes import Node
 from revpass.nodes.ops import visible_internals
 from revpass.nodes.segment import RecomputeSegment
@@ -117,13 +117,11 @@ def _remembered(key: tuple, compute) -> int:
 def measure_workspace(module, inputs, device="cpu") -> int:
     """What ``module``'s backward (a revpass node or a recomputed segment) allocates besides its
     inputs' and parameters' gradients, on random inputs described by ``inputs`` [(shape, dtype,
-    binary)] (binary: 0/1 values, as spikes, which a segment keeps as bits): MemTracker's peak
-    over the backward alone, with the kernels' internals visible
+    binary)] (binary: 0/1 values, as spikes, which a segment keeps as bits): the peak of a storage
+    tracker (revpass.memory.StorageTracker) over the backward alone, with the kernels' internals visible
     (revpass.nodes.ops.visible_internals), less what existed before it (inputs, output, its
     gradient, what the forward kept). Carried states and buffers (batch norm statistics, folded
     or in a segment) are left as they were; 0 on the meta device."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     with _forward(module, inputs, device) as run:
         if run is None:
             return 0
@@ -132,14 +130,13 @@ def measure_workspace(module, inputs, device="cpu") -> int:
         params = list(trained_params(module))
         existing = [*xs, y, g, *saved] + [t for o in used for t in (*o.parameters(), *o.buffers())]
         before = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in existing}
-        mt = MemTracker()
         # tracked from the start, these count once, as they are; a dispatch mode would otherwise
         # count a storage it first meets through a view made in the backward (a saved tensor's
         # detach, a slice of g, a weight's transpose) as if the backward had allocated it
-        mt.track_external(*existing)
+        mt = StorageTracker(*existing)
         with visible_internals(), mt:
             grads = torch.autograd.grad(y, [*xs, *params], g, allow_unused=True)
-        total = tracker_bytes(mt.get_tracker_snapshot("peak"))
+        total = mt.peak
         return max(0, total - sum(before.values()) - sum(t.numel() * t.element_size() for t in grads
                                                          if t is not None))
 

@@ -103,15 +103,21 @@ def test_a_budget_with_a_mode_that_keeps_the_function_keeps_it(mode):
 
 def test_the_planner_traces_once_and_measures_each_layer_once(monkeypatch):
     """budget="min" converts copies of one trace, and measures the backward workspace of each
-    node or recomputed segment configuration once across its conversions."""
+    node or recomputed segment configuration once across its conversions, and what the graph
+    before conversion keeps once for them all."""
     from revpass import api
     from revpass.analysis import workspace
 
     net = models.sj_zoo("spiking_resnet18")
     x = torch.randn(2, 2, 3, 32, 32)
-    traces, measured = [], []
+    from revpass.analysis import annotate
+
+    traces, measured, runs, pipelines = [], [], [], []
     real_trace, real_measure = api._faithful_trace, workspace.measure_workspace
+    real_run, real_pipeline = annotate.measure, api._pipeline
     monkeypatch.setattr(api, "_faithful_trace", lambda *a: traces.append(1) or real_trace(*a))
+    monkeypatch.setattr(annotate, "measure", lambda gm, *a: runs.append(gm) or real_run(gm, *a))
+    monkeypatch.setattr(api, "_pipeline", lambda *a, **k: pipelines.append(1) or real_pipeline(*a, **k))
     monkeypatch.setattr(workspace, "measure_workspace",
                         lambda m, inputs, device="cpu": measured.append(
                             workspace._segment_key(m, inputs, device) if isinstance(m, workspace.RecomputeSegment)
@@ -120,6 +126,8 @@ def test_the_planner_traces_once_and_measures_each_layer_once(monkeypatch):
     conv = revpass.convert(net, x, mode="exact", budget="min")
     assert len(traces) == 1
     assert len(measured) == len(set(measured)) > 0  # each configuration once
+    # each conversion's graph is measured, and the graph before conversion once for them all
+    assert len(pipelines) >= 3 and len(runs) == len(pipelines) + 1 == len({id(gm) for gm in runs})
     # the segments of the recompute probe, and no more: the plan's segments are among them
     from revpass.nodes.segment import RecomputeSegment
 
@@ -198,7 +206,7 @@ def test_any_choice_is_estimated_from_the_probes_as_its_conversion_is():
     net = models.sj_zoo("spiking_resnet18")
     x = torch.randn(4, 2, 3, 32, 32)
     opts = replace(api._Options(mode="exact", backward="optimized"), fold_exact=True)
-    traced = api._faithful_trace(safe_deepcopy(net), as_tuple(x), opts)
+    traced = api._Traced(*api._faithful_trace(safe_deepcopy(net), as_tuple(x), opts))
     probes = {s: api._pipeline(net, x, replace(opts, mode=s), traced) for s in ("exact", "recompute")}
     estimate = PlanEstimate(probes)
     sites = [r.path for r in probes["exact"].revpass_report.rows]
@@ -264,7 +272,7 @@ def test_a_node_left_at_the_peak_by_chunked_segments_is_sliced():
     net = models.sj_zoo("spiking_resnet18")
     x = torch.randn(16, 4, 3, 32, 32)
     opts = replace(api._Options(mode="exact", backward="optimized"), fold_exact=True)
-    traced = api._faithful_trace(safe_deepcopy(net), as_tuple(x), opts)
+    traced = api._Traced(*api._faithful_trace(safe_deepcopy(net), as_tuple(x), opts))
     every = api._pipeline(net, x, replace(opts, mode="recompute"), traced)
     sites = [r.path for r in every.revpass_report.rows]
     planned = {p: ("recompute" if i < 3 else "exact", "") for i, p in enumerate(sites)}
