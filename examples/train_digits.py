@@ -4,13 +4,14 @@ with the same seeds, batches and epochs; prints test accuracy, bytes kept for ba
 for each.
 
     .venv/bin/python examples/train_digits.py [--encoding direct|rate] [--epochs 15] [--T 4]
-        [--quick] [--json]
+        [--seed 0] [--quick] [--json]
 
 Direct encoding feeds the image at every step; rate encoding feeds Bernoulli spikes with the
 pixel intensity as probability (drawn once, with a fixed seed). The reversible conversion changes
 the network's function (each neuron's output is its input plus spikes), so it is trained from the
 same initial weights as converted; the exact conversion is the original function with the
-original's gradients (on the CPU bit for bit), so it trains to the same weights.
+original's gradients (on the CPU bit for bit), so it trains to the same weights. ``--seed`` draws
+other initial weights and another order of the batches (the data split stays the same).
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ class DigitsSNN(nn.Module):
         return self.fc(h.flatten(2)).mean(0)  # (T, B, 10) -> (B, 10)
 
 
-def train(model: nn.Module, data, epochs: int, batch: int, lr: float, bar: Progress, label: str) -> Dict:
+def train(model: nn.Module, data, epochs: int, batch: int, lr: float, bar: Progress, label: str,
+          seed: int = 0) -> Dict:
     (xtr, ytr), (xte, yte) = data
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(ytr)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(100 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(100 + epoch + 1000 * seed))
         for i in range(0, n, batch):
             idx = order[i:i + batch]
             reset_states(model)
@@ -114,6 +116,7 @@ def main(argv=None) -> Dict[str, Dict]:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and order of the batches")
     ap.add_argument("--quick", action="store_true", help="reduced for CI: 5 epochs")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     a = ap.parse_args(argv)
@@ -122,7 +125,7 @@ def main(argv=None) -> Dict[str, Dict]:
     data = digits(a.encoding, a.T)
     print(f"digits ({a.encoding} encoding, T={a.T}): {len(data[0][1])} train, {len(data[1][1])} test images; "
           f"{a.epochs} epochs, batch {a.batch}", flush=True)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     original = DigitsSNN(a.channels)
     example = data[0][0][:, :a.batch]
     models = {
@@ -137,8 +140,8 @@ def main(argv=None) -> Dict[str, Dict]:
     bar = Progress(a.epochs * len(models), enabled=not a.json)
     results = {}
     for name, model in models.items():
-        torch.manual_seed(0)  # same dropout-free training, same batches
-        results[name] = train(model, data, a.epochs, a.batch, a.lr, bar, name)
+        torch.manual_seed(a.seed)  # same dropout-free training, same batches
+        results[name] = train(model, data, a.epochs, a.batch, a.lr, bar, name, a.seed)
     bar.done()
     ref = models["original"].state_dict()
     for name, model in models.items():  # the trained weights themselves, bit for bit
