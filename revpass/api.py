@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -161,14 +161,19 @@ class _Options:
 
 @dataclass
 class _Traced:
-    """A faithful trace of the model on the example inputs (:func:`_faithful_trace`), which each
-    of the planner's conversions converts a copy of; what the graph before conversion keeps is
-    measured by the first of them, once for all (the same graph on the same inputs)."""
+    """A faithful trace of the model on the example inputs (:func:`_faithful_trace`) and what it
+    keeps before conversion (:func:`_measured_before`), measured once: each of the planner's
+    conversions converts a copy of it."""
 
     graph: fx.GraphModule
     shapes: Dict[str, tuple]
-    prior: Optional[Dict[str, Any]] = None  # revpass.analysis.measure of the graph before conversion
-    peak_before: Optional[int] = None  # its estimated peak
+    prior: Dict[str, Any]  # revpass.analysis.measure of the graph before conversion
+    peak_before: int  # its estimated peak
+
+    @classmethod
+    def of(cls, work: nn.Module, inputs: tuple, options: "_Options") -> "_Traced":
+        graph, shapes = _faithful_trace(work, inputs, options)
+        return cls(graph, shapes, *_measured_before(graph, inputs))
 
 
 @dataclass
@@ -178,12 +183,13 @@ class _Run:
     model: nn.Module  # the user's model (changed only with inplace)
     inputs: Optional[tuple]  # the example inputs, or None
     options: _Options
-    before: Optional[fx.GraphModule] = None  # the traced graph before conversion (with inputs)
+    # with inputs: what the traced graph keeps before conversion, measured, and its estimated peak
+    prior: Optional[Dict[str, Any]] = None
+    peak_before: Optional[int] = None
     shapes: Dict[str, tuple] = field(default_factory=dict)  # input shapes by site path / node name
     sites: List[Site] = field(default_factory=list)
     patterns: List[PatternSite] = field(default_factory=list)
     report: Optional[ConversionReport] = None
-    traced: Optional[_Traced] = None  # the planner's shared trace, when converting a copy of it
 
 
 def _detect(gm: fx.GraphModule, run: _Run) -> List[Site]:
@@ -244,10 +250,7 @@ def _bits(gm: fx.GraphModule, run: _Run) -> List[str]:
 def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     if run.inputs is None:  # nothing measured: no annotations
         return
-    # node.meta (revpass/meta.py): memory, strategy, lifetimes; the graph before conversion is
-    # measured once per trace (the planner's conversions after the first reuse it)
-    shared = run.traced if run.traced is not None and run.traced.prior is not None else None
-    prior = annotate(gm, run.inputs, before=run.before, prior=shared.prior if shared else None)
+    annotate(gm, run.inputs, prior=run.prior)  # node.meta (revpass/meta.py): memory, strategy, lifetimes
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     gm.revpass_inputs_without_grad = {name for name, x in zip(placeholders, run.inputs)
                                       if not (isinstance(x, torch.Tensor) and x.requires_grad)}
@@ -255,11 +258,7 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     # and whatever backward sets the peak then, segments' rebuilds included (under a Peak budget
     # no finer than it takes to fit: smaller pieces cost time)
     refine_where_it_sets_the_peak(gm, budget=run.options.peak_budget)
-    # the unconverted graph's estimated peak, for revpass.plan
-    gm.revpass_peak_before = shared.peak_before if shared else estimate_peak(run.before)
-    if run.traced is not None and shared is None:
-        run.traced.prior, run.traced.peak_before = prior, gm.revpass_peak_before
-    run.before = None
+    gm.revpass_peak_before = run.peak_before  # the unconverted graph's, for revpass.plan
     if run.options.collect:
         gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
 
@@ -278,9 +277,7 @@ def _pipeline(model: nn.Module, example_inputs, options: _Options, traced: Optio
     run = _Run(model, inputs, options)
     if traced is not None and inputs is not None and not options.inplace:
         gm = safe_deepcopy(traced.graph)
-        run.shapes, run.traced = dict(traced.shapes), traced
-        if traced.prior is None:  # the first conversion of it measures the graph before conversion
-            run.before = scratch_copy(gm)
+        run.shapes, run.prior, run.peak_before = dict(traced.shapes), traced.prior, traced.peak_before
         for _, fn in PASSES:
             fn(gm, run)
             gm.graph.lint()
@@ -291,13 +288,18 @@ def _pipeline(model: nn.Module, example_inputs, options: _Options, traced: Optio
         gm.graph.lint()
     else:
         gm, run.shapes = _faithful_trace(work, inputs, options)
-        # an untouched copy of the traced graph, for the memory it keeps ("before" conversion),
-        # measured and dropped (on the same weights: the passes replace modules, never write one)
-        run.before = scratch_copy(gm)
+        run.prior, run.peak_before = _measured_before(gm, inputs)
     for _, fn in PASSES:
         fn(gm, run)
         gm.graph.lint()
     return gm
+
+
+def _measured_before(gm: fx.GraphModule, inputs: tuple) -> Tuple[Dict[str, Any], int]:
+    """What the traced graph ``gm`` keeps before conversion (revpass.analysis.measure, by node
+    name) and its estimated peak, measured on a scratch copy of it (the passes have not run)."""
+    before = scratch_copy(gm)
+    return annotate(before, inputs), estimate_peak(before)
 
 
 def _faithful_trace(work: nn.Module, inputs: tuple, options: _Options):
@@ -509,7 +511,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     probe = replace(options, inplace=False)
     strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
     # one faithful trace for every conversion the planner makes (each converts a copy of it)
-    traced = _Traced(*_faithful_trace(safe_deepcopy(model), as_tuple(example_inputs), probe))
+    traced = _Traced.of(safe_deepcopy(model), as_tuple(example_inputs), probe)
     probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s), traced) for s in strategies}
     total_before = plan_of(probes["exact"], "exact").kept_before
     savings = {s: site_savings(g) for s, g in probes.items()}

@@ -152,6 +152,10 @@ def cuda_step_peak(model: torch.nn.Module, *inputs) -> int:
     return peak - grads
 
 
+#: the CUDA caching allocator's smallest block, as torch's MemTracker counts it
+_CUDA_BLOCK = 1 if int(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", 0)) else 2**9
+
+
 class StorageTracker(TorchDispatchMode):
     """The bytes of the tensor storages alive, and their peak, over what runs inside it (a
     dispatch mode): every storage an operation returns is counted from then until it is freed
@@ -223,10 +227,6 @@ class StorageTracker(TorchDispatchMode):
         if self.total > self.peak:
             self.peak = self.total
         return out
-
-
-#: the CUDA caching allocator's smallest block, as torch's MemTracker counts it
-_CUDA_BLOCK = 1 if int(os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", 0)) else 2**9
 
 
 def tracker_bytes(snapshot, less=()) -> int:

@@ -6,7 +6,7 @@ from one measuring run (revpass.analysis.measure):
     shape, dtype          of the node's output (None for non-tensors)
     kept_bytes            bytes it keeps for backward, measured on this graph
     kept_bytes_before     the same on the graph before conversion (the sum over the calls and ops
-                          a rewritten site replaced), when that graph is given
+                          a rewritten site replaced), when that graph's measurements are given
     strategy, reason      "reversible" | "exact" | "recompute" | "unchanged" for neuron sites and
                           segments, "-" otherwise
     forward_step          the position of the node in the forward (when its tensors are saved)
@@ -33,21 +33,15 @@ from revpass.meta import NodeInfo
 def annotate(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
-    before: Optional[fx.GraphModule] = None,
     prior: Optional[Dict[str, NodeMemory]] = None,
-) -> Optional[Dict[str, NodeMemory]]:
-    """Write node.meta["revpass"] on every node of ``gm`` (see the module docstring), and, when
-    the graph ``before`` conversion is given, on every node of it too (its own measurements).
-    ``prior``: that graph's measurements, already taken (and written on it) by an earlier call on
-    the same graph and inputs, instead of ``before`` (the planner converts one trace several
-    times). Returns the measurements of the graph before conversion, or None without it."""
+) -> Dict[str, NodeMemory]:
+    """Write node.meta["revpass"] on every node of ``gm`` (see the module docstring) and return
+    its measurements. ``prior``: those of the graph before conversion (an earlier call on it),
+    from which each node's ``kept_bytes_before``."""
     after = measure(gm, example_inputs)
-    if prior is None and before is not None:
-        prior = measure(before, example_inputs)
-        _write(before, prior, prior, {})
     report = getattr(gm, "revpass_report", None)
     _write(gm, after, prior, {r.path: r for r in report} if report is not None else {})
-    return prior
+    return after
 
 
 def _write(gm: fx.GraphModule, mem: Dict[str, NodeMemory], prior: Optional[Dict[str, NodeMemory]], rows) -> None:

@@ -206,7 +206,7 @@ def test_any_choice_is_estimated_from_the_probes_as_its_conversion_is():
     net = models.sj_zoo("spiking_resnet18")
     x = torch.randn(4, 2, 3, 32, 32)
     opts = replace(api._Options(mode="exact", backward="optimized"), fold_exact=True)
-    traced = api._Traced(*api._faithful_trace(safe_deepcopy(net), as_tuple(x), opts))
+    traced = api._Traced.of(safe_deepcopy(net), as_tuple(x), opts)
     probes = {s: api._pipeline(net, x, replace(opts, mode=s), traced) for s in ("exact", "recompute")}
     estimate = PlanEstimate(probes)
     sites = [r.path for r in probes["exact"].revpass_report.rows]
@@ -272,7 +272,7 @@ def test_a_node_left_at_the_peak_by_chunked_segments_is_sliced():
     net = models.sj_zoo("spiking_resnet18")
     x = torch.randn(16, 4, 3, 32, 32)
     opts = replace(api._Options(mode="exact", backward="optimized"), fold_exact=True)
-    traced = api._Traced(*api._faithful_trace(safe_deepcopy(net), as_tuple(x), opts))
+    traced = api._Traced.of(safe_deepcopy(net), as_tuple(x), opts)
     every = api._pipeline(net, x, replace(opts, mode="recompute"), traced)
     sites = [r.path for r in every.revpass_report.rows]
     planned = {p: ("recompute" if i < 3 else "exact", "") for i, p in enumerate(sites)}
