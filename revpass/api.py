@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -45,7 +45,7 @@ from revpass.passes.rewrite import rewrite
 from revpass.passes.segments import form_segments
 from revpass.passes.spikes import keep_spike_inputs_as_bits
 from revpass.passes.untraced import settle, untraced_parts, untraced_sites
-from revpass.planning.budget import (STRATEGIES, BudgetError, Peak, allowed, choose, site_savings,
+from revpass.planning.budget import (STRATEGIES, BudgetError, Peak, allowed, choose, join_candidate, site_savings,
                                      workspaces)
 from revpass.planning.memory_plan import MemoryPlan, plan_of
 from revpass.planning.peak import (PlanEstimate, estimate_peak, refine_where_it_sets_the_peak,
@@ -157,6 +157,7 @@ class _Options:
     fold_exact: bool = False  # batch norms fold into exact nodes too (under a budget: method.md section 12)
     collect: bool = True  # free each conversion's copies at once (the planner collects once, at its end)
     peak_budget: Optional[int] = None  # a Peak budget's bytes: segments and nodes in no smaller pieces than fit it
+    joined: FrozenSet[str] = frozenset()  # sites whose recomputed segment joins the one reading it (the planner's)
 
 
 @dataclass
@@ -236,7 +237,7 @@ def _segments(gm: fx.GraphModule, run: _Run) -> list:
     if ends:
         for path in ends:  # their transient adds to the segment's rebuilt layers: memory first
             gm.get_submodule(path).set_slicing(CHUNK_MIN_ELEMS_FINE)
-        formed = form_segments(gm, run.inputs, ends)
+        formed = form_segments(gm, run.inputs, ends, joined=run.options.joined)
     invalidate_reset_caches(gm)  # the module tree changed under the frameworks' caches
     if run.options.inplace:
         invalidate_reset_caches(run.model)
@@ -523,12 +524,13 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     # (the probes as far as they lower the peak: the lowest plan is what the budget is checked against)
     final = replace(options, peak_budget=budget.bytes) if isinstance(budget, Peak) else options
 
-    def with_plan(planned, inplace=False):
-        if not inplace and final is options:  # a probe is that conversion already when the plan is one
-            for g in probes.values():         # strategy everywhere
+    def with_plan(planned, inplace=False, joined=frozenset()):
+        if not inplace and final is options and not joined:  # a probe is that conversion already when
+            for g in probes.values():                         # the plan is one strategy everywhere
                 if _probe_is_plan(g, planned):
                     return _as_planned(g, planned)
-        return _pipeline(model, example_inputs, replace(final, planned=planned, inplace=inplace), traced)
+        return _pipeline(model, example_inputs, replace(final, planned=planned, inplace=inplace, joined=joined),
+                         traced)
 
     rank = {None: -1, **{k: i for i, k in enumerate(STRATEGIES)}}  # extra compute, least first
 
@@ -597,6 +599,19 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
                 choice, gm = low, gm_low
         return choice, gm
 
+    def joined_where_it_lowers_the_peak(gm, choice):
+        """(``gm`` converted with ``choice``, the sites joined): its recomputed segments joined while
+        that lowers the estimated peak by more than the estimate's resolution (1%)
+        (revpass.planning.budget.join_candidate): a conversion per try, only where one segment's
+        output feeds only the segment whose backward sets the peak."""
+        joined, peak = frozenset(), estimate_peak(gm)
+        while (site := join_candidate(gm)) is not None and site not in joined:
+            trial = with_plan(choice, joined=joined | {site})
+            if estimate_peak(trial) >= 0.99 * peak:
+                break
+            gm, joined, peak = trial, joined | {site}, estimate_peak(trial)
+        return gm, joined
+
     def kept_of(choice):  # the bytes a choice keeps for backward, from the probes
         if all(c is None for c, _ in choice.values()):
             return total_before
@@ -607,6 +622,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         # the least extra compute whose estimated peak fits: the model as it is, or exact nodes
         # everywhere (no extra compute), else the lowest plan relaxed as far as the budget allows
         fits = [s for s in (None, "exact") if uniform[s] <= budget.bytes]
+        joined = frozenset()
         if fits:
             s = fits[0]
             choice = uniform_plan(s, f"the estimated peak {uniform[s]} bytes fits {budget!r} with {s} at every site "
@@ -615,15 +631,21 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             gm = with_plan(choice)
         else:
             low, peak = lowest()
-            if peak > budget.bytes:
-                raise BudgetError(
-                    f"{budget!r} cannot be met: the smallest reachable estimated peak is {peak} bytes "
-                    f"({peak / 2**20:.2f} MiB; budget='min'); before conversion the estimate is {uniform[None]} bytes")
-            choice, gm = least_compute(low, budget.bytes,
-                                       f"the estimated peak still fits {budget!r} (less extra compute)")
+            if peak > budget.bytes:  # the lowest plan with segments joined, as budget="min" converts it
+                gm, joined = joined_where_it_lowers_the_peak(with_plan(low), low)
+                peak = estimate_peak(gm)
+                if peak > budget.bytes:
+                    raise BudgetError(
+                        f"{budget!r} cannot be met: the smallest reachable estimated peak is {peak} bytes "
+                        f"({peak / 2**20:.2f} MiB; budget='min'); before conversion the estimate is {uniform[None]} "
+                        "bytes")
+                choice = low
+            else:
+                choice, gm = least_compute(low, budget.bytes,
+                                           f"the estimated peak still fits {budget!r} (less extra compute)")
         predicted = kept_of(choice)
         if options.inplace:
-            gm = with_plan(choice, inplace=True)
+            gm = with_plan(choice, inplace=True, joined=joined)
     elif budget != "min":
         choice, predicted, gm = _meet(budget, total_before, savings, strategies, with_plan, options.inplace)
     else:
@@ -633,9 +655,10 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         # measured than mode="exact"'s plan), and reversible allowed must go at least as low
         choice, gm = least_compute(low, peak * 1.01, "'min': the estimated peak stays within 1% of the lowest "
                                                      "(less extra compute)", to=("exact",))
+        gm, joined = joined_where_it_lowers_the_peak(gm, choice)
         predicted = kept_of(choice)
         if options.inplace:
-            gm = with_plan(choice, inplace=True)
+            gm = with_plan(choice, inplace=True, joined=joined)
     probes.clear()  # the probes not taken: freed below
     gc.collect()  # the probes and plans not taken hold reference cycles: free their tensors now
     gm.revpass_report.mode = f"budget={budget!r}" if options.mode == "reversible" else \

@@ -232,8 +232,44 @@ def _scaling(results, batch: int, variant: str = "exact-min") -> List[Dict[str, 
     return out
 
 
+#: the variants of revpass, the ones compared with memopt
+REVPASS = ("exact", "reversible", "recompute", "planner-min", "exact-min")
+
+
+def _against_memopt(results, batch: int = 4) -> List[Dict[str, Any]]:
+    """Per memopt level: in how many of the rows that ran it (model, T and batch) a revpass
+    variant is at least as low in measured peak at no worse step time (issue #15), and which
+    variant: the lowest such one."""
+    out = []
+    for lv in sorted({v for r in results for v in r["variants"] if v.startswith("memopt")}):
+        rows, met, missed, which = 0, 0, [], {}
+        for r in results:
+            v, o = r["variants"], r["variants"]["original"]
+            if lv not in v:
+                continue
+            rows += 1
+
+            def peak_time(name, v=v, o=o):
+                return o["peak_bytes"] / v[name]["peak_bytes"], v[name]["step_s"] / o["step_s"]
+
+            mp, mt = peak_time(lv)
+            ok = [n for n in REVPASS if n in v and peak_time(n)[0] >= mp and peak_time(n)[1] <= mt]
+            if ok:
+                met += 1
+                best = max(ok, key=lambda n: peak_time(n)[0])
+                which[best] = which.get(best, 0) + 1
+            else:
+                missed.append(f"{r['model']} T={r['T']} batch {_batch(r, batch)}")
+        out.append({"target": f"a revpass variant at least as low as memopt {lv.split('-')[1]} at no worse step "
+                              f"time, in {met} of {rows} runs (the lowest such: "
+                              + ", ".join(f"{n} in {k}" for n, k in sorted(which.items(), key=lambda x: -x[1]))
+                              + (f"; none at {', '.join(missed)}" if missed else "") + "); the fraction",
+                    "value": met / rows, "pass": met == rows})
+    return out
+
+
 def _targets(results, batch: int = 4) -> List[Dict[str, Any]]:
-    out = _scaling(results, batch)
+    out = _scaling(results, batch) + _against_memopt(results, batch)
     for r in results:
         if _batch(r, batch) != batch:
             continue

@@ -12,7 +12,9 @@ training batch norm's statistics, so the rebuild can run a chunk of samples at a
   rebuild runs in two passes: the first differentiates every chunk only as far as the batch
   norms' outputs, to sum those; the second differentiates every chunk whole, with the batch
   norms' input gradient gamma/std * (gz - sum(gz)/M - x^ sum(gz x^)/M) from the summed totals
-  (torch's batch-norm backward, its sums taken over chunks, in float64);
+  (torch's batch-norm backward, its sums taken over chunks, in float64). Where batch norms follow
+  one another (a joined segment), each level of them takes a pass of its own, the deepest first,
+  before the last pass;
 * the neurons' spikes, kept from the forward as bits. A chunk's layers need not round exactly as
   the whole batch's did (a convolution may pick another algorithm for fewer samples, and the
   chunk's batch norm is a formula, not the module's kernel), and a membrane within a rounding
@@ -21,7 +23,7 @@ training batch norm's statistics, so the rebuild can run a chunk of samples at a
   as an unchunked segment is (the same function, more memory, once).
 
 Which segments can: every value a ``(T, B, ...)`` sequence (SpikingJelly's multi-step layout, the
-batch on dim 1), no batch norm upstream of another within the segment, and the chunked rebuild
+batch on dim 1), and the chunked rebuild
 giving, on the example inputs at conversion, the forward's output bit for bit (an operation that
 mixes samples, or draws random numbers, fails that and leaves the segment unchunked).
 """
@@ -67,18 +69,34 @@ class Plan:
             raise Unchunkable("the segment returns more than one value")
         mods = dict(body.named_modules())
         self.bns = [n for n in nodes if n.op == "call_module" and multi_step_batch_norm(mods[n.target])]
-        upstream = set()
-        stack = [a for n in self.bns for a in n.all_input_nodes]
-        while stack:
-            u = stack.pop()
-            if u.op == "placeholder" or u in upstream:
-                continue
-            upstream.add(u)
-            stack.extend(u.all_input_nodes)
-        if any(b in upstream for b in self.bns):
-            raise Unchunkable("a batch norm feeds another within the segment")
-        self.upstream = [n for n in nodes if n in upstream]  # rebuilt without gradients in the first pass
-        self.rest = [n for n in nodes if n.op not in ("placeholder", "output") and n not in upstream]
+        self.order = [n for n in nodes if n.op not in ("placeholder", "output")]
+        # a batch norm's level: 1 + the most levels of batch norms upstream of it. The rebuild takes
+        # one pass per level, the deepest first: a level's sums need the gradient of its outputs,
+        # through the batch norms after it, whose sums the passes before have found
+        level: Dict[fx.Node, int] = {}
+        for n in nodes:
+            below = max((level[a] for a in n.all_input_nodes if a in level), default=0)
+            if n in self.bns:
+                level[n] = below + 1
+            elif below:
+                level[n] = below  # the deepest batch norm upstream of n, carried along
+        self.levels: List[List[fx.Node]] = [[b for b in self.bns if level[b] == k]
+                                            for k in range(1, max((level[b] for b in self.bns), default=0) + 1)]
+        #: per level (deepest last): the nodes upstream of its batch norms (rebuilt without
+        #: gradients in its pass) and the rest
+        self.upstream_of: List[List[fx.Node]] = []
+        self.rest_of: List[List[fx.Node]] = []
+        for bns in self.levels:
+            upstream = set()
+            stack = [a for n in bns for a in n.all_input_nodes]
+            while stack:
+                u = stack.pop()
+                if u.op == "placeholder" or u in upstream:
+                    continue
+                upstream.add(u)
+                stack.extend(u.all_input_nodes)
+            self.upstream_of.append([n for n in self.order if n in upstream])
+            self.rest_of.append([n for n in self.order if n not in upstream])
         self.neurons = [n for n in nodes if n.op == "call_module" and isinstance(mods[n.target], Node)]
         if not self.neurons:
             raise Unchunkable("no neuron in the segment")
@@ -190,6 +208,7 @@ class _Sums:
         self.dgamma: Any = 0
         self.totals: Optional[Tuple[Tensor, Tensor]] = None
         self.given = False  # dgamma and dbeta handed to autograd (once, by the first chunk)
+        self.collecting = False  # its level's pass runs: its backward adds to the sums
 
 
 class _Normalize(torch.autograd.Function):
@@ -209,7 +228,9 @@ class _Normalize(torch.autograd.Function):
         sums = ctx.sums
         dims = [d for d in range(x.dim()) if d != 2]
         centred = x - per_channel(mean, x)  # the one chunk-sized temporary
-        if sums.totals is None:  # the first pass: the sums, nothing else
+        if sums.totals is None:  # its level's pass: the sums, nothing else
+            if not sums.collecting:  # a deeper level's pass, where its gradient is not wanted
+                return gz, None, None, None, None, None
             sums.dbeta = sums.dbeta + gz.sum(dim=dims, dtype=torch.float64)
             sums.dgamma = sums.dgamma + centred.mul_(gz).sum(dim=dims, dtype=torch.float64) * invstd
             return gz, None, None, None, None, None
@@ -298,6 +319,7 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
         bn = body.get_submodule(n.target)
         if n not in sums:  # elements per channel over the whole batch and every step
             sums[n] = _Sums(x.numel() // x.shape[2] // x.shape[1] // x.shape[0] * B * T)
+            sums[n].collecting = n in collecting
         return _Normalize.apply(x, mean, invstd, bn.weight, bn.bias, sums[n])
 
     def same_spikes(a: int, b: int, t0: int, t1: int):
@@ -324,15 +346,17 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
             with torch.no_grad():
                 for t0, t1 in times[lo:hi]:
                     env, _ = chunk_inputs(a, b, t0, t1, leaves=False)
-                    _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
+                    _run(body, plan.order, env, bn=normalize, result=plan.result)
             return {m: m.state for m in nodes}
 
         yield from _halves(0, len(times), {m: m.state for m in nodes}, run)
 
-    def through_time(a: int, b: int, first: bool):
+    def through_time(a: int, b: int, level: Optional[int]):
         """Differentiates samples a:b a time chunk at a time, from the last; yields each chunk's
-        (t0, t1, gradients of its targets): in the first pass, of the batch norms' inputs (their
-        sums are what it is for); in the second, of the inputs in ``wants`` and the parameters."""
+        (t0, t1, gradients of its targets): in a level's pass, of that level's batch norms' inputs
+        (their sums are what it is for); in the last (``level`` None), of the inputs in ``wants``
+        and the parameters."""
+        first = level is not None
         carried: Dict[nn.Module, Any] = {}
         for k, start in starts(a, b):
             t0, t1 = times[k]
@@ -346,18 +370,20 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
             with torch.enable_grad():
                 try:
                     if first:
+                        # the deepest level's pass (the first) compares every neuron's spikes
+                        seen = same_spikes(a, b, t0, t1) if level == len(plan.levels) - 1 else None
                         with torch.no_grad():
-                            _run(body, plan.upstream, env)
+                            _run(body, plan.upstream_of[level], env, bn=normalize, seen=seen)
                         targets = []
-                        for n in plan.bns:  # the batch norms' inputs, as leaves the first pass differentiates to
+                        for n in plan.levels[level]:  # its batch norms' inputs, as leaves the pass differentiates to
                             targets.append(env[n.args[0]].detach().requires_grad_(True))
                             env[n.args[0]] = targets[-1]
-                        _run(body, plan.rest, env, bn=normalize, seen=same_spikes(a, b, t0, t1), result=plan.result)
+                        _run(body, plan.rest_of[level], env, bn=normalize, seen=seen, result=plan.result)
                     else:
-                        # the first pass compared every neuron's spikes (they all follow the batch
-                        # norms), and this pass computes them again the same way
-                        _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result,
-                             seen=None if checked else same_spikes(a, b, t0, t1))
+                        # the first pass compared every neuron's spikes, and this pass computes
+                        # them again the same way
+                        _run(body, plan.order, env, bn=normalize, result=plan.result,
+                             seen=None if plan.bns else same_spikes(a, b, t0, t1))
                         targets = [*leaf, *params]
                 except _Differs:
                     yield None
@@ -384,18 +410,24 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
             yield t0, t1, result
             del result
 
-    checked = bool(plan.bns) and not any(n in set(plan.upstream) for n in plan.neurons)
-    if plan.bns:  # the first pass: the batch norms' sums
+    collecting: set = set()
+    for level in reversed(range(len(plan.levels))):  # a pass per level of batch norms, the deepest first
+        collecting = set(plan.levels[level])
+        for n, s in sums.items():
+            s.collecting = n in collecting
         for a, b in parts:
-            for got in through_time(a, b, first=True):
+            for got in through_time(a, b, level):
                 if got is None:
                     return None
-        for s in sums.values():
+        for n in plan.levels[level]:
+            s = sums[n]
             s.totals = (s.dbeta.to(grad_out.dtype), s.dgamma.to(grad_out.dtype))
+    for s in sums.values():  # the passes before used the deeper levels' sums: the last hands on their gradients
+        s.given = False
     g_in: List[Optional[Tensor]] = [None] * len(inputs)
     g_par: List[Optional[Tensor]] = [None] * len(params)
     for a, b in parts:  # the second pass: every gradient
-        for got in through_time(a, b, first=False):
+        for got in through_time(a, b, None):
             if got is None:
                 return None
             t0, t1, got = got
@@ -448,7 +480,7 @@ def check(plan: Plan, inputs: Sequence[Any], per: int, steps: Optional[int] = No
                     m.state = _state_slice(states0[m], B, a, b)
                 for t0, t1 in chunks_of(T, steps or T):  # the neurons carry their states from chunk to chunk
                     env = {p: _slice(x, B, a, b, t0, t1) for p, x in zip(plan.placeholders, inputs)}
-                    _run(body, plan.upstream + plan.rest, env, bn=normalize, result=plan.result)
+                    _run(body, plan.order, env, bn=normalize, result=plan.result)
                     got = env[plan.result]
                     if (not isinstance(got, Tensor) or not isinstance(whole, Tensor)
                             or got.shape != whole[t0:t1, a:b].shape):

@@ -9,7 +9,8 @@ How a segment is grown from its neuron node E: take E's producers, and theirs, s
 placeholders, parameters, neurons (revpass nodes or library neurons), state resets and other
 segments; then drop, until none is left, any node that something outside the segment reads (its
 value must exist outside, so it becomes an input). What remains is a connected piece of the
-graph with one output, E's, and no side entrances.
+graph with one output, E's, and no side entrances. A segment grows through the exact nodes of
+``joined`` sites (the planner's): their layers and its are then one segment, rebuilt together.
 
 A layer left outside every segment that keeps bytes for backward and reads only spikes (a max
 pool between two neurons, a linear layer after the last neuron) gets a segment of its own when
@@ -55,18 +56,19 @@ def _opaque(gm: fx.GraphModule, n: fx.Node) -> bool:
     return isinstance(m, (Node, StateReset, RecomputeSegment)) or is_neuron(m)
 
 
-def grow(gm: fx.GraphModule, end: fx.Node, taken: Set[fx.Node], tensors: Set[str]) -> Optional[List[fx.Node]]:
+def grow(gm: fx.GraphModule, end: fx.Node, taken: Set[fx.Node], tensors: Set[str], through: Set[fx.Node] = frozenset()
+         ) -> Optional[List[fx.Node]]:
     """The segment ending at ``end`` (see the module docstring), in graph order, or None when
     ``end`` itself reads a value that is not a tensor (a tuple of states). ``tensors``: the names
     of the nodes whose value is a tensor; a segment's inputs must be tensors (or hold none), so
-    that gradients reach them."""
+    that gradients reach them. ``through``: exact nodes it grows through (joined segments' ends)."""
     if any(a.name not in tensors for a in end.all_input_nodes):
         return None
     members = {end}
     stack = list(end.all_input_nodes)
     while stack:
         u = stack.pop()
-        if u in members or u in taken or _opaque(gm, u):
+        if u in members or u in taken or (_opaque(gm, u) and u not in through):
             continue
         members.add(u)
         stack.extend(u.all_input_nodes)
@@ -119,27 +121,36 @@ def form_segments(
     ends: Set[str],
     *,
     singles: bool = True,
+    joined: Set[str] = frozenset(),
 ) -> List[Tuple[str, List[str]]]:
     """Replace the segments ending at the call_module nodes whose target is in ``ends`` (exact
     nodes) by :class:`RecomputeSegment` calls; with ``singles``, also wrap the layers that read
-    only spikes and keep more than their inputs as bits. Returns [(segment name, sites)]."""
+    only spikes and keep more than their inputs as bits. The segment of an end in ``joined`` is
+    part of the segment that reads its output, where that is the only reader (else it has its
+    own): one rebuild of both layers, whose gradient between them exists a chunk at a time.
+    Returns [(segment name, sites)]."""
     mem = measure(gm, example_inputs, detail=False)  # shapes, spikes and kept bytes
     binary = {name: m.binary for name, m in mem.items()}
     tensors = {name for name, m in mem.items() if m.shape is not None}
     taken: Set[fx.Node] = set()
     groups: List[Tuple[List[fx.Node], List[str]]] = []
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and n.target in ends and mem.get(n.name) and mem[n.name].shape is not None:
-            members = grow(gm, n, taken, tensors)
-            if members is not None:
-                members = extend(gm, members, taken, mem)
-            if members is None:
-                report = getattr(gm, "revpass_report", None)
-                if report is not None:
-                    report.by_path(n.target).reason += "; not recomputed: it reads a value that is not a tensor"
-                continue
-            taken.update(members)
-            groups.append((members, [n.target]))
+    candidates = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in ends
+                  and mem.get(n.name) and mem[n.name].shape is not None]
+    through = {n for n in candidates if n.target in joined}
+    # the joined ends first wait for the segment that reads them; any not taken then has its own
+    for n in [n for n in candidates if n not in through] + [n for n in candidates if n in through]:
+        if n in taken:
+            continue
+        members = grow(gm, n, taken, tensors, through - {n})
+        if members is not None:
+            members = extend(gm, members, taken, mem)
+        if members is None:
+            report = getattr(gm, "revpass_report", None)
+            if report is not None:
+                report.by_path(n.target).reason += "; not recomputed: it reads a value that is not a tensor"
+            continue
+        taken.update(members)
+        groups.append((members, [u.target for u in members if u in through or u is n]))
     spikes = spike_values(gm)  # kept up to date as segments replace their ends (_replace)
     if singles:
         for n in list(gm.graph.nodes):
@@ -164,7 +175,9 @@ def form_segments(
         out.append((name, sites))
         for site in sites if report is not None else ():
             row = report.by_path(site)
-            row.reason += f"; exact node ending {name}, recomputed in backward"
+            row.reason += (f"; exact node ending {name}, recomputed in backward" if site == sites[-1] else
+                           f"; exact node inside {name}, recomputed in backward (its segment joined to the one "
+                           "that reads it: the gradient between them exists a chunk at a time)")
         if sites:  # the largest value's elements per sample of a (T, B, ...) sequence
             shapes = [mem[n.name].shape for n in members if mem.get(n.name) and mem[n.name].shape]
             per_sample[name] = max((math.prod(s) // s[1] for s in shapes if len(s) >= 2 and s[1]), default=0)

@@ -24,7 +24,9 @@ keeping each change that lowers the estimated peak and stopping at the first tha
 strategy at every site wins where its estimated peak is lower still. Then it relaxes: the
 deepest site first, each site moves to the strategy of least extra compute that keeps the
 estimated peak within 1% of that lowest (early layers hold the largest activations, so only
-their rebuilds set the peak; the deep ones are exact nodes again). A ``Peak(bytes)`` budget
+their rebuilds set the peak; the deep ones are exact nodes again), and joins the segment
+before the one whose backward sets the peak into it where that lowers the estimate
+(:func:`join_candidate`; a conversion per try). A ``Peak(bytes)`` budget
 relaxes the lowest plan the same way, as far as the budget allows. Every estimate of a mixed
 choice comes from the probes, without converting (revpass.planning.peak.PlanEstimate); only the
 chosen plan is converted, and its own estimate checked
@@ -177,3 +179,23 @@ def workspaces(gm: fx.GraphModule) -> Dict[str, int]:
             for site in gm.get_submodule(n.target).sites:
                 out[site] = meta.info(n).get("workspace_bytes") or 0
     return out
+
+
+def join_candidate(gm: fx.GraphModule) -> Optional[str]:
+    """The site whose recomputed segment would join the one whose backward sets the estimated
+    peak (revpass.planning.peak.estimate_peak), or None. Such a backward holds the gradient of its
+    whole input (a sequence as large as the layer before it) beside its own rebuild; joined, the
+    two layers are rebuilt together and that gradient exists a chunk at a time. A candidate is the
+    end of a segment whose output only the peak's segment reads."""
+    from revpass.planning.peak import estimate_peak
+
+    at: list = []
+    estimate_peak(gm, at)
+    n = at[-1] if at else None
+    if n is None or n.op != "call_module" or not isinstance(gm.get_submodule(n.target), RecomputeSegment):
+        return None
+    for a in n.all_input_nodes:
+        if (a.op == "call_module" and isinstance(gm.get_submodule(a.target), RecomputeSegment)
+                and gm.get_submodule(a.target).sites and set(a.users) == {n}):
+            return gm.get_submodule(a.target).sites[-1]
+    return None

@@ -266,7 +266,7 @@ def test_a_segment_that_mixes_samples_is_rebuilt_whole():
         assert close(g1[k], g0[k]) or worst(g1[k], g0[k]) < 10, (k, worst(g1[k], g0[k]))
 
 
-def test_plan_rejects_a_batch_norm_feeding_another():
+def test_plan_takes_a_pass_per_level_of_batch_norms():
     from spikingjelly.activation_based import layer, neuron
 
     from revpass.passes.detect import find_sites
@@ -278,8 +278,55 @@ def test_plan_rejects_a_batch_norm_feeding_another():
     for site in find_sites(gm):
         rewrite_site(gm, site, "recompute", "optimized", {})
     gm.recompile()
-    with pytest.raises(chunks.Unchunkable, match="feeds another"):
-        chunks.Plan(gm)
+    plan = chunks.Plan(gm)
+    names = lambda ns: [n.name for n in ns]  # noqa: E731
+    bn0, bn1 = plan.bns
+    assert plan.levels == [[bn0], [bn1]]
+    # the second level's pass rebuilds the first batch norm without gradients; the first level's
+    # differentiates from the first's input through both and the neuron
+    assert names(plan.upstream_of[1]) == [bn0.name] and names(plan.upstream_of[0]) == []
+    assert names(plan.rest_of[0]) == [bn0.name, bn1.name, *names(plan.neurons)]
+
+
+@pytest.mark.parametrize("per,steps", [(1, None), (2, None), (1, 1), (1, 2)])
+def test_a_joined_segment_rebuilds_both_layers_in_chunks_with_the_whole_rebuilds_gradients(block, per, steps):
+    """sn1's segment joined to sn2's: conv -> bn -> LIF -> pool -> conv -> bn (+) -> LIF in one
+    rebuild, two levels of batch norms, so three passes over the chunks; the gradient between the
+    two layers exists a chunk at a time."""
+    from revpass import api
+
+    net, x = block
+    net, x = net.double(), x.double()
+    gm = api._pipeline(net, x, api._Options(mode="recompute", backward="optimized", joined=frozenset({"sn1"})))
+    (seg,) = [s for s in _segments(gm).values() if s.sites]
+    assert seg.sites == ("sn1", "sn2") and seg.chunking is not None and seg.in_time
+    assert [str(n.target) for n in seg.body.graph.nodes if n.op == "call_module"] == [
+        "c1", "bn1", "sn1", "pool", "c2", "bn2", "sn2"]
+    assert len(seg.chunking.levels) == 2
+    assert "joined" in gm.revpass_report.by_path("sn1").reason
+    calls = []
+    real = chunks.backward
+
+    def spy(*args, **kwargs):
+        got = real(*args, **kwargs)
+        calls.append(got is not None)
+        return got
+
+    _per(gm, 10)
+    y0, g0 = _grads(gm, x)
+    _per(gm, per, steps)
+    chunks.backward = spy
+    try:
+        y1, g1 = _grads(gm, x)
+    finally:
+        chunks.backward = real
+    assert calls == [True]
+    assert torch.equal(y0, y1) and torch.equal(y1, _grads(net, x)[0])
+    assert set(g0) == set(g1) and all(g is not None for g in g1.values())
+    for k in g0:
+        assert close(g1[k], g0[k], torch.float64), (k, worst(g1[k], g0[k], torch.float64))
+    assert seg.whole_rebuilds == 0
+    net.float()
 
 
 @pytest.fixture(scope="module")

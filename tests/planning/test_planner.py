@@ -305,3 +305,50 @@ def test_min_with_reversible_allowed_goes_at_least_as_low_as_keeping_the_functio
     assert estimate_peak(both) <= estimate_peak(kept)
     assert not any("reversible instead of recompute" in r.reason for r in both.revpass_report)
     assert [r.decision for r in both.revpass_report] == [r.decision for r in kept.revpass_report]
+
+
+def test_min_joins_segments_where_the_gradient_between_them_sets_the_peak():
+    """spiking_vgg16_bn (T = 4, batch 4): the second layer's recomputed backward held the gradient
+    of the first layer's whole output (4 MiB) beside its rebuild, and set the peak. budget="min"
+    joins the two segments, so that gradient exists a chunk at a time: one rebuild of both layers,
+    a pass per level of batch norms (docs/method.md section 13). The same forward bit for bit,
+    gradients within rounding of the original; a measured peak well below the unjoined plan's."""
+    from catalogue import close, worst
+
+    from revpass import api
+    from revpass.memory import step_peak
+    from revpass.nodes.segment import RecomputeSegment
+    from revpass.planning.peak import estimate_peak
+
+    net, x = models.sj_zoo_and_input("spiking_vgg16_bn", 4, 4)
+    gm = revpass.convert(net, x, mode="exact", budget="min")
+    segs = [m for m in gm.modules() if isinstance(m, RecomputeSegment) and m.sites]
+    (joined,) = [m for m in segs if len(m.sites) > 1]
+    assert joined.sites == ("features.2", "features.5") and len(joined.chunking.levels) == 2
+    assert "joined" in gm.revpass_report.by_path("features.2").reason
+    planned = {r.path: (None if r.decision == "unchanged" else r.decision, "") for r in gm.revpass_report}
+    unjoined = api._pipeline(net, x, api._Options(mode="exact", backward="optimized", planned=planned, fold_exact=True))
+    assert len([m for m in unjoined.modules() if isinstance(m, RecomputeSegment) and m.sites]) == len(segs) + 1
+    assert estimate_peak(gm) < 0.85 * estimate_peak(unjoined)
+    measured = step_peak(gm, x)
+    assert measured < 0.85 * step_peak(unjoined, x)
+    assert abs(measured - estimate_peak(gm)) <= 0.1 * measured
+    # a Peak budget that only the joined plan fits is met, not refused
+    budget = revpass.Peak(int(0.9 * estimate_peak(unjoined)))
+    fits = revpass.convert(net, x, mode="exact", budget=budget)
+    assert estimate_peak(fits) <= budget.bytes
+    assert any(len(m.sites) > 1 for m in fits.modules() if isinstance(m, RecomputeSegment))
+    params = dict(net.named_parameters())
+    grads = []
+    for m in (net, gm):
+        reset_states(m)
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # the classifier's dropout draws the same masks
+        y = m(x)
+        y.sum().backward()
+        grads.append((y.detach(), {k: p.grad for k, p in m.named_parameters()}))
+        reset_states(m)
+    (y0, g0), (y1, g1) = grads
+    assert torch.equal(y0, y1)
+    for k in params:
+        assert g1[k] is not None and (close(g1[k], g0[k]) or worst(g1[k], g0[k]) < 20), (k, worst(g1[k], g0[k]))

@@ -59,3 +59,27 @@ def test_the_scaling_targets_read_the_ratio_along_T_and_along_the_batch():
     assert along_batch["pass"] and abs(along_batch["value"] - (120 / 21) / 6) < 1e-9
     rows[2] = row(4, 8, 120, 22)  # 5.45x: 9% below batch 4's
     assert not bench_memory._scaling(rows, batch=4)[1]["pass"]
+
+
+def test_the_memopt_target_asks_for_a_revpass_variant_as_low_at_no_worse_time():
+    """Per memopt level, every run (model, T, batch) that ran it needs a revpass variant whose
+    measured peak is at least as low and whose step time is no worse; the lowest such is named."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_memory
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+    def row(T, **variants):  # variant: (peak, step time)
+        return {"model": "m", "T": T, "batch": 4, "variants": {
+            k: {"peak_bytes": p, "step_s": t} for k, (p, t) in {"original": (100, 1.0), **variants}.items()}}
+
+    rows = [row(4, exact=(40, 0.9), **{"exact-min": (10, 2.0), "memopt-L1": (90, 1.1)}),
+            row(8, exact=(40, 1.2), **{"exact-min": (10, 2.0), "memopt-L1": (90, 1.1)})]
+    (t,) = bench_memory._against_memopt(rows)
+    # at T = 4 exact is lower (2.5x against 1.11x) and faster; at T = 8 no variant is both
+    assert not t["pass"] and t["value"] == 0.5
+    assert "in 1 of 2 runs (the lowest such: exact in 1; none at m T=8 batch 4)" in t["target"]
+    rows[1]["variants"]["exact"]["step_s"] = 1.1  # as fast as memopt: no worse
+    (t,) = bench_memory._against_memopt(rows)
+    assert t["pass"] and "in 2 of 2 runs (the lowest such: exact in 2)" in t["target"]
