@@ -277,7 +277,10 @@ def _pipeline(model: nn.Module, example_inputs, options: _Options, traced: Optio
     inputs = as_tuple(example_inputs) if example_inputs is not None else None
     run = _Run(model, inputs, options)
     if traced is not None and inputs is not None and not options.inplace:
-        gm = safe_deepcopy(traced.graph)
+        # the trace is the planner's own copy of the model, and only one of its conversions is
+        # returned: they share its parameters (no pass writes them), and copy its buffers and
+        # states (a run writes those). A large model's parameters take seconds to clone.
+        gm = scratch_copy(traced.graph)
         run.shapes, run.prior, run.peak_before = dict(traced.shapes), traced.prior, traced.peak_before
         for _, fn in PASSES:
             fn(gm, run)

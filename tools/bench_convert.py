@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_convert.py [--repeat 5] [--mode reversible]
     .venv/bin/python tools/bench_convert.py --planner [--mode exact]   # budget="min" against one mode
+    .venv/bin/python tools/bench_convert.py --planner --mode exact --model spiking_vgg16_bn --batch 4 --repeat 2
 
 Prints the median wall time of convert() (trace, detect, rewrite, lint; plus a shape pass when
 --with-inputs) over --repeat runs, measured in one run, and the target verdict (reported, not
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", choices=("reversible", "exact"), default="reversible")
     ap.add_argument("--with-inputs", action="store_true", help="also pass example inputs (shape pass)")
     ap.add_argument("--planner", action="store_true", help='budget="min" against one mode (with inputs)')
+    ap.add_argument("--model", choices=ZOO, default="spiking_resnet18", help="with --planner: the zoo network")
+    ap.add_argument("--batch", type=int, default=2, help="with --planner: the example inputs' batch (T = 4, 32x32)")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     a = ap.parse_args(argv)
     if a.planner:
@@ -73,15 +76,17 @@ def main(argv=None) -> int:
 
 
 PLANNER_TARGET = 3.0
+ZOO = ("spiking_resnet18", "spiking_vgg11_bn", "spiking_vgg16_bn")
 
 
-def _resnet18():
-    """SpikingJelly's spiking_resnet18 with LIFNode, multi-step, seeded."""
+def _resnet18(name: str = "spiking_resnet18"):
+    """A SpikingJelly zoo network (spiking_resnet18 unless named) with LIFNode, multi-step, seeded."""
     from spikingjelly.activation_based import functional, neuron
-    from spikingjelly.activation_based.model import spiking_resnet
+    from spikingjelly.activation_based.model import spiking_resnet, spiking_vgg
 
     torch.manual_seed(0)
-    net = spiking_resnet.spiking_resnet18(spiking_neuron=neuron.LIFNode, num_classes=10)
+    factory = getattr(spiking_resnet if "resnet" in name else spiking_vgg, name)
+    net = factory(spiking_neuron=neuron.LIFNode, num_classes=10)
     functional.set_step_mode(net, "m")
     return net
 
@@ -89,8 +94,8 @@ def _resnet18():
 def _planner(a) -> int:
     import revpass
     from revpass.analysis import workspace
-    net = _resnet18()
-    x = torch.randn(4, 2, 3, 32, 32)
+    net = _resnet18(a.model)
+    x = torch.randn(4, a.batch, 3, 32, 32)
     runs = {"one": lambda: revpass.convert(net, x, mode=a.mode),
             "min": lambda: revpass.convert(net, x, mode=a.mode, budget="min")}
     times = {k: [] for k in runs}
@@ -105,12 +110,12 @@ def _planner(a) -> int:
             print(f"[{i}/{a.repeat}] {k}: {dt:.3f} s{' (warm-up)' if not i else ''}", file=sys.stderr)
     one, least = statistics.median(times["one"]), statistics.median(times["min"])
     ratio = least / one
-    result = {"model": "spikingjelly spiking_resnet18 (LIFNode, multi-step), T=4, batch 2", "mode": a.mode,
+    result = {"model": f"spikingjelly {a.model} (LIFNode, multi-step), T=4, batch {a.batch}", "mode": a.mode,
               "one_mode_s": one, "budget_min_s": least, "ratio": ratio, "target_ratio": PLANNER_TARGET,
               "pass": ratio <= PLANNER_TARGET, "times_s": times, "torch": torch.__version__}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "bench_convert_planner.json").write_text(json.dumps(result, indent=2))
-    print(f"convert(spiking_resnet18, mode={a.mode!r}, budget='min'): median {least:.2f} s against {one:.2f} s "
+    print(f"convert({a.model}, batch {a.batch}, mode={a.mode!r}, budget='min'): median {least:.2f} s against {one:.2f} s "
           f"for one mode: {ratio:.1f}x -> {'PASS' if ratio <= PLANNER_TARGET else 'MISS'} (target <= "
           f"{PLANNER_TARGET:g}x)")
     return 0
