@@ -59,6 +59,25 @@ def _grads(model, x, seed=3):
     return y.detach(), dict(zip([n for n, _ in model.named_parameters()], g))
 
 
+def _grads_in_chunks(gm, x):
+    """_grads of ``gm`` with chunks.backward watched: (output, gradients, for each call whether it
+    ran in chunks rather than falling back to the whole rebuild)."""
+    calls = []
+    real = chunks.backward
+
+    def spy(*args, **kwargs):
+        got = real(*args, **kwargs)
+        calls.append(got is not None)
+        return got
+
+    chunks.backward = spy
+    try:
+        y, g = _grads(gm, x)
+    finally:
+        chunks.backward = real
+    return y, g, calls
+
+
 @pytest.fixture(scope="module")
 def block():
     torch.manual_seed(0)
@@ -97,22 +116,10 @@ def test_chunks_give_the_whole_rebuilds_gradients(block, per, dtype):
     net, x = block
     net, x = net.to(dtype), x.to(dtype)
     gm = revpass.convert(net, x, mode="recompute")
-    calls = []
-    real = chunks.backward
-
-    def spy(*args, **kwargs):
-        got = real(*args, **kwargs)
-        calls.append(got is not None)
-        return got
-
     _per(gm, 10)  # unchunked: the segment rebuilt whole, as before chunks existed
     y0, g0 = _grads(gm, x)
     _per(gm, per)
-    chunks.backward = spy
-    try:
-        y1, g1 = _grads(gm, x)
-    finally:
-        chunks.backward = real
+    y1, g1, calls = _grads_in_chunks(gm, x)
     assert calls == [True, True]  # both segments ran in chunks (5 samples: the last chunk smaller)
     assert torch.equal(y0, y1) and torch.equal(y0, _grads(net, x)[0])  # the forward is untouched
     assert set(g0) == set(g1) and all(g is not None for g in g1.values())
@@ -304,22 +311,10 @@ def test_a_joined_segment_rebuilds_both_layers_in_chunks_with_the_whole_rebuilds
         "c1", "bn1", "sn1", "pool", "c2", "bn2", "sn2"]
     assert len(seg.chunking.levels) == 2
     assert "joined" in gm.revpass_report.by_path("sn1").reason
-    calls = []
-    real = chunks.backward
-
-    def spy(*args, **kwargs):
-        got = real(*args, **kwargs)
-        calls.append(got is not None)
-        return got
-
     _per(gm, 10)
     y0, g0 = _grads(gm, x)
     _per(gm, per, steps)
-    chunks.backward = spy
-    try:
-        y1, g1 = _grads(gm, x)
-    finally:
-        chunks.backward = real
+    y1, g1, calls = _grads_in_chunks(gm, x)
     assert calls == [True]
     assert torch.equal(y0, y1) and torch.equal(y1, _grads(net, x)[0])
     assert set(g0) == set(g1) and all(g is not None for g in g1.values())
