@@ -492,3 +492,38 @@ def test_a_chunk_holds_nothing_of_the_chunk_before_it():
         ws[setting] = measure_workspace(seg, [((T, B, 8, 16, 16), torch.float32, False)])
     assert ws[1, T] <= 6.5 * T * step, ws[1, T] / (T * step)
     assert ws[1, 1] <= 10.5 * step, ws[1, 1] / step
+
+
+class TwoReaders(nn.Module):
+    """sn1's spikes feed sn2's layers and, besides, a read-out of their own."""
+
+    def __init__(self):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        self.c1, self.bn1 = layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), layer.BatchNorm2d(4, step_mode="m")
+        self.sn1 = neuron.LIFNode(step_mode="m")
+        self.c2, self.bn2 = layer.Conv2d(4, 4, 3, padding=1, step_mode="m"), layer.BatchNorm2d(4, step_mode="m")
+        self.sn2 = neuron.LIFNode(step_mode="m")
+        self.fc1, self.fc2 = layer.Linear(4 * 6 * 6, 3, step_mode="m"), layer.Linear(4 * 6 * 6, 3, step_mode="m")
+
+    def forward(self, x):
+        s = self.sn1(self.bn1(self.c1(x)))
+        return self.fc2(self.sn2(self.bn2(self.c2(s))).flatten(2)) + self.fc1(s.flatten(2))
+
+
+def test_a_joined_site_whose_spikes_have_another_reader_keeps_its_own_segment():
+    from revpass import api
+
+    torch.manual_seed(0)
+    net = TwoReaders().double()
+    x = (torch.randn(3, 5, 2, 6, 6, generator=torch.Generator().manual_seed(1)) * 2 + 0.5).double()
+    gm = api._pipeline(net, x, api._Options(mode="recompute", backward="optimized", joined=frozenset({"sn1"})))
+    assert sorted(s.sites for s in _segments(gm).values() if s.sites) == [("sn1",), ("sn2",)]
+    assert "joined" not in gm.revpass_report.by_path("sn1").reason
+    y0, g0 = _grads(net, x)
+    y1, g1 = _grads(gm, x)
+    assert torch.equal(y0, y1)
+    for k in g0:
+        assert close(g1[k], g0[k], torch.float64), (k, worst(g1[k], g0[k], torch.float64))
+    net.float()
