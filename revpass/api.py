@@ -610,9 +610,10 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         joined, peak = frozenset(), estimate_peak(gm)
         while (site := join_candidate(gm)) is not None and site not in joined:
             trial = with_plan(choice, joined=joined | {site})
-            if estimate_peak(trial) >= 0.99 * peak:
+            lower = estimate_peak(trial)
+            if lower >= 0.99 * peak:
                 break
-            gm, joined, peak = trial, joined | {site}, estimate_peak(trial)
+            gm, joined, peak = trial, joined | {site}, lower
         return gm, joined
 
     def kept_of(choice):  # the bytes a choice keeps for backward, from the probes

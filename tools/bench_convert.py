@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import revpass
     from revpass.analysis import workspace
 
-    net = _resnet18()
+    net = _zoo()
     x = torch.randn(4, 2, 3, 32, 32) if a.with_inputs else None
     times = []
     for i in range(a.repeat + 1):  # the first run imports and warms up; not counted
@@ -79,22 +79,19 @@ PLANNER_TARGET = 3.0
 ZOO = ("spiking_resnet18", "spiking_vgg11_bn", "spiking_vgg16_bn")
 
 
-def _resnet18(name: str = "spiking_resnet18"):
-    """A SpikingJelly zoo network (spiking_resnet18 unless named) with LIFNode, multi-step, seeded."""
-    from spikingjelly.activation_based import functional, neuron
-    from spikingjelly.activation_based.model import spiking_resnet, spiking_vgg
+def _zoo(name: str = "spiking_resnet18"):
+    """A SpikingJelly zoo network with LIFNode, multi-step, seeded: tests/models.py's sj_zoo, as
+    the tests and tools/bench_memory.py build it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import models
 
-    torch.manual_seed(0)
-    factory = getattr(spiking_resnet if "resnet" in name else spiking_vgg, name)
-    net = factory(spiking_neuron=neuron.LIFNode, num_classes=10)
-    functional.set_step_mode(net, "m")
-    return net
+    return models.sj_zoo(name)
 
 
 def _planner(a) -> int:
     import revpass
     from revpass.analysis import workspace
-    net = _resnet18(a.model)
+    net = _zoo(a.model)
     x = torch.randn(4, a.batch, 3, 32, 32)
     runs = {"one": lambda: revpass.convert(net, x, mode=a.mode),
             "min": lambda: revpass.convert(net, x, mode=a.mode, budget="min")}
