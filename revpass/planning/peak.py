@@ -304,7 +304,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
     save). The workspace need not fall: a chunk's parameter gradients exist beside their sum so
     far, so a deep layer, whose weights outweigh its activations, needs more in chunks than
     whole. Returns {segment: (samples, steps) per chunk, node: (slices,)} for what it refined."""
-    from revpass.analysis.workspace import kept_in_chunks, workspace
+    from revpass.analysis.workspace import kept_in_chunks, trained_params, workspace
     from revpass.passes.spikes import spike_values
 
     spikes = None
@@ -383,6 +383,10 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
             return None
         return nxt
 
+    # a segment rebuilt in two chunks or more holds a chunk's parameter gradients beside their sum
+    # so far: its workspace is never below their bytes, and a setting is not measured to find that
+    grads_of = {t: sum(p.numel() * p.element_size() for p in trained_params(gm.get_submodule(t)))
+                for t in calls if isinstance(gm.get_submodule(t), RecomputeSegment)}
     setting = dict(whole)
     at: list = []
 
@@ -401,7 +405,8 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
         # samples can hold more than the whole, each chunk's parameter gradients beside their
         # sum, where one sample's chunks hold less): up to LOOK_AHEAD settings are measured
         for _ in range(LOOK_AHEAD):
-            if nxt is None:
+            if nxt is None or before <= grads_of.get(target, 0):
+                nxt = None  # no setting can do better (the segment's chunks hold their parameters' gradients)
                 break
             set_to(target, nxt)
             if sum(ws[target][nxt]) < before:

@@ -357,6 +357,28 @@ def test_chunks_lower_the_stems_workspace_and_the_conversion_chunks_where_it_set
     assert meta.info(call)["workspace_bytes"] == ws[1, steps]
 
 
+def test_a_chunked_segments_workspace_is_measured_on_two_chunks_of_samples(resnet):
+    """The planner measures a chunked segment's workspace on the samples of two chunks (all the
+    steps): the figure is the whole batch's (a chunk's working set beside the sums carried from
+    chunk to chunk), at half the chunks here. Fails if it is cut to one chunk (2-25% less)."""
+    from revpass.analysis import workspace
+
+    net, x = resnet
+    gm = revpass.convert(net, x, mode="recompute")
+    for name, ins in (("revpass_segment_0", [((4, 4, 3, 32, 32), torch.float32, False)]),
+                      ("revpass_segment_1", [((4, 4, 64, 8, 8), torch.float32, True)])):
+        seg = gm.get_submodule(name)
+        chosen = seg.chunk_elems
+        for setting in ((1, 4), (1, 2), (1, 1)):
+            seg.chunk_elems = seg.chunk_elems_of(*setting)
+            cut = workspace.two_chunks(seg, ins)
+            assert [shape for shape, _, _ in cut] == [(4, 2, *ins[0][0][2:])]
+            assert workspace.measure_workspace(seg, cut) == workspace.measure_workspace(seg, ins), (name, setting)
+        seg.chunk_elems = seg.chunk_elems_of(4, 4)  # rebuilt whole: measured on the whole batch
+        assert workspace.two_chunks(seg, ins) == ins
+        seg.chunk_elems = chosen
+
+
 def test_exact_budget_min_recomputes_with_batch_norm_gradients(resnet):
     """Under a budget, mode="exact" may recompute: the segments' batch norms are not folded into
     their nodes (a folded batch norm's parameters were no parameters of the segment, and lost
