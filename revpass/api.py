@@ -651,6 +651,7 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         if options.inplace:
             gm = with_plan(choice, inplace=True, joined=joined)
     elif budget != "min":
+        joined = frozenset()
         choice, predicted, gm = _meet(budget, total_before, savings, strategies, with_plan, options.inplace)
     else:
         low, peak = lowest()  # relaxed as far as the estimate cannot tell the peak apart (1%)
@@ -669,7 +670,8 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         f"{options.mode}, budget={budget!r}"  # the function kept: exact and recomputed sites only
     measured = plan_of(gm, "planned").kept_after
     gm.revpass_budget = {"budget": budget, "predicted_bytes": predicted, "measured_bytes": measured,
-                         "bytes_before": total_before, "estimated_peak": estimate_peak(gm)}
+                         "bytes_before": total_before, "estimated_peak": estimate_peak(gm),
+                         "joined": sorted(joined)}  # sites whose segment joined the one reading them
     if isinstance(budget, int) and measured > budget:
         raise BudgetError(
             f"the planned conversion keeps {measured} bytes, over the budget of {budget} (predicted "

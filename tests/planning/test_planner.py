@@ -326,6 +326,7 @@ def test_min_joins_segments_where_the_gradient_between_them_sets_the_peak():
     (joined,) = [m for m in segs if len(m.sites) > 1]
     assert joined.sites == ("features.2", "features.5") and len(joined.chunking.levels) == 2
     assert "joined" in gm.revpass_report.by_path("features.2").reason
+    assert gm.revpass_budget["joined"] == ["features.2"]
     planned = {r.path: (None if r.decision == "unchanged" else r.decision, "") for r in gm.revpass_report}
     unjoined = api._pipeline(net, x, api._Options(mode="exact", backward="optimized", planned=planned, fold_exact=True))
     assert len([m for m in unjoined.modules() if isinstance(m, RecomputeSegment) and m.sites]) == len(segs) + 1
