@@ -170,6 +170,9 @@ class _Traced:
     shapes: Dict[str, tuple]
     prior: Dict[str, Any]  # revpass.analysis.measure of the graph before conversion
     peak_before: int  # its estimated peak
+    # segments' chunk checks by their layers and input values (passes/segments.py): the same in
+    # every conversion of this trace that forms the segment
+    checks: Dict[tuple, tuple] = field(default_factory=dict)
 
     @classmethod
     def of(cls, work: nn.Module, inputs: tuple, options: "_Options") -> "_Traced":
@@ -191,6 +194,7 @@ class _Run:
     sites: List[Site] = field(default_factory=list)
     patterns: List[PatternSite] = field(default_factory=list)
     report: Optional[ConversionReport] = None
+    checks: Optional[Dict[tuple, tuple]] = None  # the planner's memo of chunk checks (_Traced.checks)
 
 
 def _detect(gm: fx.GraphModule, run: _Run) -> List[Site]:
@@ -237,7 +241,7 @@ def _segments(gm: fx.GraphModule, run: _Run) -> list:
     if ends:
         for path in ends:  # their transient adds to the segment's rebuilt layers: memory first
             gm.get_submodule(path).set_slicing(CHUNK_MIN_ELEMS_FINE)
-        formed = form_segments(gm, run.inputs, ends, joined=run.options.joined)
+        formed = form_segments(gm, run.inputs, ends, joined=run.options.joined, checks=run.checks)
     invalidate_reset_caches(gm)  # the module tree changed under the frameworks' caches
     if run.options.inplace:
         invalidate_reset_caches(run.model)
@@ -282,6 +286,7 @@ def _pipeline(model: nn.Module, example_inputs, options: _Options, traced: Optio
         # states (a run writes those). A large model's parameters take seconds to clone.
         gm = scratch_copy(traced.graph)
         run.shapes, run.prior, run.peak_before = dict(traced.shapes), traced.prior, traced.peak_before
+        run.checks = traced.checks
         for _, fn in PASSES:
             fn(gm, run)
             gm.graph.lint()

@@ -67,7 +67,7 @@ def _node_key(node, inputs, device) -> tuple:
             os.environ.get("REVPASS_KERNELS"), os.environ.get("TRITON_INTERPRET"))
 
 
-def _segment_key(seg: RecomputeSegment, inputs, device) -> tuple:
+def segment_key(seg: RecomputeSegment, inputs, device) -> tuple:
     """What a recomputed segment's backward workspace depends on: its layers in order (each
     node's operation and target, each module's type, configuration, parameters' and buffers'
     shapes, and for a revpass node :func:`_node_key`), and the inputs."""
@@ -98,7 +98,7 @@ def workspace(module, inputs, device="cpu") -> int:
     same in every conversion of a model (the planner converts it several times)."""
     if isinstance(module, RecomputeSegment):
         inputs = two_chunks(module, inputs)
-        key = _segment_key(module, inputs, device)
+        key = segment_key(module, inputs, device)
     elif isinstance(module, Node):
         key = _node_key(module, inputs, device)
     else:
@@ -172,7 +172,7 @@ def kept_in_chunks(seg: RecomputeSegment, inputs, device="cpu") -> int:
             seg.chunk_elems = chosen
         return measure_kept(seg, inputs, device) - whole
 
-    return _remembered(("kept in chunks", _segment_key(seg, inputs, device)), compute)
+    return _remembered(("kept in chunks", segment_key(seg, inputs, device)), compute)
 
 
 def measure_kept(module, inputs, device="cpu") -> int:

@@ -83,17 +83,24 @@ class RecomputeSegment(nn.Module):
                 f" ({steps} of {self.sample_steps} steps of one)" if steps < self.sample_steps else "")
         return f"recomputes {' -> '.join(map(str, names))}" + what
 
-    def try_chunks(self, inputs: Sequence[Any], sample_elems: int) -> Optional[str]:
+    def try_chunks(self, inputs: Sequence[Any], sample_elems: int,
+                   checked: Optional[Tuple[Optional[str], bool]] = None) -> Optional[str]:
         """Let the backward rebuild a chunk of the batch at a time if, on these (example)
-        inputs, the chunks give the forward's output bit for bit; returns why not (None: it does)."""
+        inputs, the chunks give the forward's output bit for bit; returns why not (None: it does).
+        ``checked``: (why, in time too) as an earlier check of the same layers on the same
+        inputs found (the planner's conversions), taken instead of checking again."""
         try:
             plan = chunks.Plan(self._body)
         except chunks.Unchunkable as e:
             return str(e)
-        why = chunks.check(plan, inputs, 1)  # every sample alone
-        # and a step at a time (on one sample: the layers act on each step alone or not at all;
-        # the backward compares each chunk's spikes with the forward's anyway)
-        in_time = why is None and plan.why_not_in_time is None and chunks.check(plan, inputs, 1, 1, samples=1) is None
+        if checked is not None:
+            why, in_time = checked
+        else:
+            why = chunks.check(plan, inputs, 1)  # every sample alone
+            # and a step at a time (on one sample: the layers act on each step alone or not at
+            # all; the backward compares each chunk's spikes with the forward's anyway)
+            in_time = (why is None and plan.why_not_in_time is None
+                       and chunks.check(plan, inputs, 1, 1, samples=1) is None)
         if why is None:
             self.chunking, self.sample_elems, self.in_time = plan, max(1, int(sample_elems)), in_time
             T, B = next(x.shape[:2] for x in inputs if isinstance(x, Tensor) and x.dim() >= 2)

@@ -24,6 +24,7 @@ checks again at run time and keeps anything else as it is.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -34,6 +35,7 @@ from revpass import meta
 from revpass.state import reset_states
 from revpass.utils import as_tuple
 from revpass.analysis.measure import measure
+from revpass.analysis.workspace import segment_key
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
@@ -122,13 +124,15 @@ def form_segments(
     *,
     singles: bool = True,
     joined: Set[str] = frozenset(),
+    checks: Optional[Dict[tuple, tuple]] = None,
 ) -> List[Tuple[str, List[str]]]:
     """Replace the segments ending at the call_module nodes whose target is in ``ends`` (exact
     nodes) by :class:`RecomputeSegment` calls; with ``singles``, also wrap the layers that read
     only spikes and keep more than their inputs as bits. The segment of an end in ``joined`` is
     part of the segment that reads its output, where that is the only reader (else it has its
     own): one rebuild of both layers, whose gradient between them exists a chunk at a time.
-    Returns [(segment name, sites)]."""
+    ``checks``: a memo of chunk checks (:func:`_try_chunks`) shared by conversions of one trace
+    with the same parameters (the planner's). Returns [(segment name, sites)]."""
     mem = measure(gm, example_inputs, detail=False)  # shapes, spikes and kept bytes
     binary = {name: m.binary for name, m in mem.items()}
     tensors = {name for name, m in mem.items() if m.shape is not None}
@@ -184,21 +188,28 @@ def form_segments(
     gm.graph.lint()
     gm.recompile()
     if per_sample and example_inputs is not None:
-        _try_chunks(gm, example_inputs, per_sample, {name: sites for name, sites in out})
+        _try_chunks(gm, example_inputs, per_sample, {name: sites for name, sites in out}, checks)
     return out
 
 
 def _try_chunks(gm: fx.GraphModule, example_inputs: Sequence, per_sample: Dict[str, int],
-                sites: Dict[str, List[str]]) -> None:
+                sites: Dict[str, List[str]], checks: Optional[Dict[tuple, tuple]] = None) -> None:
     """Let each segment rebuild a chunk of the batch at a time where, on the example inputs, the
-    chunks reproduce its forward (RecomputeSegment.try_chunks); the report says which do."""
+    chunks reproduce its forward (RecomputeSegment.try_chunks); the report says which do. With
+    ``checks``, a check is looked up there by the segment's layers (their structure: the
+    parameters are the same objects in every conversion that shares the memo) and the exact
+    bytes of its inputs, and remembered there."""
     report = getattr(gm, "revpass_report", None)
 
     class Probe(fx.Interpreter):
         def call_module(self, target, args, kwargs):
             out = super().call_module(target, args, kwargs)
             if target in per_sample:
-                why = gm.get_submodule(target).try_chunks(args, per_sample[target])
+                seg = gm.get_submodule(target)
+                key = None if checks is None else _check_key(seg, args)
+                why = seg.try_chunks(args, per_sample[target], checks.get(key) if key is not None else None)
+                if key is not None:
+                    checks[key] = (why, seg.in_time)
                 for site in sites[target] if report is not None else ():
                     report.by_path(site).reason += ("; can be rebuilt a chunk of the batch at a time (docs/method.md "
                                                     "section 13)" if why is None else f"; rebuilt whole: {why}")
@@ -215,6 +226,24 @@ def _try_chunks(gm: fx.GraphModule, example_inputs: Sequence, per_sample: Dict[s
         with torch.no_grad():
             for b, v in buffers:
                 b.copy_(v)
+
+
+def _check_key(seg: RecomputeSegment, args) -> Optional[tuple]:
+    """What a segment's chunk check depends on besides its parameters: its layers
+    (revpass.analysis.workspace's key of them) and its inputs, each tensor by a digest of its
+    bytes (None where an input is not a tensor or a plain value)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(not isinstance(a, (torch.Tensor, int, float, bool, type(None))) for a in args) or not tensors:
+        return None
+    digests = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            data = a.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+            digests.append((tuple(a.shape), str(a.dtype), str(a.device), hashlib.blake2b(data).hexdigest()))
+        else:
+            digests.append(repr(a))
+    device = tensors[0].device
+    return segment_key(seg, [(tuple(t.shape), t.dtype, False) for t in tensors], device), tuple(digests)
 
 
 def _replace(gm: fx.GraphModule, members: List[fx.Node], sites: List[str], k: int, mem, spikes: Set[fx.Node]) -> str:

@@ -549,3 +549,33 @@ def test_a_joined_site_whose_spikes_have_another_reader_keeps_its_own_segment():
     for k in g0:
         assert close(g1[k], g0[k], torch.float64), (k, worst(g1[k], g0[k], torch.float64))
     net.float()
+
+
+def test_the_planners_conversions_check_a_segments_chunks_once(block, monkeypatch):
+    """Conversions of one trace (the planner's) share a memo of chunk checks, by the segment's
+    layers and the bytes of its inputs: a second conversion checks nothing and chunks as the
+    first; other input values are another key. Fails if the memo is not consulted or keyed on
+    shapes alone."""
+    from dataclasses import replace
+
+    from revpass import api
+    from revpass.passes.segments import _check_key
+    from revpass.utils import safe_deepcopy
+
+    net, x = block
+    options = api._Options(mode="recompute", backward="optimized", collect=False)
+    traced = api._Traced.of(safe_deepcopy(net), (x,), options)
+    checked = []
+    real = chunks.check
+    monkeypatch.setattr(chunks, "check", lambda *a, **k: checked.append(1) or real(*a, **k))
+    first = api._pipeline(net, x, options, traced)
+    n_first = len(checked)
+    second = api._pipeline(net, x, replace(options, mode="recompute"), traced)
+    assert n_first >= 2 and len(checked) == n_first  # every segment's check taken from the memo
+    chunked = {n: (s.chunking is not None, s.in_time) for n, s in _segments(first).items()}
+    assert chunked == {n: (s.chunking is not None, s.in_time) for n, s in _segments(second).items()}
+    assert any(c for c, _ in chunked.values())
+    seg = next(s for s in _segments(first).values() if s.sites)
+    other = x.clone()
+    other.view(-1)[0] += 1
+    assert _check_key(seg, (x,)) == _check_key(seg, (x.clone(),)) != _check_key(seg, (other,))

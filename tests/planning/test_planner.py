@@ -120,7 +120,7 @@ def test_the_planner_traces_once_and_measures_each_layer_once(monkeypatch):
     monkeypatch.setattr(api, "_pipeline", lambda *a, **k: pipelines.append(1) or real_pipeline(*a, **k))
     monkeypatch.setattr(workspace, "measure_workspace",
                         lambda m, inputs, device="cpu": measured.append(
-                            workspace._segment_key(m, inputs, device) if isinstance(m, workspace.RecomputeSegment)
+                            workspace.segment_key(m, inputs, device) if isinstance(m, workspace.RecomputeSegment)
                             else workspace._node_key(m, inputs, device)) or real_measure(m, inputs, device))
     workspace._NODE_WORKSPACE.clear()
     conv = revpass.convert(net, x, mode="exact", budget="min")
