@@ -94,8 +94,9 @@ def segment_key(seg: RecomputeSegment, inputs, device) -> tuple:
 
 def workspace(module, inputs, device="cpu") -> int:
     """:func:`measure_workspace`, remembered for a revpass node (:func:`_node_key`) and a
-    recomputed segment (:func:`_segment_key`): the same layers on the same inputs allocate the
-    same in every conversion of a model (the planner converts it several times)."""
+    recomputed segment (:func:`segment_key`; measured on :func:`two_chunks` of its inputs): the
+    same layers on the same inputs allocate the same in every conversion of a model (the planner
+    converts it several times)."""
     if isinstance(module, RecomputeSegment):
         inputs = two_chunks(module, inputs)
         key = segment_key(module, inputs, device)
@@ -110,7 +111,7 @@ def two_chunks(seg: RecomputeSegment, inputs):
     """``inputs`` [(shape, dtype, binary)] of a segment whose backward is rebuilt in chunks, cut
     to the samples of two chunks (the time steps all kept): the rebuild's workspace is one
     chunk's working set beside the sums carried from chunk to chunk, the same for two chunks of
-    samples as for any number (measured equal on the zoo's networks, tests/analysis), so the
+    samples as for any number (measured equal on the zoo's networks, tests/nodes/test_chunks.py), so the
     measure runs B / (2 samples a chunk) times faster; unchanged where it is rebuilt whole."""
     shapes = [shape for shape, _, _ in inputs]
     if seg.chunking is None or not shapes or any(len(s) < 2 or s[:2] != shapes[0][:2] for s in shapes):
