@@ -579,3 +579,31 @@ def test_the_planners_conversions_check_a_segments_chunks_once(block, monkeypatc
     other = x.clone()
     other.view(-1)[0] += 1
     assert _check_key(seg, (x,)) == _check_key(seg, (x.clone(),)) != _check_key(seg, (other,))
+
+
+def test_a_segments_workspace_is_measured_on_the_whole_batch_where_two_chunks_were_rebuilt_whole(resnet, monkeypatch):
+    """Where the two chunks' rebuild falls back to a whole one (on random inputs a chunk's spikes
+    can differ from the forward's: a convolution over fewer samples rounds differently), the
+    workspace is measured on the whole batch, not the fallback's; the measures leave the
+    segment's count of whole rebuilds as it was. Fails if the fallback's figure is taken."""
+    from revpass.analysis import workspace
+    from revpass.nodes import chunks
+
+    net, x = resnet
+    gm = revpass.convert(net, x, mode="recompute")
+    seg = gm.get_submodule("revpass_segment_0")
+    ins = [((4, 4, 3, 32, 32), torch.float32, False)]
+    seg.chunk_elems = seg.chunk_elems_of(1, 4)
+    chunked = workspace.measure_workspace(seg, ins)
+    real = chunks.backward
+
+    def differs_on_fewer_samples(plan, inputs, wants, params, grad_out, *rest):
+        return None if grad_out.shape[1] < 4 else real(plan, inputs, wants, params, grad_out, *rest)
+
+    monkeypatch.setattr(chunks, "backward", differs_on_fewer_samples)
+    monkeypatch.setattr(workspace, "_NODE_WORKSPACE", {})
+    fallback = workspace.measure_workspace(seg, workspace.two_chunks(seg, ins))
+    assert fallback > 1.2 * chunked  # the cut rebuilt whole holds more than the chunks do
+    count = seg.whole_rebuilds
+    assert workspace.workspace(seg, ins) == chunked
+    assert seg.whole_rebuilds == count
