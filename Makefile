@@ -10,7 +10,7 @@ VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip
 STAMP := $(VENV)/.revpass-installed
 
-.PHONY: venv demo test bench-nodes bench-convert bench-memory bench-train train-digits coverage clean
+.PHONY: venv demo test bench-nodes bench-convert bench-memory bench-budget bench-train train-digits coverage clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench-train: $(STAMP)
 bench-memory: $(STAMP)
 	$(PIP) install -q matplotlib
 	$(VPY) tools/bench_memory.py
+
+bench-budget: $(STAMP)
+	$(PIP) install -q matplotlib
+	$(VPY) tools/bench_budget.py
 
 train-digits: $(STAMP)
 	$(VPY) tools/accuracy_digits.py
