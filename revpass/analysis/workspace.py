@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from revpass.memory import StorageTracker
-from revpass.nodes import Node
+from revpass.nodes import Node, chunks
 from revpass.nodes.ops import visible_internals
 from revpass.nodes.segment import RecomputeSegment
 
@@ -99,27 +99,10 @@ def workspace(module, inputs, device="cpu") -> int:
     converts it several times)."""
     if isinstance(module, RecomputeSegment):
         cut = two_chunks(module, inputs)
-        return _remembered(segment_key(module, cut, device), lambda: _segment_workspace(module, inputs, cut, device))
+        return _remembered(segment_key(module, cut, device), lambda: measure_workspace(module, cut, device))
     if isinstance(module, Node):
         return _remembered(_node_key(module, inputs, device), lambda: measure_workspace(module, inputs, device))
     return measure_workspace(module, inputs, device)
-
-
-def _segment_workspace(seg: RecomputeSegment, inputs, cut, device) -> int:
-    """:func:`measure_workspace` of a segment on ``cut`` (:func:`two_chunks` of ``inputs``), or on
-    ``inputs`` where the cut's backward was rebuilt whole: on random inputs a chunk's spikes can
-    differ from the forward's (a convolution over fewer samples rounds differently, and a
-    membrane within a rounding step of the threshold spikes otherwise), and the whole cut's
-    rebuild says nothing of the chunks' (spiking_vgg16_bn's stem at T=16: 35 MiB against the
-    chunks' 21). The measures leave the segment's count of whole rebuilds as it was."""
-    count = seg.whole_rebuilds
-    try:
-        got = measure_workspace(seg, cut, device)
-        if cut is not inputs and seg.whole_rebuilds > count:
-            got = measure_workspace(seg, inputs, device)
-        return got
-    finally:
-        seg.whole_rebuilds = count
 
 
 def two_chunks(seg: RecomputeSegment, inputs):
@@ -167,7 +150,9 @@ def measure_workspace(module, inputs, device="cpu") -> int:
         # count a storage it first meets through a view made in the backward (a saved tensor's
         # detach, a slice of g, a weight's transpose) as if the backward had allocated it
         mt = StorageTracker(*existing)
-        with visible_internals(), mt:
+        # a segment in chunks: the chunks' figure, not a whole rebuild's where a chunk of these
+        # random inputs rounds otherwise than the forward (revpass.nodes.chunks.measuring)
+        with visible_internals(), chunks.measuring(), mt:
             grads = torch.autograd.grad(y, [*xs, *params], g, allow_unused=True)
         total = mt.peak
         return max(0, total - sum(before.values()) - sum(t.numel() * t.element_size() for t in grads

@@ -22,6 +22,7 @@ segment holds its graph outside the module tree.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -221,6 +222,14 @@ class _Recompute(torch.autograd.Function):
                     grads = [got[0][i] for i in wants] + got[1]
                 else:
                     seg.whole_rebuilds += 1  # a chunk's spikes differed from the forward's
+                    if seg.whole_rebuilds == 1:
+                        warnings.warn(
+                            f"revpass: recomputed segment {seg.name or '(unnamed)'}: a chunk's rebuilt spikes "
+                            "differ from the forward's (a layer over fewer samples rounded otherwise, and a "
+                            "membrane within a rounding step of the threshold fired otherwise), so its backward "
+                            "was rebuilt whole: the same gradients, with the memory of an unchunked rebuild "
+                            "for this step (docs/method.md section 13). RecomputeSegment.whole_rebuilds counts "
+                            "these; this warning is given once per segment.", RuntimeWarning, stacklevel=2)
                     inputs = [x.whole() if isinstance(x, chunks.Packed) else x for x in inputs]
             if grads is None:
                 grads = _rebuild_whole(ctx, seg, inputs, wants, params, p_wants, grad_out)
