@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,20 +28,12 @@ from typing import Any, Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests"), str(Path(__file__).resolve().parent)]
 
 import revpass  # noqa: E402
-from revpass.memory import _loss, step_peak  # noqa: E402
+from bench_train import _interleaved, _step_s  # noqa: E402  (the first step of each variant warms up)
+from revpass.memory import step_peak  # noqa: E402
 from revpass.planning.peak import estimate_peak  # noqa: E402
-from revpass.state import reset_states  # noqa: E402
-
-
-def _one_step(model, x) -> float:
-    reset_states(model)
-    model.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    _loss(model(x)).backward()
-    return time.perf_counter() - t0
 
 
 def _rows(name: str, T: int, batch: int, fractions: List[int], repeat: int) -> List[Dict[str, Any]]:
@@ -68,19 +59,13 @@ def _rows(name: str, T: int, batch: int, fractions: List[int], repeat: int) -> L
         print(f"{name} {label}: converted in {variants[label]['convert_s']:.1f} s, measured peak "
               f"{variants[label]['peak_bytes'] / 2**20:.2f} MiB", file=sys.stderr, flush=True)
     variants["original"]["peak_bytes"] = original
-    timed = {k: v for k, v in variants.items() if v["model"] is not None}
-    times: Dict[str, List[float]] = {k: [] for k in timed}
-    for i in range(repeat + 1):  # the first round warms up
-        for k, v in timed.items():
-            s = _one_step(v["model"], x)
-            if i:
-                times[k].append(s)
+    times = _interleaved({k: v["model"] for k, v in variants.items() if v["model"] is not None}, x, _step_s, repeat)
     rows = []
     for k, v in variants.items():
         row = {"model": name, "T": T, "batch": batch, "variant": k,
                **{f: v[f] for f in ("budget", "error", "convert_s", "estimated_bytes", "peak_bytes") if f in v}}
         if k in times:
-            row["step_s"] = statistics.median(times[k])
+            row["step_s"] = times[k]
         rows.append(row)
     for v in variants.values():
         v.pop("model", None)
