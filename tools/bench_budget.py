@@ -42,7 +42,7 @@ def _rows(name: str, T: int, batch: int, fractions: List[int], repeat: int) -> L
     torch.manual_seed(0)
     net, x = models.sj_zoo(name), torch.randn(T, batch, 3, 32, 32)
     original = step_peak(net, x)
-    variants: Dict[str, Dict[str, Any]] = {"original": {"model": net, "budget": None}}
+    variants: Dict[str, Dict[str, Any]] = {"original": {"model": net, "budget": None, "peak_bytes": original}}
     asks = [("exact", None)] + [(f"exact, Peak(P/{k})", revpass.Peak(original // k)) for k in fractions] + [
         ("exact, min", "min")]
     for label, budget in asks:
@@ -58,7 +58,6 @@ def _rows(name: str, T: int, batch: int, fractions: List[int], repeat: int) -> L
                            "estimated_bytes": estimate_peak(gm), "peak_bytes": step_peak(gm, x)}
         print(f"{name} {label}: converted in {variants[label]['convert_s']:.1f} s, measured peak "
               f"{variants[label]['peak_bytes'] / 2**20:.2f} MiB", file=sys.stderr, flush=True)
-    variants["original"]["peak_bytes"] = original
     times = _interleaved({k: v["model"] for k, v in variants.items() if v["model"] is not None}, x, _step_s, repeat)
     rows = []
     for k, v in variants.items():
