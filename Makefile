@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps spikingjelly==2.0.0 norse==1.1.0
 	$(PIP) install -q snntorch==1.0.0 numpy scipy tqdm loguru packaging h5py nir nirtorch
-	$(PIP) install -q networkx onnx onnxruntime onnxscript scikit-learn pytest hypothesis
+	$(PIP) install -q networkx onnx onnxruntime onnxscript scikit-learn pytest pytest-xdist hypothesis
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VPY) examples/demo.py
 
 test: $(STAMP)
-	$(VPY) -m pytest tests
+	$(VPY) -m pytest tests -n auto --maxprocesses 4 --dist worksteal
 
 bench-nodes: $(STAMP)
 	$(VPY) tools/bench_nodes.py

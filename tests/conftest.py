@@ -14,3 +14,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # tests/interpreted runs the Triton kernels in triton's CPU interpreter, which must be switched on
 # before a kernel is defined: tests/test_interpreted.py runs it in a process of its own
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpreted"]
+
+# `make test` runs the suite in a worker process per core (pytest-xdist): each worker's torch
+# threads, and those of the processes a test starts, are its share of the cores, so that the
+# workers do not fight over them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = _share
+    import torch  # noqa: E402
+
+    torch.set_num_threads(int(_share))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Triton interpreter's run (a pytest process of its own, minutes long) first: started
+    last, the other worker would wait for it at the end."""
+    items.sort(key=lambda item: item.nodeid != "tests/test_interpreted.py::test_kernels_under_the_interpreter")

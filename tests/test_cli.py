@@ -1,9 +1,14 @@
-"""The revpass command, driven as a subprocess."""
+"""The revpass command: run in this process through revpass.cli.main (the same code the
+installed script calls), and as a subprocess where the process itself is what is tested (the
+installed script, ``python -m revpass``, a traceback with --debug)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import onnx
@@ -18,10 +23,29 @@ SNN = f"{ROOT / 'tests' / 'models.py'}:SnnTorchConv"
 SNN_ARGS = ["--kwargs", '{"num_steps": 2, "batch_size": 2}', "--input-shape", "2,1,28,28", "--input-scale", "2"]
 
 
-def revpass(*args, module=False):
-    exe = [sys.executable, "-m", "revpass"] if module else [str(Path(sys.executable).parent / "revpass")]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run(exe + list(args), capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+def revpass(*args, module=False, process=False):
+    """The command's exit status, stdout and stderr: ``python -m revpass`` with ``module``, the
+    installed script with ``process``, else revpass.cli.main in this process (a process start
+    and the imports cost seconds a call), from the project root, warnings silenced as there."""
+    if module or process:
+        exe = [sys.executable, "-m", "revpass"] if module else [str(Path(sys.executable).parent / "revpass")]
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        return subprocess.run(exe + list(args), capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    from revpass.cli import main
+
+    out, err, path, cwd = io.StringIO(), io.StringIO(), list(sys.path), os.getcwd()
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors and --help
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path  # a model file's folder, put there to import it
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def test_inspect_the_issue_command_line_and_json():
@@ -69,8 +93,8 @@ def test_convert_saves_a_model_that_loads_back(tmp_path):
     reset_states(by_factory)
     assert all(torch.equal(a, b) for a, b in zip(expected, by_factory(x)))
     # the command: refuses without --trust-file, naming the factory; loads with it, or with --factory
-    _one_line_error(revpass("load", str(out)), 2, "asks to import and call")
     r = revpass("load", str(out))
+    _one_line_error(r, 2, "asks to import and call")
     assert "SnnTorchConv" in r.stderr and "--trust-file" in r.stderr
     r = revpass("load", str(out), "--trust-file")
     assert r.returncode == 0, r.stderr
@@ -259,7 +283,8 @@ def _one_line_error(r, code, fragment):
 
 
 def test_bad_input_is_one_line_without_traceback(tmp_path):
-    _one_line_error(revpass("inspect", "no.such.module:make", "--input-shape", "1"), 2, "cannot import 'no.such.module'")
+    _one_line_error(revpass("inspect", "no.such.module:make", "--input-shape", "1", process=True), 2,
+                    "cannot import 'no.such.module'")
     _one_line_error(revpass("inspect", "tests/models.py", "--input-shape", "1"), 2, "not of the form")
     _one_line_error(revpass("inspect", ZOO, "--kwargs", '{"bogus": 1}', "--input-shape", "1"), 2,
                     "spiking_resnet18(bogus) raised TypeError")
@@ -271,5 +296,5 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     r = revpass("inspect", f"{bad}:make", "--input-shape", "2,3")
     _one_line_error(r, 1, "TraceError")
     assert "bad.py" in r.stderr  # the error names the file and line
-    r = revpass("inspect", f"{bad}:make", "--input-shape", "2,3", "--debug")
+    r = revpass("inspect", f"{bad}:make", "--input-shape", "2,3", "--debug", process=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
