@@ -16,10 +16,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpreted"]
 
 # `make test` runs the suite in a worker process per core (pytest-xdist): each worker's torch
-# threads, and those of the processes a test starts, are its share of the cores, so that the
-# workers do not fight over them
+# threads, and those of the processes a test starts, are its share of the cores this process may
+# run on (as xdist counts them: a container can see more than it is given), so that the workers
+# do not fight over them
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _share = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     os.environ["OMP_NUM_THREADS"] = _share
     import torch  # noqa: E402
 
