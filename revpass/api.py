@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -195,6 +195,9 @@ class _Run:
     patterns: List[PatternSite] = field(default_factory=list)
     report: Optional[ConversionReport] = None
     checks: Optional[Dict[tuple, tuple]] = None  # the planner's memo of chunk checks (_Traced.checks)
+    # layers whose input is 0/1 on the example inputs, not spikes by construction: bits, checked
+    # at every call, instead of a segment of their own (passes/segments.py; node names)
+    checked_bits: Set[str] = field(default_factory=set)
 
 
 def _detect(gm: fx.GraphModule, run: _Run) -> List[Site]:
@@ -241,7 +244,8 @@ def _segments(gm: fx.GraphModule, run: _Run) -> list:
     if ends:
         for path in ends:  # their transient adds to the segment's rebuilt layers: memory first
             gm.get_submodule(path).set_slicing(CHUNK_MIN_ELEMS_FINE)
-        formed = form_segments(gm, run.inputs, ends, joined=run.options.joined, checks=run.checks)
+        formed = form_segments(gm, run.inputs, ends, joined=run.options.joined, checks=run.checks,
+                               checked_bits=run.checked_bits)
     invalidate_reset_caches(gm)  # the module tree changed under the frameworks' caches
     if run.options.inplace:
         invalidate_reset_caches(run.model)
@@ -249,7 +253,8 @@ def _segments(gm: fx.GraphModule, run: _Run) -> list:
 
 
 def _bits(gm: fx.GraphModule, run: _Run) -> List[str]:
-    return keep_spike_inputs_as_bits(gm)  # after segments: a recomputed segment keeps its own bits
+    # after segments: a recomputed segment keeps its own bits
+    return keep_spike_inputs_as_bits(gm, checked=[n for n in gm.graph.nodes if n.name in run.checked_bits])
 
 
 def _annotate(gm: fx.GraphModule, run: _Run) -> None:

@@ -28,8 +28,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from revpass.nodes.bits import pack_flat, unpack_flat
+from revpass.nodes.bits import is_binary, pack_flat, unpack_flat
 
 Tensor = torch.Tensor
 
@@ -45,6 +46,14 @@ POOL_CHUNK_ELEMS = 1 << 16
 
 def _needs_grad(*ts: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _as_bits(x: Tensor, checked: bool, *ts: Optional[Tensor]) -> bool:
+    """Whether the call keeps ``x`` as bits: gradients are wanted and, where ``checked`` (``x``
+    was 0 or 1 on the example inputs, not by construction), every element of ``x`` is 0 or 1 now
+    (else the plain torch call, which keeps ``x`` as it is; also while torch.export or
+    torch.compile traces, where a check on values cannot be)."""
+    return _needs_grad(x, *ts) and (not checked or not torch.compiler.is_compiling() and is_binary(x))
 
 
 def _pack(x: Tensor) -> Tuple[Tensor, tuple]:
@@ -82,10 +91,11 @@ class _ConvOnSpikes(torch.autograd.Function):
 
 
 def conv_on_spikes(x: Tensor, weight: Tensor, bias: Optional[Tensor], dims: int, stride: tuple, padding: tuple,
-                   dilation: tuple, groups: int, folds_time: bool) -> Tensor:
+                   dilation: tuple, groups: int, folds_time: bool, checked: bool = False) -> Tensor:
     """``F.convNd(x, weight, bias, ...)`` (over (T, B, ...) with ``folds_time``), keeping ``x``
-    as bits for backward (module docstring); ``x`` must be 0 or 1."""
-    if not _needs_grad(x, weight, bias):
+    as bits for backward (module docstring); ``x`` must be 0 or 1, or with ``checked`` is
+    kept as it is where it is not."""
+    if not _as_bits(x, checked, weight, bias):
         return _folded(_CONV[dims], x, folds_time, weight, bias, stride, padding, dilation, groups)
     return _folded(_ConvOnSpikes.apply, x, folds_time, weight, bias, dims, stride, padding, dilation, groups)
 
@@ -109,13 +119,44 @@ class _LinearOnSpikes(torch.autograd.Function):
             w = weight.detach().requires_grad_(need[1])
             b = bias.detach().requires_grad_(need[2]) if bias is not None else None
             inputs = [t for t, n in zip((x, w, b), need) if t is not None and n]
-            grads = iter(torch.autograd.grad(F.linear(x, w, b), inputs, gy))
+            with _ProductsUncomputed():  # autograd's graph of F.linear, its products' values not computed
+                y = F.linear(x, w, b)
+            grads = iter(torch.autograd.grad(y, inputs, gy))
         return tuple(next(grads) if t is not None and n else None for t, n in zip((x, w, b), need))
 
 
-def linear_on_spikes(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear(x, weight, bias)``, keeping ``x`` as bits for backward; ``x`` must be 0 or 1."""
-    if not _needs_grad(x, weight, bias):
+class _ProductsUncomputed(TorchDispatchMode):
+    """Runs every operation as it is but the matrix products, whose outputs come back with their
+    shape and dtype and no values computed (no meta tensor made either: a memory tracker would
+    count its bytes). Under it, ``F.linear`` records autograd's
+    own graph (the products its backward runs depend on the input's shape, so this graph is the one
+    way to be bit for bit) at the cost of its cheap operations: the backward of a product reads its
+    inputs, never its output, and nothing else reads that output. On a classifier's
+    25088 x 4096 layer the product is most of the forward's time."""
+
+    #: each product's output shape from its operands' (the last two arguments: the self of addmm,
+    #: baddbmm and addmv comes first and is only added)
+    SHAPES = {torch.ops.aten.mm.default: lambda a, b: (a[0], b[1]),
+              torch.ops.aten.addmm.default: lambda a, b: (a[0], b[1]),
+              torch.ops.aten.bmm.default: lambda a, b: (a[0], a[1], b[2]),
+              torch.ops.aten.baddbmm.default: lambda a, b: (a[0], a[1], b[2]),
+              torch.ops.aten.mv.default: lambda a, b: (a[0],),
+              torch.ops.aten.addmv.default: lambda a, b: (a[0],),
+              torch.ops.aten.dot.default: lambda a, b: ()}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        shape = self.SHAPES.get(func)
+        if shape is None:
+            return func(*args, **kwargs)
+        a, b = args[-2], args[-1]
+        return torch.empty(shape(a.shape, b.shape), dtype=torch.result_type(a, b), device=a.device)
+
+
+def linear_on_spikes(x: Tensor, weight: Tensor, bias: Optional[Tensor], checked: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)``, keeping ``x`` as bits for backward; ``x`` must be 0 or 1,
+    or with ``checked`` is kept as it is where it is not."""
+    if not _as_bits(x, checked, weight, bias):
         return F.linear(x, weight, bias)
     return _LinearOnSpikes.apply(x, weight, bias)
 
@@ -152,10 +193,11 @@ class _MaxPoolOnSpikes(torch.autograd.Function):
 
 
 def max_pool_on_spikes(x: Tensor, dims: int, kernel_size: tuple, stride: tuple, padding: tuple, dilation: tuple,
-                       ceil_mode: bool, folds_time: bool) -> Tensor:
+                       ceil_mode: bool, folds_time: bool, checked: bool = False) -> Tensor:
     """``F.max_poolNd(x, ...)`` (over (T, B, ...) with ``folds_time``), keeping ``x`` as bits for
-    backward (its indices are found again there); ``x`` must be 0 or 1."""
-    if not _needs_grad(x) or dims not in _POOL_BACKWARD:
+    backward (its indices are found again there); ``x`` must be 0 or 1, or with ``checked`` is
+    kept as it is where it is not."""
+    if not _as_bits(x, checked) or dims not in _POOL_BACKWARD:
         return _folded(_PLAIN_POOL[dims], x, folds_time, kernel_size, stride, padding, dilation, ceil_mode)
     return _folded(_MaxPoolOnSpikes.apply, x, folds_time, dims, kernel_size, stride, padding, dilation, ceil_mode)
 
@@ -165,17 +207,23 @@ class LayerOnSpikes(nn.Module):
     model: the layer's very parameters under their names (so its state_dict keys, and a
     parameter shared elsewhere, stay), its forward one of the functions above. A module, not a bare
     call in the graph, so that what wraps modules (FSDP's ``fully_shard``, hooks added after
-    conversion) finds it; hooks the layer had are not carried over."""
+    conversion) finds it; hooks the layer had are not carried over. ``checked``: its input is 0
+    or 1 on the example inputs but not spikes by construction (an adaptive average pool that
+    repeats its spikes, say): each call checks, and keeps a call's input as it is where it is not."""
 
-    def __init__(self, layer: nn.Module, fn: Callable, param_names: Sequence[str], consts: tuple):
+    checked = False
+
+    def __init__(self, layer: nn.Module, fn: Callable, param_names: Sequence[str], consts: tuple,
+                 checked: bool = False):
         super().__init__()
         for name in param_names:
             self.register_parameter(name, getattr(layer, name, None))
         self.fn, self.param_names, self.consts = fn, tuple(param_names), tuple(consts)
         self.layer = type(layer).__name__
+        self.checked = checked
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x, *(getattr(self, n) for n in self.param_names), *self.consts)
+        return self.fn(x, *(getattr(self, n) for n in self.param_names), *self.consts, checked=self.checked)
 
     def extra_repr(self) -> str:
-        return f"{self.layer}, {self.fn.__name__}"
+        return f"{self.layer}, {self.fn.__name__}" + (", checked" if self.checked else "")

@@ -14,7 +14,9 @@ graph with one output, E's, and no side entrances. A segment grows through the e
 
 A layer left outside every segment that keeps bytes for backward and reads only spikes (a max
 pool between two neurons, a linear layer after the last neuron) gets a segment of its own when
-that keeps less than it did: its kept input becomes bits. What it kept is counted with storages
+that keeps less than it did: its kept input becomes bits. A convolution, linear layer or max
+pool reading values of 0s and 1s that are not spikes by construction keeps those bits checked at
+every call instead (``checked_bits``; docs/method.md section 11), without running again. What it kept is counted with storages
 it shares with other nodes (the steps of an unbound sequence share one), since only when every
 reader of a storage lets go of it is it freed.
 
@@ -125,6 +127,7 @@ def form_segments(
     singles: bool = True,
     joined: Set[str] = frozenset(),
     checks: Optional[Dict[tuple, tuple]] = None,
+    checked_bits: Optional[Set[str]] = None,
 ) -> List[Tuple[str, List[str]]]:
     """Replace the segments ending at the call_module nodes whose target is in ``ends`` (exact
     nodes) by :class:`RecomputeSegment` calls; with ``singles``, also wrap the layers that read
@@ -132,7 +135,11 @@ def form_segments(
     part of the segment that reads its output, where that is the only reader (else it has its
     own): one rebuild of both layers, whose gradient between them exists a chunk at a time.
     ``checks``: a memo of chunk checks (:func:`_try_chunks`) shared by conversions of one trace
-    with the same parameters (the planner's). Returns [(segment name, sites)]."""
+    with the same parameters (the planner's). ``checked_bits``: a set that, given, takes instead
+    of a segment the calls of a convolution, linear layer or max pool whose input is 0 or 1 on
+    the example inputs without being spikes by construction (the node names; the bits pass keeps
+    their inputs as bits, checked at every call: the same bytes, without running them again).
+    Returns [(segment name, sites)]."""
     mem = measure(gm, example_inputs, detail=False)  # shapes, spikes and kept bytes
     binary = {name: m.binary for name, m in mem.items()}
     tensors = {name for name, m in mem.items() if m.shape is not None}
@@ -156,6 +163,16 @@ def form_segments(
         taken.update(members)
         groups.append((members, [u.target for u in members if u in through or u is n]))
     spikes = spike_values(gm)  # kept up to date as segments replace their ends (_replace)
+    calls: Dict[str, List[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, []).append(n)
+
+    def bits_instead(n: fx.Node) -> bool:  # every call of its layer reads one value of 0s and 1s
+        return (checked_bits is not None and n.op == "call_module" and on_spikes(gm.get_submodule(n.target))
+                and all(len(c.args) == 1 and not c.kwargs and isinstance(c.args[0], fx.Node) and c not in taken
+                        and (c.args[0] in spikes or binary.get(c.args[0].name)) for c in calls[n.target]))
+
     if singles:
         for n in list(gm.graph.nodes):
             m = mem.get(n.name)
@@ -168,7 +185,9 @@ def form_segments(
             if not ins or not all(a.name in tensors and binary.get(a.name) for a in ins):
                 continue
             packed = sum(_packed(math.prod(mem[a.name].shape)) for a in ins)
-            if packed < m.own_bytes:
+            if packed < m.own_bytes and bits_instead(n):
+                checked_bits.add(n.name)  # the same bits in its own backward, without running again
+            elif packed < m.own_bytes:
                 taken.add(n)
                 groups.append(([n], []))
     out = []

@@ -126,10 +126,14 @@ def _replacement(m: nn.Module) -> Optional[Tuple[Callable, List[str], tuple]]:
     return None
 
 
-def keep_spike_inputs_as_bits(gm: fx.GraphModule, given: Collection[fx.Node] = ()) -> List[str]:
+def keep_spike_inputs_as_bits(gm: fx.GraphModule, given: Collection[fx.Node] = (),
+                              checked: Collection[fx.Node] = ()) -> List[str]:
     """Put a :class:`LayerOnSpikes` in the place of every convolution, linear layer and max pool
     whose every call reads an exact node's spikes (module docstring; ``given``: placeholders known
-    to be spikes); returns their paths."""
+    to be spikes); returns their paths. ``checked``: calls whose input was 0 or 1 on the example
+    inputs without being spikes by construction (revpass/passes/segments.py names them where a
+    segment of their own would keep the same bits at the cost of running again): their layer's
+    ``LayerOnSpikes`` checks each call's input (``checked=True``)."""
     spikes = spike_values(gm, given)
     calls: Dict[str, List[fx.Node]] = {}
     for n in gm.graph.nodes:
@@ -137,14 +141,16 @@ def keep_spike_inputs_as_bits(gm: fx.GraphModule, given: Collection[fx.Node] = (
             calls.setdefault(n.target, []).append(n)
     done: List[str] = []
     for target, ns in calls.items():
-        if not all(len(n.args) == 1 and not n.kwargs and n.args[0] in spikes for n in ns):
+        if not all(len(n.args) == 1 and not n.kwargs and (n.args[0] in spikes or n in checked) for n in ns):
             continue
         m = gm.get_submodule(target)
         how = _replacement(m)
         if how is None:
             continue
-        set_module(gm, target, LayerOnSpikes(m, *how))
+        check = any(n.args[0] not in spikes for n in ns)
+        set_module(gm, target, LayerOnSpikes(m, *how, checked=check))
         for n in ns:
-            meta.set_strategy(n, "bits", f"{type(m).__name__} '{target}' keeps its spike input as bits")
+            meta.set_strategy(n, "bits", f"{type(m).__name__} '{target}' keeps its spike input as bits"
+                              + (" (0 or 1 on the example inputs: checked at every call)" if check else ""))
         done.append(str(target))
     return done

@@ -15,6 +15,7 @@ from revpass.analysis.workspace import node_workspace, trained_params
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
+from revpass.nodes.spike_input import LayerOnSpikes
 from revpass.nodes.chunks import CHUNK_ELEMS, CHUNKS_MAX
 from revpass.nodes.slicing import CHUNK_MIN_ELEMS_FINE, chunks
 
@@ -173,6 +174,9 @@ class PlanEstimate:
                 region = set(meta.replaces(it.node))
                 self._regions.append((it, m.sites, {s: [x for x in xs if x.key in region]
                                                     for s, xs in items.items() if s != base}))
+            elif isinstance(m, LayerOnSpikes) and m.checked:  # instead of a segment of its own (the same rule)
+                self._regions.append((it, (), {s: [x for x in xs if x.key == it.key]
+                                               for s, xs in items.items() if s != base}))
             else:
                 self._regions.append((it, None, {}))
 
@@ -183,7 +187,8 @@ class PlanEstimate:
             if sites is None:  # no segment here
                 out.append(it)
                 continue
-            # a layer on spikes recomputed alone (no site) is one only when some site is recomputed
+            # a layer on spikes recomputed alone (no site), or keeping its checked bits instead, is
+            # one only when some site is recomputed
             chosen = {choice.get(s, self.base) for s in sites} if sites else {self.base if any_base else "exact"}
             if self.base in chosen:
                 out.append(it)

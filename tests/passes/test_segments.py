@@ -115,6 +115,55 @@ def test_form_segments_on_a_small_graph(singles):
         assert close(g1[k], g0[k]), (k, worst(g1[k], g0[k]))
 
 
+def test_a_linear_layer_on_repeated_spikes_keeps_checked_bits_instead_of_running_again():
+    """An adaptive average pool that repeats its input (SpikingJelly's VGG on 32x32 images: 1x1
+    maps to 7x7) gives 0s and 1s, but not by construction: at another input size it averages.
+    The linear layer reading it would be a segment of its own (its bits, at the cost of running it
+    again in backward); it keeps the same bits checked at every call instead, and where a call's
+    input is not 0/1 it keeps that input as it is, with the original's output and gradients."""
+    from spikingjelly.activation_based import layer, neuron
+
+    from revpass.nodes.spike_input import LayerOnSpikes
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.sn = layer.Conv2d(2, 4, 3, padding=1, step_mode="m"), neuron.LIFNode(step_mode="m")
+            self.pool = layer.AdaptiveAvgPool2d((2, 2), step_mode="m")
+            self.flat, self.fc = layer.Flatten(step_mode="m"), layer.Linear(16, 3, step_mode="m")
+
+        def forward(self, x):
+            return self.fc(self.flat(self.pool(self.sn(self.c(x)))))
+
+    torch.manual_seed(0)
+    net = Net()
+
+    def x_of(size):
+        return torch.randn(3, 2, 2, size, size, generator=torch.Generator().manual_seed(size)) * 2 + 1
+
+    gm = revpass.convert(net, x_of(1), mode="recompute")
+    assert isinstance(gm.fc, LayerOnSpikes) and gm.fc.checked
+    assert all("fc" not in _body(seg) for seg in _segments(gm).values())
+
+    def kept(size):  # bytes the linear layer keeps for its input, and the whole net's output and gradients
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            x = gm.flat(gm.pool(torch.randint(0, 2, (3, 2, 4, size, size)).float()))
+            gm.fc(x.requires_grad_())
+        weights = {p.untyped_storage().data_ptr() for p in gm.fc.parameters()}
+        return sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in weights)
+
+    assert kept(1) == 3 * 2 * 16 // 8  # bits
+    assert kept(3) == 3 * 2 * 16 * 4  # 3x3 maps pooled to 2x2 average: not 0/1, kept as it is
+    for size in (1, 3):
+        y0, g0 = _grads(net, x_of(size))
+        y1, g1 = _grads(gm, x_of(size))
+        assert torch.equal(y0, y1) and y1.abs().sum() > 0
+        for k in g0:
+            assert close(g1[k], g0[k]), (size, k, worst(g1[k], g0[k]))
+
+
 def test_grow_stops_at_neurons_inputs_and_values_read_outside():
     from revpass.passes.segments import grow
 

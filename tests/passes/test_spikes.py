@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 
 import models
@@ -78,6 +79,59 @@ def test_a_linear_layer_and_a_max_pool_on_spikes_are_theirs_bit_for_bit():
     assert _saved_bytes(lambda: max_pool_on_spikes(xx, *pool_args))[1] == math.ceil(x.numel() / 8)  # no indices
     with torch.no_grad():  # no gradient: the plain torch call
         assert torch.equal(max_pool_on_spikes(x, *pool_args), ref(x))
+
+
+class _Products(TorchDispatchMode):
+    """Counts the matrix products computed under it (on meta tensors, a shape is all that is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += (func.__name__.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot")
+                       and not any(isinstance(a, torch.Tensor) and a.is_meta for a in args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shape, bias", [((5, 12), True), ((4, 3, 12), True), ((4, 3, 12), False), ((12,), True),
+                                         ((2, 4, 3, 12), True)])
+def test_a_linear_layer_on_spikes_runs_autograds_backward_without_its_forward_product(shape, bias):
+    """The backward builds autograd's own graph of F.linear (bit for bit, whatever products the
+    input's shape makes it run) without computing its product again: as many products as
+    autograd's backward, for 2-D, folded 3-D, unbiased and 1-D inputs."""
+    fc = nn.Linear(12, 7, bias=bias)
+    x = (torch.rand(*shape, generator=torch.Generator().manual_seed(2)) > 0.5).float().requires_grad_()
+    counts, grads = [], []
+    for f in (linear_on_spikes, torch.nn.functional.linear):
+        fc.zero_grad(set_to_none=True)
+        y = f(x, fc.weight, fc.bias)
+        with _Products() as products:
+            grads.append(torch.autograd.grad(y, [x, *fc.parameters()], torch.ones_like(y) * 0.37))
+        counts.append(products.count)
+    assert counts[0] == counts[1] >= 2  # the input's and the weight's gradient products, no forward's
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_a_linear_layer_on_spikes_holds_less_than_the_layer_in_a_training_step():
+    """What the backward's uncomputed forward allocates counts in a training step's measured
+    peak: its output, not the weight's bytes again (as it would, were its shapes found on meta
+    tensors). Both make the weight's gradient; the plain layer keeps its input as floats, this one
+    unpacks its bits in backward beside the product's output."""
+    from revpass.memory import step_peak
+
+    class Net(nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fc, self.fn = nn.Linear(512, 256), fn
+
+        def forward(self, x):
+            return self.fn(x, self.fc.weight, self.fc.bias)
+
+    x = (torch.rand(16, 512, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    ours, plain = step_peak(Net(linear_on_spikes), x), step_peak(Net(torch.nn.functional.linear), x)
+    weight = 512 * 256 * 4
+    assert weight <= plain < ours < plain + 3 * 16 * 512 * 4 < plain + weight // 2
 
 
 @pytest.mark.parametrize("chunk", [1, 40, 200, 1 << 16])
