@@ -6,7 +6,8 @@ step at once, which is what sets the peak of a fully recomputed model (the stem'
 batch norm and neuron). The samples of a batch are independent of each other except through a
 training batch norm's statistics, so the rebuild can run a chunk of samples at a time, given:
 
-* the batch norms' per-channel mean and 1/std, kept from the forward (a few floats per channel).
+* the batch norms' per-channel mean and 1/std, kept from the forward (a few floats per channel:
+  the kernel's own, with which the chunk's formula rounds as the kernel did on the CPU).
   In a chunk each batch norm is then an elementwise affine map of its input; the batch coupling
   is its backward's two sums per channel, sum(gz) and sum(gz * x^), over the whole batch. So the
   rebuild runs in two passes: the first differentiates every chunk only as far as the batch
@@ -37,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from revpass.neurons import multi_step_batch_norm
 from revpass.nodes.batchnorm import per_channel, statistics
@@ -265,17 +267,53 @@ class _Normalize(torch.autograd.Function):
                 None)
 
 
+class _KernelStatistics(TorchDispatchMode):
+    """Keeps the per-channel mean and 1/std a batch-norm kernel computed (its second and third
+    outputs), in ``got``: a chunk normalizes with these, and with them the elementwise formula
+    is the kernel's output bit for bit on the CPU, where statistics found again (torch.var_mean)
+    differ in the last bit of some channels, which moves a membrane near the threshold across
+    it, and the chunk's spikes then differ from the forward's."""
+
+    OPS = frozenset(getattr(getattr(torch.ops.aten, name), overload) for name, overload in (
+        ("native_batch_norm", "default"), ("_native_batch_norm_legit", "default"),
+        ("_native_batch_norm_legit", "no_stats"), ("_batch_norm_with_update", "default"),
+        ("cudnn_batch_norm", "default"), ("miopen_batch_norm", "default")))
+
+    def __init__(self):
+        super().__init__()
+        self.got: Optional[Tuple[Tensor, Tensor]] = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.OPS and out[1].numel() and out[1].shape == out[2].shape:
+            self.got = (out[1], out[2])
+        return out
+
+
 def forward_hooks(plan: Plan, stats: Dict[fx.Node, Tuple[Tensor, Tensor]], spikes: Dict[fx.Node, Optional[Tensor]]):
-    """Hooks that, while the segment's forward runs, keep each batch norm's statistics and each
+    """Hooks that, while the segment's forward runs, keep each batch norm's statistics (the
+    kernel's own, :class:`_KernelStatistics`; found again where no kernel gives them) and each
     neuron's spikes as bits (None where they are not all 0 or 1); returns their handles."""
     handles = []
     for n in plan.bns:
         bn = plan.body.get_submodule(n.target)
+        watching: List[_KernelStatistics] = []
 
-        def pre(m, args, n=n):
-            stats[n] = statistics(args[0], m.eps)
+        def pre(m, args, watching=watching):
+            watching.append(_KernelStatistics())
+            watching[-1].__enter__()
+
+        def post(m, args, out, n=n, watching=watching):  # also where the forward raised
+            mode = watching.pop()
+            mode.__exit__(None, None, None)
+            got = mode.got
+            if got is not None and args and got[0].shape == (args[0].shape[2],) and got[0].dtype == args[0].dtype:
+                stats[n] = got
+            elif args:
+                stats[n] = statistics(args[0], m.eps)
 
         handles.append(bn.register_forward_pre_hook(pre))
+        handles.append(bn.register_forward_hook(post, always_call=True))
     for n in plan.neurons:
         def post(m, args, out, n=n):
             spikes[n] = pack_planes(out != 0) if isinstance(out, Tensor) and out.dim() >= 2 and is_binary(out) else None
