@@ -8,8 +8,9 @@ the operation autograd would have run on it, so the gradients are the original's
 
 * convolution: ``aten.convolution_backward`` with the arguments autograd's ConvolutionBackward
   passes;
-* linear: autograd's own backward of ``F.linear`` on the unpacked input (one more matrix product:
-  ``linear`` is composite, and the products its backward runs depend on the input's shape);
+* linear: autograd's own backward of ``F.linear`` on the unpacked input (``linear`` is
+  composite, and the products its backward runs depend on the input's shape), its graph recorded
+  with the forward's product left uncomputed (:class:`_ProductsUncomputed`);
 * max pool: its indices are found again from the unpacked input (``max_pool_with_indices``, the
   first maximum of each window: the same indices), then ``max_poolNd_with_indices_backward``, a
   chunk of samples at a time (:data:`POOL_CHUNK_ELEMS`: the unpacked input and the indices are a
@@ -17,7 +18,8 @@ the operation autograd would have run on it, so the gradients are the original's
 
 ``folds_time``: the layer runs over (T, B, ...) by folding T into the batch and back (SpikingJelly's
 multi-step layers, ``seq_to_ann_forward``). Without gradients (inference, export) each is the
-plain torch call.
+plain torch call. ``checked``: the input was 0 or 1 on the example inputs without being spikes by
+construction; each call keeps it as bits only where it is.
 """
 
 from __future__ import annotations
