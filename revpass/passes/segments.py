@@ -16,9 +16,9 @@ A layer left outside every segment that keeps bytes for backward and reads only 
 pool between two neurons, a linear layer after the last neuron) gets a segment of its own when
 that keeps less than it did: its kept input becomes bits. A convolution, linear layer or max
 pool reading values of 0s and 1s that are not spikes by construction keeps those bits checked at
-every call instead (``checked_bits``; docs/method.md section 11), without running again. What it kept is counted with storages
-it shares with other nodes (the steps of an unbound sequence share one), since only when every
-reader of a storage lets go of it is it freed.
+every call instead (``checked_bits``; docs/method.md section 11), without running again. What it
+kept is counted with storages it shares with other nodes (the steps of an unbound sequence share
+one), since only when every reader of a storage lets go of it is it freed.
 
 Which values are spikes is measured on the example inputs (every element 0 or 1); the segment
 checks again at run time and keeps anything else as it is.
@@ -41,7 +41,7 @@ from revpass.analysis.workspace import segment_key
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
-from revpass.passes.spikes import keep_spike_inputs_as_bits, on_spikes, spike_values
+from revpass.passes.spikes import keep_spike_inputs_as_bits, module_calls, on_spikes, spike_values
 from revpass.state import StateReset
 
 _BOUNDARY_OPS = ("placeholder", "get_attr", "output")
@@ -163,10 +163,7 @@ def form_segments(
         taken.update(members)
         groups.append((members, [u.target for u in members if u in through or u is n]))
     spikes = spike_values(gm)  # kept up to date as segments replace their ends (_replace)
-    calls: Dict[str, List[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls.setdefault(n.target, []).append(n)
+    calls = module_calls(gm)
 
     def bits_instead(n: fx.Node) -> bool:  # every call of its layer reads one value of 0s and 1s
         return (checked_bits is not None and n.op == "call_module" and on_spikes(gm.get_submodule(n.target))

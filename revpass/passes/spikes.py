@@ -126,6 +126,15 @@ def _replacement(m: nn.Module) -> Optional[Tuple[Callable, List[str], tuple]]:
     return None
 
 
+def module_calls(gm: fx.GraphModule) -> Dict[str, List[fx.Node]]:
+    """Each module's calls in ``gm``'s graph, by target, in graph order."""
+    calls: Dict[str, List[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, []).append(n)
+    return calls
+
+
 def keep_spike_inputs_as_bits(gm: fx.GraphModule, given: Collection[fx.Node] = (),
                               checked: Collection[fx.Node] = ()) -> List[str]:
     """Put a :class:`LayerOnSpikes` in the place of every convolution, linear layer and max pool
@@ -135,12 +144,9 @@ def keep_spike_inputs_as_bits(gm: fx.GraphModule, given: Collection[fx.Node] = (
     segment of their own would keep the same bits at the cost of running again): their layer's
     ``LayerOnSpikes`` checks each call's input (``checked=True``)."""
     spikes = spike_values(gm, given)
-    calls: Dict[str, List[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls.setdefault(n.target, []).append(n)
+    checked = set(checked)
     done: List[str] = []
-    for target, ns in calls.items():
+    for target, ns in module_calls(gm).items():
         if not all(len(n.args) == 1 and not n.kwargs and (n.args[0] in spikes or n in checked) for n in ns):
             continue
         m = gm.get_submodule(target)
