@@ -20,6 +20,7 @@ from torch import fx, nn
 from revpass.errors import UnsupportedNeuronError
 from revpass.neurons import NeuronSpec, is_neuron, spec_from_module, step_mode
 from revpass.nodes import Node
+from revpass.passes.graph import module_calls
 
 
 @dataclass
@@ -43,12 +44,8 @@ class Site:
 
 def find_sites(gm: fx.GraphModule) -> List[Site]:
     """Every neuron module called in ``gm``'s graph, in order of first call."""
-    by_target: Dict[str, List[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            by_target.setdefault(n.target, []).append(n)
     sites = []
-    for target, calls in by_target.items():
+    for target, calls in module_calls(gm).items():
         m = gm.get_submodule(target)
         if isinstance(m, Node):
             sites.append(Site(target, m, "a" if m.step_mode == "m" else "b", calls,

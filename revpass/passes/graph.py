@@ -1,4 +1,5 @@
-"""Graph helpers every pass shares: one fx-to-networkx converter, a stable topological order."""
+"""Graph helpers every pass shares: one fx-to-networkx converter, a stable topological order,
+each module's calls."""
 
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def to_networkx(
         for a in n.all_input_nodes:
             g.add_edge(key(a), key(n))
     return g
+
+
+def module_calls(gm: fx.GraphModule) -> Dict[str, List[fx.Node]]:
+    """Each module's calls in ``gm``'s graph, by target, in graph order (of first call)."""
+    calls: Dict[str, List[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, []).append(n)
+    return calls
 
 
 def position(g: fx.Graph) -> Callable[[fx.Node], int]:

@@ -41,7 +41,8 @@ from revpass.analysis.workspace import segment_key
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
-from revpass.passes.spikes import keep_spike_inputs_as_bits, module_calls, on_spikes, spike_values
+from revpass.passes.graph import module_calls
+from revpass.passes.spikes import keep_spike_inputs_as_bits, on_spikes, spike_values
 from revpass.state import StateReset
 
 _BOUNDARY_OPS = ("placeholder", "get_attr", "output")

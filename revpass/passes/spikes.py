@@ -30,6 +30,7 @@ from revpass.neurons import folds_time
 from revpass.neurons.spec import family_of
 from revpass.nodes import ExactNode
 from revpass.passes.decide import written_in_place
+from revpass.passes.graph import module_calls
 from revpass.nodes.segment import RecomputeSegment
 from revpass.nodes.spike_input import LayerOnSpikes, conv_on_spikes, linear_on_spikes, max_pool_on_spikes
 from revpass.utils import set_module
@@ -124,15 +125,6 @@ def _replacement(m: nn.Module) -> Optional[Tuple[Callable, List[str], tuple]]:
     if pool is not None:
         return pool[0], [], pool[1]
     return None
-
-
-def module_calls(gm: fx.GraphModule) -> Dict[str, List[fx.Node]]:
-    """Each module's calls in ``gm``'s graph, by target, in graph order."""
-    calls: Dict[str, List[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls.setdefault(n.target, []).append(n)
-    return calls
 
 
 def keep_spike_inputs_as_bits(gm: fx.GraphModule, given: Collection[fx.Node] = (),
