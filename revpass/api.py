@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -50,6 +50,7 @@ from revpass.planning.budget import (STRATEGIES, BudgetError, Peak, allowed, cho
 from revpass.planning.memory_plan import MemoryPlan, plan_of
 from revpass.planning.peak import (PlanEstimate, estimate_peak, refine_where_it_sets_the_peak,
                                    slice_where_it_sets_the_peak)
+from revpass.progress import Stages
 from revpass.report import ConversionReport, SiteRow
 from revpass.trace import TraceError, trace
 from revpass.state import reset_states
@@ -70,6 +71,7 @@ def convert(
     inplace: bool = False,
     concrete_args: Optional[dict] = None,
     budget: Optional[Union[int, str]] = None,
+    progress: Union[bool, Callable[[str], None]] = False,
 ) -> fx.GraphModule:
     """Convert the spiking neurons of ``model`` into revpass nodes.
 
@@ -95,6 +97,10 @@ def convert(
             with ``"exact"`` or ``"recompute"`` only those that keep the original function
             (exact and recomputed sites). A budget that cannot be met raises ``BudgetError`` with the
             smallest reachable figure.
+        progress: say each of the planner's stages as it starts (with a budget: tracing, a
+            conversion per strategy, the chosen plan, each segment join it tries), and the end,
+            with the seconds since convert began: True, a line each on stderr; a callable, given
+            each line. The planner converts the model several times: on a large model, minutes.
 
     Returns:
         A ``torch.fx.GraphModule`` that runs, trains and resets like the original, with
@@ -109,10 +115,12 @@ def convert(
                          "chosen from the spikes and bytes measured on them")
     options = _Options(mode=mode, backward=backward, include=include, exclude=exclude, inplace=inplace,
                        concrete_args=concrete_args)
+    say = Stages(progress, "revpass.convert")
     if budget is not None:
-        gm = _convert_within(model, example_inputs, budget, options)
+        gm = _convert_within(model, example_inputs, budget, options, say)
     else:
         gm = _pipeline(model, example_inputs, options)
+    say(f"done: {gm.revpass_report.count('unchanged')} of {len(gm.revpass_report.rows)} sites left unchanged")
     _warn_unchanged(gm.revpass_report)
     return gm
 
@@ -511,9 +519,10 @@ def _report(sites: List[Site], patterns: List[PatternSite], shapes: Dict, option
 # ----------------------------------------------------------------------------------------------
 
 
-def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], options: _Options) -> fx.GraphModule:
+def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], options: _Options,
+                    say: Callable[[str], None] = lambda stage: None) -> fx.GraphModule:
     """convert(..., budget=): measure a conversion per strategy, choose (planning/budget.py),
-    convert with the choice, and check the measured figure."""
+    convert with the choice, and check the measured figure; ``say`` is told each stage."""
     if example_inputs is None:
         raise ValueError("convert(..., budget=...) needs example_inputs: the planner measures the model")
     if budget != "min" and not isinstance(budget, Peak) and (
@@ -525,8 +534,12 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     probe = replace(options, inplace=False)
     strategies = allowed(options.mode)  # mode="exact" keeps the original function: no reversible site
     # one faithful trace for every conversion the planner makes (each converts a copy of it)
+    say(f"budget={budget!r}: tracing and measuring the model")
     traced = _Traced.of(safe_deepcopy(model), as_tuple(example_inputs), probe)
-    probes = {s: _pipeline(model, example_inputs, replace(probe, mode=s), traced) for s in strategies}
+    probes = {}
+    for i, s in enumerate(strategies, 1):
+        say(f"probe {i}/{len(strategies)}: {s} at every site (converted and measured)")
+        probes[s] = _pipeline(model, example_inputs, replace(probe, mode=s), traced)
     total_before = plan_of(probes["exact"], "exact").kept_before
     savings = {s: site_savings(g) for s, g in probes.items()}
     workspace = workspaces(probes["recompute"])
@@ -537,11 +550,12 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     # (the probes as far as they lower the peak: the lowest plan is what the budget is checked against)
     final = replace(options, peak_budget=budget.bytes) if isinstance(budget, Peak) else options
 
-    def with_plan(planned, inplace=False, joined=frozenset()):
+    def with_plan(planned, inplace=False, joined=frozenset(), why="the chosen plan"):
         if not inplace and final is options and not joined:  # a probe is that conversion already when
             for g in probes.values():                         # the plan is one strategy everywhere
                 if _probe_is_plan(g, planned):
                     return _as_planned(g, planned)
+        say(f"converting {why}" + (" in place" if inplace else ""))
         return _pipeline(model, example_inputs, replace(final, planned=planned, inplace=inplace, joined=joined),
                          traced)
 
@@ -619,8 +633,11 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         output feeds only the segment whose backward sets the peak."""
         joined, peak = frozenset(), estimate_peak(gm)
         while (site := join_candidate(gm)) is not None and site not in joined:
-            trial = with_plan(choice, joined=joined | {site})
+            trial = with_plan(choice, joined=joined | {site}, why=f"with {site}'s segment joined to the one reading it "
+                                                                 "(kept if that lowers the estimated peak)")
             lower = estimate_peak(trial)
+            say(f"{site}'s segment joined: estimated peak {lower / 2**20:.2f} MiB against {peak / 2**20:.2f} MiB: "
+                + ("kept" if lower < 0.99 * peak else "not kept (not lower by more than 1%)"))
             if lower >= 0.99 * peak:
                 break
             gm, joined, peak = trial, joined | {site}, lower
@@ -679,6 +696,8 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     gm.revpass_report.mode = f"budget={budget!r}" if options.mode == "reversible" else \
         f"{options.mode}, budget={budget!r}"  # the function kept: exact and recomputed sites only
     measured = plan_of(gm, "planned").kept_after
+    say(f"chosen: the estimated peak of a training step {estimate_peak(gm) / 2**20:.2f} MiB (before conversion "
+        f"{uniform[None] / 2**20:.2f} MiB)")
     gm.revpass_budget = {"budget": budget, "predicted_bytes": predicted, "measured_bytes": measured,
                          "bytes_before": total_before, "estimated_peak": estimate_peak(gm),
                          "joined": sorted(joined)}  # sites whose segment joined the one reading them

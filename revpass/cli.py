@@ -164,12 +164,15 @@ def _budget(text: str):
                      "'peak:BYTES' for the estimated peak of a training step")
 
 
-def converted(args, model, x):
+def converted(args, model, x, progress=None):
+    """``model`` converted as the arguments say; under a budget the planner says its stages on
+    stderr (``progress``: a callable given each line instead), unless --no-progress."""
     import revpass
 
     kw: Dict[str, Any] = {"mode": args.mode}  # with a budget, the mode says what the planner may choose
     if args.budget is not None:
         kw["budget"] = _budget(args.budget)
+        kw["progress"] = False if getattr(args, "no_progress", True) else progress or True
     if args.exclude:
         kw["exclude"] = args.exclude
     return revpass.convert(model, x, **kw)
@@ -416,7 +419,9 @@ def cmd_bench(args) -> int:
 
     model, x = _prepared(args)
     label = args.mode if args.budget is None else f"{args.mode}, budget={args.budget}"
-    variants = [("original", lambda: model), (label, lambda: converted(args, model, x))]
+    # the planner's stages on lines of their own, the bar drawn again at its next step
+    variants = [("original", lambda: model),
+                (label, lambda: converted(args, model, x, lambda line: sys.stderr.write(f"\r{line:<72}\n")))]
     steps = [(name, what) for name, _ in variants for what in ("convert", "kept", "peak", "time")]
     bar = Progress(len(steps), enabled=not args.no_progress)
     rows = []
@@ -475,6 +480,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--exclude", nargs="*", default=None, help="module-path patterns left unchanged")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--no-progress", action="store_true",
+                        help="say nothing on stderr while it works (the planner's stages under --budget, the "
+                             "bench's progress bar)")
     p = argparse.ArgumentParser(prog="revpass", description="revpass: reversible spiking nodes for existing SNNs")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", parents=[common], help="neuron sites, decisions and the memory plan")
@@ -512,7 +520,6 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", parents=[common], help="memory and time, original vs converted")
     s.add_argument("--repeat", type=int, default=3)
     s.add_argument("--json", action="store_true")
-    s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_bench)
     return p
 

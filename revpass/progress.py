@@ -1,6 +1,7 @@
 """A one-line progress bar on stderr, for long work (the command line, the examples)."""
 
 import sys
+import time
 
 
 class Progress:
@@ -19,4 +20,23 @@ class Progress:
     def done(self) -> None:
         if self.enabled:
             sys.stderr.write(f"\r[{'#' * self.width}] {self.total}/{self.total} done{' ' * 30}\n")
+            sys.stderr.flush()
+
+
+class Stages:
+    """The stages of long work as they happen (the budget planner's probes, conversions and
+    joins), each with the seconds since it began: ``progress`` is False (silent), True (a line
+    each on stderr) or a callable given each line."""
+
+    def __init__(self, progress, what: str = "revpass"):
+        self.progress, self.what, self.start = progress, what, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        if not self.progress:
+            return
+        line = f"{self.what} [{time.perf_counter() - self.start:6.1f} s] {stage}"
+        if callable(self.progress):
+            self.progress(line)
+        else:
+            sys.stderr.write(line + "\n")
             sys.stderr.flush()

@@ -298,3 +298,13 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     assert "bad.py" in r.stderr  # the error names the file and line
     r = revpass("inspect", f"{bad}:make", "--input-shape", "2,3", "--debug", process=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_the_planner_says_its_stages_unless_told_not_to():
+    r = revpass("inspect", SNN, *SNN_ARGS, "--mode", "exact", "--budget", "min")
+    assert r.returncode == 0, r.stderr
+    stages = [line for line in r.stderr.splitlines() if line.startswith("revpass.convert [")]
+    assert "probe 1/2: exact at every site" in stages[1] and "probe 2/2: recompute at every site" in stages[2]
+    assert stages[-1].endswith("sites left unchanged")
+    r = revpass("inspect", SNN, *SNN_ARGS, "--mode", "exact", "--budget", "min", "--no-progress")
+    assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -1,6 +1,7 @@
 """convert(..., budget=): the planner picks strategies per site from measured savings."""
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -353,3 +354,32 @@ def test_min_joins_segments_where_the_gradient_between_them_sets_the_peak():
     assert torch.equal(y0, y1)
     for k in params:
         assert g1[k] is not None and (close(g1[k], g0[k]) or worst(g1[k], g0[k]) < 20), (k, worst(g1[k], g0[k]))
+
+
+def test_progress_says_the_planners_stages_in_order(resnet, capsys):
+    """progress=: each stage of the planner as it starts, then the end, with the seconds since
+    convert began; nothing at all without it."""
+    net, x, _, _ = resnet
+    lines = []
+    conv = revpass.convert(net, x, mode="exact", budget="min", progress=lines.append)
+    stages = [re.sub(r"^revpass\.convert \[ *[0-9.]+ s\] ", "", line) for line in lines]
+    assert all(line.startswith("revpass.convert [") for line in lines)
+    seconds = [float(re.search(r"\[ *([0-9.]+) s\]", line).group(1)) for line in lines]
+    assert seconds == sorted(seconds)
+    assert stages[:4] == ["budget='min': tracing and measuring the model",
+                          "probe 1/2: exact at every site (converted and measured)",
+                          "probe 2/2: recompute at every site (converted and measured)",
+                          "converting the chosen plan"]  # exact and recomputed sites: no probe is that plan
+    peak = conv.revpass_budget["estimated_peak"] / 2**20
+    assert stages[-2].startswith(f"chosen: the estimated peak of a training step {peak:.2f} MiB")
+    unchanged = conv.revpass_report.count("unchanged")
+    assert stages[-1] == f"done: {unchanged} of {len(conv.revpass_report)} sites left unchanged"
+    capsys.readouterr()
+    net, x = models.SnnTorchConv(), torch.randn(2, 1, 28, 28) * 2
+    with warnings.catch_warnings():  # the sites it leaves unchanged: a warning, not progress
+        warnings.simplefilter("ignore")
+        revpass.convert(net, x, budget="min")
+        assert capsys.readouterr().err == ""
+        revpass.convert(net, x, mode="exact", progress=True)
+    assert re.fullmatch(r"revpass\.convert \[ *[0-9.]+ s\] done: \d+ of \d+ sites left unchanged\n",
+                        capsys.readouterr().err)
