@@ -4,7 +4,7 @@ seeds, batches and epochs, over several seeds.
 
     .venv/bin/python tools/accuracy_digits.py [--epochs 15] [--seeds 5] [--out bench_out]
 
-Writes OUT/train_digits.json and OUT/train_digits.md (the README's accuracy table) and prints the
+Writes OUT/train_digits.json and OUT/train_digits.md (the accuracy table of docs/results.md) and prints the
 table with the targets: reversible within 1 percentage point of the original, exact identical,
 exact "min" within 0.5 point. Each seed draws other initial weights and another order of the
 batches, the same for every conversion; the table gives the mean test accuracy over the seeds.

@@ -336,7 +336,7 @@ def _markdown(results, targets, meta) -> str:
 
 
 def _summary(results, batch: int = 4) -> List[str]:
-    """The peak ratios as one row per model, T and batch (the README's table)."""
+    """The peak ratios as one row per model, T and batch (the table of docs/results.md)."""
     levels = sorted({v for r in results for v in r["variants"] if v.startswith("memopt")}) or ["memopt-L1"]
     lines = ["| model | T | batch | exact | reversible | recompute | planner \"min\" | exact, \"min\" | "
              + " | ".join(f"SpikingJelly memopt {lv.split('-')[1]}" for lv in levels)

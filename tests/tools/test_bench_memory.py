@@ -23,7 +23,7 @@ def test_bench_memory_quick(tmp_path):
     assert all(d["peak_bytes"] > 0 for d in v.values())
     assert v["reversible"]["peak_bytes"] < v["original"]["peak_bytes"]
     assert "| spiking_resnet18 | 4 | 4 | reversible |" in (tmp_path / "bench_memory.md").read_text()
-    # the summary table (the README's) holds the same ratios, and --render writes it again from
+    # the summary table (docs/results.md's) holds the same ratios, and --render writes it again from
     # the JSON alone
     o = v["original"]["peak_bytes"]
     row_md = next(line for line in (tmp_path / "bench_memory.md").read_text().splitlines()
