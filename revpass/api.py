@@ -695,11 +695,11 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     gc.collect()  # the probes and plans not taken hold reference cycles: free their tensors now
     gm.revpass_report.mode = f"budget={budget!r}" if options.mode == "reversible" else \
         f"{options.mode}, budget={budget!r}"  # the function kept: exact and recomputed sites only
-    measured = plan_of(gm, "planned").kept_after
-    say(f"chosen: the estimated peak of a training step {estimate_peak(gm) / 2**20:.2f} MiB (before conversion "
+    measured, estimated = plan_of(gm, "planned").kept_after, estimate_peak(gm)
+    say(f"chosen: the estimated peak of a training step {estimated / 2**20:.2f} MiB (before conversion "
         f"{uniform[None] / 2**20:.2f} MiB)")
     gm.revpass_budget = {"budget": budget, "predicted_bytes": predicted, "measured_bytes": measured,
-                         "bytes_before": total_before, "estimated_peak": estimate_peak(gm),
+                         "bytes_before": total_before, "estimated_peak": estimated,
                          "joined": sorted(joined)}  # sites whose segment joined the one reading them
     if isinstance(budget, int) and measured > budget:
         raise BudgetError(

@@ -19,7 +19,7 @@ padding, a max pool returning indices: left as they are.
 from __future__ import annotations
 
 import operator
-from typing import Callable, Collection, Dict, List, Optional, Set, Tuple
+from typing import Callable, Collection, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
