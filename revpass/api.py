@@ -636,9 +636,10 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             trial = with_plan(choice, joined=joined | {site}, why=f"with {site}'s segment joined to the one reading it "
                                                                  "(kept if that lowers the estimated peak)")
             lower = estimate_peak(trial)
+            lowers = lower < 0.99 * peak
             say(f"{site}'s segment joined: estimated peak {lower / 2**20:.2f} MiB against {peak / 2**20:.2f} MiB: "
-                + ("kept" if lower < 0.99 * peak else "not kept (not lower by more than 1%)"))
-            if lower >= 0.99 * peak:
+                + ("kept" if lowers else "not kept (not lower by more than 1%)"))
+            if not lowers:
                 break
             gm, joined, peak = trial, joined | {site}, lower
         return gm, joined

@@ -1,4 +1,5 @@
-"""A one-line progress bar on stderr, for long work (the command line, the examples)."""
+"""Progress of long work on stderr: a one-line bar (the command line, the examples) and the stages
+of work whose steps are not known in advance (the budget planner)."""
 
 import sys
 import time

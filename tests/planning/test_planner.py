@@ -322,7 +322,12 @@ def test_min_joins_segments_where_the_gradient_between_them_sets_the_peak():
     from revpass.planning.peak import estimate_peak
 
     net, x = models.sj_zoo_and_input("spiking_vgg16_bn", 4, 4)
-    gm = revpass.convert(net, x, mode="exact", budget="min")
+    lines = []
+    gm = revpass.convert(net, x, mode="exact", budget="min", progress=lines.append)
+    # each join tried is said, with its estimate and whether it was kept: the first kept, the next not
+    tries = [line.split("] ", 1)[1] for line in lines if "segment joined:" in line]
+    assert len(tries) == 2 and tries[0].startswith("features.2's segment joined:") and tries[0].endswith(": kept")
+    assert tries[1].endswith("not kept (not lower by more than 1%)")
     segs = [m for m in gm.modules() if isinstance(m, RecomputeSegment) and m.sites]
     (joined,) = [m for m in segs if len(m.sites) > 1]
     assert joined.sites == ("features.2", "features.5") and len(joined.chunking.levels) == 2
