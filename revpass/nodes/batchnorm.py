@@ -231,7 +231,8 @@ class FoldedExact(torch.autograd.Function):
     its input c too). The forward is the batch norm's and the exact node's own, bit for bit; the
     backward is the exact node's, then the batch norm's from z rebuilt step by step from H and
     the state before each step (Family.input_step: the charge solved for its input, within a
-    rounding step of z), in two passes over the steps with step-sized temporaries."""
+    rounding step of z), in two passes over the steps: with step-sized temporaries on the
+    PyTorch path, in one kernel launched twice on the Triton one (kernels/batchnorm.py)."""
 
     @staticmethod
     def forward(ctx, node, bn, n_state: int, need: Sequence[str], c: Tensor, r: Optional[Tensor], *rest):
@@ -271,6 +272,14 @@ class FoldedExact(torch.autograd.Function):
         gz, g0, gP = kernels.exact_backward(ctx.backend, spec, gs.contiguous(), g_state, kept, state0, P, ctx.need,
                                             node.slice_min_elems)
         g_r = gz.clone() if ctx.residual is not None and ctx.needs_input_grad[5] else None
+        if ctx.backend == "triton":
+            from revpass.nodes.kernels import batchnorm as K
+
+            dgamma, dbeta = K.exact_backward(spec, gz, kept, state0, P, gamma, beta,
+                                             c if ctx.keep_input else None, mean, invstd,
+                                             kept_r if ctx.residual is not None else None, ctx.residual == "bits")
+            out = _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
+            return (*out[:5], g_r, *out[5:])
         fam = family_of(spec)
         keep = fam.exact_keep(spec, ctx.need)
         Pp = fam.prepare(spec, P)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import revpass
+from nodes.test_batchnorm_exact import NEURONS as EXACT_NEURONS
 from catalogue import AT_THRESHOLD, CASES, at_threshold_input, close, input_for, reduction_close, worst
 from revpass.neurons import spec_from_module
 from revpass.neurons.spec import family_of
@@ -328,7 +329,8 @@ def test_folded_batch_norm(node_kind, kind, dtype, small_gamma, backend, monkeyp
     tolerance (folded into an exact node: as accurate), two calls carrying state. Into a
     reversible node its first pass is the node's backward kernel, then one kernel for the input
     gradient; into an exact node (under a budget) it runs the exact node's kernels, forward and
-    backward, and the batch norm's part of the backward is the same PyTorch code on both."""
+    backward, then the batch norm's backward as one kernel launched twice (the sums, the input
+    gradient)."""
     from nodes.test_batchnorm import _bn, _node, _run, assert_grads_close
     from nodes.test_batchnorm_exact import _exact, assert_as_accurate
 
@@ -349,9 +351,68 @@ def test_folded_batch_norm(node_kind, kind, dtype, small_gamma, backend, monkeyp
         assert launches.names.count("_input_grad") == 2 and launches.names.count("_rev_backward") == 2
     else:
         assert launches.names.count("_exact_forward") == 2 and launches.names.count("_exact_backward") == 2
+        assert launches.names.count("_exact_bn") == 4
     assert all(torch.equal(a, b) for a, b in zip(ys_t, ys_k))
     assert torch.equal(bn_t.running_mean, bn_k.running_mean)
     (assert_grads_close if node_kind == "reversible" else assert_as_accurate)(gr_k, gr_t, node, bn, c, g, dtype)
+
+
+@pytest.mark.parametrize("kind", list(EXACT_NEURONS))
+def test_folded_exact_every_neuron(kind, backend, monkeypatch):
+    """The exact node's folded batch norm in the kernels for each SpikingJelly neuron that
+    rebuilds its input (hard and soft reset, a nonzero v_reset, decay_input or not, IF, PLIF):
+    outputs equal the PyTorch path's, gradients as accurate as the unfolded node's, two calls
+    carrying state; the batch norm's backward is the kernel's (two launches a call)."""
+    from nodes.test_batchnorm import _bn, _run
+    from nodes.test_batchnorm_exact import _exact, assert_as_accurate
+
+    shape = (3, 2, 4, 3, 5)
+    gen = torch.Generator().manual_seed(2)
+    c = (torch.randn((2, *shape), generator=gen) * 2 + 0.3).requires_grad_(True)
+    g = torch.randn((2, *shape), generator=gen)
+    node, bn = _exact(kind), _bn(shape[2])
+    backend("torch")
+    ys_t, _, _ = _run(node, bn, c, g, fold=True)
+    backend("triton")
+    launches = Launches(monkeypatch)
+    ys_k, gr_k, _ = _run(node, bn, c, g, fold=True)
+    assert launches.names.count("_exact_bn") == 4 and launches.names.count("_exact_backward") == 2
+    assert all(torch.equal(a, b) for a, b in zip(ys_t, ys_k))
+    gr_u = _run(node, bn, c, g, fold=False)[1]
+    assert_as_accurate(gr_k, gr_u, node, bn, c, g, torch.float32)
+
+
+@pytest.mark.parametrize("residual", ["spikes", "float"])
+def test_folded_exact_with_a_residual(residual, backend, monkeypatch):
+    """bn(c) + r -> exact node in the kernels (a ResNet block's bn2 and its identity; spikes r
+    kept as bits and read so by the kernel, a step of 630 elements, not a whole number of
+    bytes): the forward equals the unfolded one's, every gradient (c, r, gamma, beta) close."""
+    import copy
+
+    from nodes.test_batchnorm import _bn
+    from nodes.test_batchnorm_exact import _exact
+
+    shape = (4, 3, 6, 5, 7)
+    gen = torch.Generator().manual_seed(5)
+    c = (torch.randn(shape, generator=gen) * 2 + 0.3).requires_grad_(True)
+    r = (torch.rand(shape, generator=gen) > 0.6).float() if residual == "spikes" else torch.randn(shape, generator=gen)
+    r.requires_grad_(True)
+    g = torch.randn(shape, generator=gen)
+    node, bn = _exact("lif"), _bn(6)
+    node.carry_state = False
+    fold, fbn = copy.deepcopy(node), copy.deepcopy(bn)
+    fold.fold_batch_norm(fbn)
+    backend("torch")
+    y_u = node(bn(c) + r)
+    g_u = torch.autograd.grad((y_u * g).sum(), [c, r, bn.weight, bn.bias])
+    backend("triton")
+    launches = Launches(monkeypatch)
+    y_f = fold(c, residual=r)
+    g_f = torch.autograd.grad((y_f * g).sum(), [c, r, fbn.weight, fbn.bias])
+    assert launches.names.count("_exact_bn") == 2
+    assert torch.equal(y_u, y_f)
+    for i, (a, b) in enumerate(zip(g_f, g_u)):
+        assert close(a, b) or i >= 2 and float((a - b).abs().max()) < 1e-5 * float(b.abs().max()), (i, worst(a, b))
 
 
 def test_zoo_model_converts_and_verifies(backend):

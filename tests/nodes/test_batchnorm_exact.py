@@ -20,7 +20,7 @@ NEURONS = {
     "lif-reset-0.3": dict(tau=1.5, v_reset=0.3, v_threshold=0.8),
     "if": dict(),
     "plif": dict(init_tau=2.5),
-    "plif-not-decay-input": dict(init_tau=1.7, decay_input=False),
+    "plif-not-decay-input-reset-0.2": dict(init_tau=1.7, decay_input=False, v_reset=0.2),
 }
 
 

@@ -105,6 +105,29 @@ def test_cuda_exact_node_reproduces_spikingjellys_triton_neuron(name, kw, monkey
     assert bitwise or close(gx, gx_lib)
 
 
+@pytest.mark.parametrize("node_kind", ["reversible", "exact"])
+def test_cuda_folded_batch_norm(node_kind, monkeypatch, device="cuda"):
+    """A batch norm folded into a node, in the kernels on CUDA (the reversible node's and the
+    exact node's batch-norm backward kernels): outputs equal the unfolded node's, two calls
+    carrying state, gradients within section 7 (folded into an exact node: as accurate as the
+    unfolded one, docs/method.md section 12)."""
+    from nodes.test_batchnorm import _bn, _node, _run, assert_grads_close
+    from nodes.test_batchnorm_exact import _exact, assert_as_accurate
+
+    monkeypatch.setenv("REVPASS_KERNELS", "triton")
+    shape = (8, 4, 16, 8, 8)
+    gen = torch.Generator().manual_seed(1)
+    c = (torch.randn((2, *shape), generator=gen) * 2 + 0.3).to(device).requires_grad_(True)
+    g = torch.randn((2, *shape), generator=gen).to(device)
+    node = (_node if node_kind == "reversible" else _exact)("lif").to(device)
+    bn = _bn(shape[2]).to(device)
+    ys_u, gr_u, _ = _run(node, bn, c, g, fold=False)
+    ys_f, gr_f, _ = _run(node, bn, c, g, fold=True)
+    assert all(torch.equal(a, b) for a, b in zip(ys_u, ys_f))
+    (assert_grads_close if node_kind == "reversible" else assert_as_accurate)(gr_f, gr_u, node, bn, c, g,
+                                                                                torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cls", [revpass.ReversibleNode, revpass.ExactNode], ids=["reversible", "exact"])
 def test_cuda_half_inputs_are_computed_in_float32(cls, dtype, monkeypatch):

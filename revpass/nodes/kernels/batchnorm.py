@@ -1,4 +1,6 @@
-"""A batch norm folded into a reversible node (revpass/nodes/batchnorm.py), in Triton.
+"""A batch norm folded into a node (revpass/nodes/batchnorm.py), in Triton.
+
+Into a reversible node:
 
 The first pass is the node's own backward kernel with FOLD (revpass/nodes/kernels/reversible.py):
 it gives dL/dz in the input gradient's buffer, G's decisions as bits, and per element the sums
@@ -7,9 +9,18 @@ dims (a fixed order: deterministic). The second pass, here, rebuilds x^ from z =
 stored bits for G's channels, G's for F's) and writes the batch norm's input gradient over dL/dz:
 
     gc = gamma / std * (gz - dbeta / M - x^ * dgamma / M)
+
+Into an exact node (SpikingJelly's LIF, IF, parametric LIF and ``beta V + X``): after the exact
+node's backward kernel has given dL/dz, one kernel (``_exact_bn``) sweeps each element's steps
+twice, a launch each: x^ from z rebuilt step by step from the kept membranes H (the charge
+H = charge(V, X) solved for X, V the reset of the previous step's H as the forward fired, less
+the residual where one was added), first summing dL/dz and dL/dz * x^ over T per element, then,
+with the per-channel sums, writing the batch norm's input gradient over dL/dz as above.
 """
 
 from __future__ import annotations
+
+import math
 
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -19,6 +30,7 @@ import triton.language as tl
 
 from revpass.neurons.spec import NeuronSpec, Params, State, family_of
 from revpass.nodes.kernels import common, reversible
+from revpass.nodes.kernels.neuron import decide, sj_reset
 from revpass.nodes.kernels.surrogates import div
 
 Tensor = torch.Tensor
@@ -109,3 +121,132 @@ def backward(spec: NeuronSpec, gy: Tensor, g_state: Optional[State], y: Tensor, 
                       scale.contiguous(), y.shape[0], NH, NS, CS, CSH, bits.shape[1] // nb, CSH // L.c, L.c,
                       NB=nb, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, KEEP_INPUT=c is not None)
     return gz, g0, gP, dgamma, dbeta
+
+
+@triton.jit
+def _sj_input(h, v, c0, c2, KIND: tl.constexpr, DECAY: tl.constexpr):
+    """X solved from SpikingJelly's charge H = charge(V, X) (Family.input_steps; neuron.fwd_step
+    is the charge): KIND 0 LIF (c0 = tau), 1 IF, 2 parametric LIF (c0 = q), 3 ``c0 V + X``; c2 is
+    v_reset (0 for a soft reset)."""
+    if KIND == 1:
+        x = h - v
+    elif KIND == 3:
+        x = h - c0 * v
+    elif KIND == 0:
+        if DECAY:  # H = V + (X - (V - r)) / tau
+            x = (h - v) * c0 + (v - c2)
+        else:  # H = V - (V - r) / tau + X
+            x = (h - v) + div(v - c2, c0)
+    else:
+        if DECAY:  # H = V + (X - (V - r)) q
+            x = div(h - v, c0) + (v - c2)
+        else:  # H = V - (V - r) q + X
+            x = (h - v) + (v - c2) * c0
+    return x
+
+
+@triton.jit(do_not_specialize=["T", "NS", "C", "S"])
+def _exact_bn(g_ptr, kept_ptr, v0_ptr, r_ptr, cin_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr, sc_ptr,
+              sums_ptr, dbm_ptr, ndgm_ptr, scale_ptr, T, NS, C, S,
+              KIND: tl.constexpr, RESET: tl.constexpr, DECAY: tl.constexpr, FIRE_GE: tl.constexpr,
+              HAS_STATE: tl.constexpr, RES: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+              KEEP_INPUT: tl.constexpr, SUMS: tl.constexpr, BLOCK: tl.constexpr):
+    """Over elements n of a (B, C, S) step, T steps: with SUMS, sum over T of g and g * x^ into
+    sums (2, NS); else g = ((g - dbeta / M) + x^ * (-dgamma / M)) * scale, in place. x^ from the
+    kept input (KEEP_INPUT), or from z rebuilt from H (kept (T, NS)) and the state before each
+    step: v0 (HAS_STATE) or the reset state at the first, then the reset of the previous H.
+    RES: 0 no residual, 1 a tensor r (T, NS), 2 spikes as bits (r_ptr: bytes, element t NS + n)."""
+    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < NS
+    ch = (n // S) % C
+    c0 = tl.load(sc_ptr)
+    c1 = tl.load(sc_ptr + 1)
+    c2 = tl.load(sc_ptr + 2)
+    like = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
+    if HAS_STATE:
+        v = tl.load(v0_ptr + n, mask=mask, other=0.0)
+    else:
+        v = like + c2
+    if KEEP_INPUT:
+        mu = tl.load(mean_ptr + ch, mask=mask, other=0.0)
+        k = tl.load(invstd_ptr + ch, mask=mask, other=1.0)
+    if HAS_GAMMA:
+        gam = tl.load(gamma_ptr + ch, mask=mask, other=1.0)
+    if HAS_BETA:
+        bet = tl.load(beta_ptr + ch, mask=mask, other=0.0)
+    if SUMS:
+        acc_g = like
+        acc_gx = like
+    else:
+        dbm = tl.load(dbm_ptr + ch, mask=mask, other=0.0)
+        ndgm = tl.load(ndgm_ptr + ch, mask=mask, other=0.0)
+        sc = tl.load(scale_ptr + ch, mask=mask, other=0.0)
+    NS64 = NS.to(tl.int64)
+    o = n
+    for _ in range(T):
+        if KEEP_INPUT:
+            xh = (tl.load(cin_ptr + o, mask=mask, other=0.0) - mu) * k
+        else:
+            h = tl.load(kept_ptr + o, mask=mask, other=0.0)
+            z = _sj_input(h, v, c0, c2, KIND, DECAY)
+            v = sj_reset(h, decide(h - c1, h, False, FIRE_GE), c1, c2, RESET)  # the state before the next step
+            if RES == 1:
+                z = z - tl.load(r_ptr + o, mask=mask, other=0.0)
+            elif RES == 2:
+                byte = tl.load(r_ptr + o // 8, mask=mask, other=0)
+                z = z - ((byte >> (o % 8).to(tl.uint8)) & 1).to(z.dtype)
+            if HAS_BETA:
+                z = z - bet
+            if HAS_GAMMA:
+                z = div(z, gam)
+            xh = z
+        g = tl.load(g_ptr + o, mask=mask, other=0.0)
+        if SUMS:
+            acc_g += g
+            acc_gx += g * xh
+        else:
+            tl.store(g_ptr + o, ((g - dbm) + xh * ndgm) * sc, mask=mask)
+        o += NS64
+    if SUMS:
+        tl.store(sums_ptr + n, acc_g, mask=mask)
+        tl.store(sums_ptr + NS64 + n, acc_gx, mask=mask)
+
+
+def exact_backward(spec: NeuronSpec, gz: Tensor, kept: Tensor, state0: Optional[State], P: Params,
+                   gamma: Optional[Tensor], beta: Optional[Tensor], c: Optional[Tensor], mean: Tensor,
+                   invstd: Tensor, residual: Optional[Tensor], residual_bits: bool) -> Tuple[Tensor, Tensor]:
+    """The batch norm's part of a folded exact node's backward (revpass.nodes.batchnorm.FoldedExact):
+    ``gz`` (dL/dz, contiguous (T, B, C, ...)) is overwritten with the batch norm's input
+    gradient; returns (dgamma, dbeta). ``kept`` is the exact node's (K, T, ...) records, H first;
+    ``c`` the batch norm's input where it was kept (a small gamma), else None; ``residual`` what
+    was added to the batch norm's output before the node (as it was kept: packed bits when
+    ``residual_bits``), or None. The per-channel sums are the per-element ones summed in float64,
+    in a fixed order (the same result run after run)."""
+    dt = gz.dtype
+
+    def cast(t):
+        return None if t is None else t.detach().to(dt).contiguous()
+
+    T, C, S = gz.shape[0], gz.shape[2], math.prod(gz.shape[3:])
+    NS = gz.shape[1] * C * S
+    M = gz.numel() // C
+    o = common.options(spec)
+    gam, bet = cast(gamma), cast(beta)
+    v0 = common.state_slots(spec, state0, gz.new_empty(gz.shape[1:]))[0] if state0 is not None else gz
+    r = gz if residual is None else residual.contiguous()
+    sums = gz.new_zeros((2, NS))
+    h = kept[0].contiguous() if c is None else gz
+    cin = c.contiguous() if c is not None else gz
+    sc = common.consts(spec, P, dt, gz.device)
+    meta = dict(KIND=o["KIND"], RESET=o["RESET"], DECAY=o["DECAY"], FIRE_GE=o["FIRE_GE"],
+                HAS_STATE=state0 is not None, RES=0 if residual is None else (2 if residual_bits else 1),
+                HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, KEEP_INPUT=c is not None)
+    args = (gz, h, v0, r, cin, cast(mean), cast(invstd), gam if gam is not None else gz,
+            bet if bet is not None else gz, sc)
+    common.launch(_exact_bn, NS, *args, sums, gz, gz, gz, T, NS, C, S, SUMS=True, **meta)
+    per_channel = sums.reshape(2, -1, C, S).sum((1, 3), dtype=torch.float64).to(dt)
+    dbeta, dgamma = per_channel[0], per_channel[1]
+    scale = invstd.to(dt) if gamma is None else gam * invstd.to(dt)
+    common.launch(_exact_bn, NS, *args, sums, (dbeta / M).contiguous(), (-dgamma / M).contiguous(),
+                  scale.contiguous(), T, NS, C, S, SUMS=False, **meta)
+    return dgamma, dbeta
