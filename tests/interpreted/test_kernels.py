@@ -440,6 +440,37 @@ def test_zoo_model_converts_and_verifies(backend):
         assert report.passed and len(report.checks) > 10, report
 
 
+def test_zoo_model_under_a_budget_runs_the_exact_fold_kernel(backend, monkeypatch):
+    """spiking_resnet18 under mode="exact" and a budget that exact nodes meet: its batch norms
+    fold into the exact nodes (a block's second one with the identity's spikes added too), whose
+    backward runs the fold's kernel, twice per folded site; outputs equal the PyTorch path's, the
+    input gradient (float64) close, and revpass.verify passes."""
+    from models import sj_zoo
+
+    torch.manual_seed(0)
+    net = sj_zoo("spiking_resnet18")
+    x = torch.randn(2, 1, 3, 16, 16)
+    backend("torch")
+    budget = revpass.Peak(revpass.convert(net, x, mode="exact").revpass_peak_before - 1)  # the original misses it
+    out = {}
+    for name in ("torch", "triton"):
+        backend(name)
+        conv = revpass.convert(net, x, mode="exact", budget=budget)
+        folds = sum("folds batch norm" in r.reason for r in conv.revpass_report.rows)
+        assert folds == 14 and conv.revpass_report.count("exact") == 17  # a downsample adds floats: not folded
+        y = conv(x)
+        launches = Launches(monkeypatch)
+        conv64, x64 = conv.double(), x.double().requires_grad_(True)
+        conv64(x64).sum().backward()
+        assert launches.names.count("_exact_bn") == (2 * folds if name == "triton" else 0)
+        out[name] = (y.detach(), x64.grad, conv.float())
+    assert torch.equal(out["torch"][0], out["triton"][0])
+    g_t, g_k = out["torch"][1], out["triton"][1]
+    assert close(g_k, g_t, torch.float64), worst(g_k, g_t, torch.float64)
+    report = revpass.verify(net, out["triton"][2], x)
+    assert report.passed and len(report.checks) > 10, report
+
+
 def test_environment_choice(monkeypatch):
     """REVPASS_KERNELS=torch turns the kernels off; auto keeps CPU tensors on PyTorch."""
     spec = spec_from_module(CASES[0].make())
