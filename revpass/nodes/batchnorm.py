@@ -272,55 +272,64 @@ class FoldedExact(torch.autograd.Function):
         gz, g0, gP = kernels.exact_backward(ctx.backend, spec, gs.contiguous(), g_state, kept, state0, P, ctx.need,
                                             node.slice_min_elems)
         g_r = gz.clone() if ctx.residual is not None and ctx.needs_input_grad[5] else None
+        args = (spec, gz, kept, state0, P, gamma, beta, c if ctx.keep_input else None, mean, invstd,
+                kept_r if ctx.residual is not None else None, ctx.residual == "bits")
         if ctx.backend == "triton":
             from revpass.nodes.kernels import batchnorm as K
 
-            dgamma, dbeta = K.exact_backward(spec, gz, kept, state0, P, gamma, beta,
-                                             c if ctx.keep_input else None, mean, invstd,
-                                             kept_r if ctx.residual is not None else None, ctx.residual == "bits")
-            out = _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
-            return (*out[:5], g_r, *out[5:])
-        fam = family_of(spec)
-        keep = fam.exact_keep(spec, ctx.need)
-        Pp = fam.prepare(spec, P)
-        T = gz.shape[0]
-        dims = [d for d in range(gz.dim()) if d != 2]  # all but channels
-        # steps at a time: enough for min_elems elements per piece (one at a time where the
-        # node sets the peak: convert gives it slicing.CHUNK_MIN_ELEMS_FINE), as the slices do
-        step = gz[0].numel()
-        n = max(1, min(T, (node.slice_min_elems or slicing.CHUNK_MIN_ELEMS) // max(1, step)))
-        pieces = [(t, min(T, t + n)) for t in range(0, T, n)]
-
-        def normalized():
-            """x^ of each piece of steps in turn: from z rebuilt from H, or from the kept input."""
-            if ctx.keep_input:
-                for a, b in pieces:
-                    yield (c[a:b] - per_channel(mean, c)).mul_(per_channel(invstd, c))
-                return
-            state = state0 if state0 is not None else init_state(spec, gz, P)
-            for a, b in pieces:
-                z, state = fam.input_steps(spec, {k: kept[i][a:b] for i, k in enumerate(keep)}, state, Pp)
-                if ctx.residual == "tensor":
-                    z.sub_(kept_r[a:b])  # the batch norm's output: the node's input less the residual
-                elif ctx.residual == "bits":
-                    z.sub_(bits.unpack_flat(kept_r, gz.shape, z.dtype, (a, b)))
-                if beta is not None:
-                    z.sub_(per_channel(beta, z))  # z is the piece's own fresh tensor
-                yield z.div_(per_channel(gamma, z)) if gamma is not None else z
-
-        # one piece (the whole sequence): x^ is rebuilt once and serves both passes
-        whole = list(normalized()) if len(pieces) == 1 else None
-        dbeta = dgamma = 0  # summed in float64, as torch's batch-norm backward does on the CPU
-        for (a, b), xhat in zip(pieces, whole or normalized()):
-            dbeta = dbeta + gz[a:b].sum(dim=dims, dtype=torch.float64)
-            dgamma = dgamma + (xhat * gz[a:b] if whole else xhat.mul_(gz[a:b])).sum(dim=dims, dtype=torch.float64)
-        dbeta, dgamma = dbeta.to(gz.dtype), dgamma.to(gz.dtype)
-        M = gz.numel() // gz.shape[2]
-        scale = invstd if gamma is None else gamma * invstd
-        for (a, b), xhat in zip(pieces, whole or normalized()):  # the batch norm's input gradient, over dL/dz
-            g = gz[a:b]
-            g.sub_(per_channel(dbeta / M, g)).addcmul_(xhat, per_channel(-dgamma / M, g))
-            g.mul_(per_channel(scale, g))
+            dgamma, dbeta = K.exact_backward(*args)
+        else:
+            dgamma, dbeta = _exact_bn_backward(*args, ctx.need, node.slice_min_elems)
         out = _grads(ctx, gz, g0, gP, dgamma, dbeta, state0, params)
         return (*out[:5], g_r, *out[5:])
 
+
+def _exact_bn_backward(spec, gz: Tensor, kept: Tensor, state0, P, gamma: Optional[Tensor], beta: Optional[Tensor],
+                       c: Optional[Tensor], mean: Tensor, invstd: Tensor, residual: Optional[Tensor],
+                       residual_bits: bool, need: Sequence[str], min_elems: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """:class:`FoldedExact`'s batch-norm backward on the PyTorch path, as the kernel's
+    (revpass.nodes.kernels.batchnorm.exact_backward, the same arguments) but for ``need`` (the
+    node's parameters with gradients: what it keeps) and ``min_elems`` (the node's slicing):
+    ``gz`` overwritten with the batch norm's input gradient; returns (dgamma, dbeta)."""
+    fam = family_of(spec)
+    keep = fam.exact_keep(spec, need)
+    Pp = fam.prepare(spec, P)
+    T = gz.shape[0]
+    dims = [d for d in range(gz.dim()) if d != 2]  # all but channels
+    # steps at a time: enough for min_elems elements per piece (one at a time where the
+    # node sets the peak: convert gives it slicing.CHUNK_MIN_ELEMS_FINE), as the slices do
+    step = gz[0].numel()
+    n = max(1, min(T, (min_elems or slicing.CHUNK_MIN_ELEMS) // max(1, step)))
+    pieces = [(t, min(T, t + n)) for t in range(0, T, n)]
+
+    def normalized():
+        """x^ of each piece of steps in turn: from z rebuilt from H, or from the kept input."""
+        if c is not None:
+            for a, b in pieces:
+                yield (c[a:b] - per_channel(mean, c)).mul_(per_channel(invstd, c))
+            return
+        state = state0 if state0 is not None else init_state(spec, gz, P)
+        for a, b in pieces:
+            z, state = fam.input_steps(spec, {k: kept[i][a:b] for i, k in enumerate(keep)}, state, Pp)
+            if residual is not None and not residual_bits:
+                z.sub_(residual[a:b])  # the batch norm's output: the node's input less the residual
+            elif residual is not None:
+                z.sub_(bits.unpack_flat(residual, gz.shape, z.dtype, (a, b)))
+            if beta is not None:
+                z.sub_(per_channel(beta, z))  # z is the piece's own fresh tensor
+            yield z.div_(per_channel(gamma, z)) if gamma is not None else z
+
+    # one piece (the whole sequence): x^ is rebuilt once and serves both passes
+    whole = list(normalized()) if len(pieces) == 1 else None
+    dbeta = dgamma = 0  # summed in float64, as torch's batch-norm backward does on the CPU
+    for (a, b), xhat in zip(pieces, whole or normalized()):
+        dbeta = dbeta + gz[a:b].sum(dim=dims, dtype=torch.float64)
+        dgamma = dgamma + (xhat * gz[a:b] if whole else xhat.mul_(gz[a:b])).sum(dim=dims, dtype=torch.float64)
+    dbeta, dgamma = dbeta.to(gz.dtype), dgamma.to(gz.dtype)
+    M = gz.numel() // gz.shape[2]
+    scale = invstd if gamma is None else gamma * invstd
+    for (a, b), xhat in zip(pieces, whole or normalized()):  # the batch norm's input gradient, over dL/dz
+        g = gz[a:b]
+        g.sub_(per_channel(dbeta / M, g)).addcmul_(xhat, per_channel(-dgamma / M, g))
+        g.mul_(per_channel(scale, g))
+    return dgamma, dbeta

@@ -387,21 +387,9 @@ def test_folded_exact_with_a_residual(residual, backend, monkeypatch):
     """bn(c) + r -> exact node in the kernels (a ResNet block's bn2 and its identity; spikes r
     kept as bits and read so by the kernel, a step of 630 elements, not a whole number of
     bytes): the forward equals the unfolded one's, every gradient (c, r, gamma, beta) close."""
-    import copy
+    from nodes.test_batchnorm_exact import residual_case
 
-    from nodes.test_batchnorm import _bn
-    from nodes.test_batchnorm_exact import _exact
-
-    shape = (4, 3, 6, 5, 7)
-    gen = torch.Generator().manual_seed(5)
-    c = (torch.randn(shape, generator=gen) * 2 + 0.3).requires_grad_(True)
-    r = (torch.rand(shape, generator=gen) > 0.6).float() if residual == "spikes" else torch.randn(shape, generator=gen)
-    r.requires_grad_(True)
-    g = torch.randn(shape, generator=gen)
-    node, bn = _exact("lif"), _bn(6)
-    node.carry_state = False
-    fold, fbn = copy.deepcopy(node), copy.deepcopy(bn)
-    fold.fold_batch_norm(fbn)
+    c, r, g, node, bn, fold, fbn = residual_case(residual)
     backend("torch")
     y_u = node(bn(c) + r)
     g_u = torch.autograd.grad((y_u * g).sum(), [c, r, bn.weight, bn.bias])
@@ -415,7 +403,7 @@ def test_folded_exact_with_a_residual(residual, backend, monkeypatch):
         assert close(a, b) or i >= 2 and float((a - b).abs().max()) < 1e-5 * float(b.abs().max()), (i, worst(a, b))
 
 
-def test_zoo_model_converts_and_verifies(backend):
+def test_zoo_model_converts_and_verifies(backend, monkeypatch):
     """spiking_resnet18 converted, reversible and exact, with the kernels: outputs equal the
     PyTorch path's, gradients within tolerance, and revpass.verify passes."""
     from models import sj_zoo
@@ -424,20 +412,33 @@ def test_zoo_model_converts_and_verifies(backend):
     net = sj_zoo("spiking_resnet18")
     x = torch.randn(2, 1, 3, 16, 16)
     for mode in ("reversible", "exact"):
-        out = {}
-        for name in ("torch", "triton"):
-            backend(name)
-            conv = revpass.convert(net, x, mode=mode)
-            y = conv(x)
-            # gradients in float64: float32 rounding compounds through 17 batch norms
-            conv64, x64 = conv.double(), x.double().requires_grad_(True)
-            conv64(x64).sum().backward()
-            out[name] = (y.detach(), x64.grad, conv.float())
-        assert torch.equal(out["torch"][0], out["triton"][0])
-        g_t, g_k = out["torch"][1], out["triton"][1]
-        assert close(g_k, g_t, torch.float64), worst(g_k, g_t, torch.float64)
-        report = revpass.verify(net, out["triton"][2], x)
-        assert report.passed and len(report.checks) > 10, report
+        out = _on_both_backends(backend, monkeypatch, x, lambda: revpass.convert(net, x, mode=mode))
+        _assert_backends_agree(net, out, x)
+
+
+def _on_both_backends(backend, monkeypatch, x, make):
+    """{backend: (output, float64 input gradient, the converted model, the kernels its backward
+    launched)} of ``make()`` (a conversion) under REVPASS_KERNELS=torch, then triton."""
+    out = {}
+    for name in ("torch", "triton"):
+        backend(name)
+        conv = make()
+        y = conv(x)
+        launches = Launches(monkeypatch)
+        # gradients in float64: float32 rounding compounds through 17 batch norms
+        conv64, x64 = conv.double(), x.double().requires_grad_(True)
+        conv64(x64).sum().backward()
+        out[name] = (y.detach(), x64.grad, conv.float(), list(launches.names))  # a later run counts on
+    return out
+
+
+def _assert_backends_agree(net, out, x):
+    """Outputs equal, input gradients close, and revpass.verify passes with the kernels."""
+    assert torch.equal(out["torch"][0], out["triton"][0])
+    g_t, g_k = out["torch"][1], out["triton"][1]
+    assert close(g_k, g_t, torch.float64), worst(g_k, g_t, torch.float64)
+    report = revpass.verify(net, out["triton"][2], x)
+    assert report.passed and len(report.checks) > 10, report
 
 
 def test_zoo_model_under_a_budget_runs_the_exact_fold_kernel(backend, monkeypatch):
@@ -452,23 +453,12 @@ def test_zoo_model_under_a_budget_runs_the_exact_fold_kernel(backend, monkeypatc
     x = torch.randn(2, 1, 3, 16, 16)
     backend("torch")
     budget = revpass.Peak(revpass.convert(net, x, mode="exact").revpass_peak_before - 1)  # the original misses it
-    out = {}
-    for name in ("torch", "triton"):
-        backend(name)
-        conv = revpass.convert(net, x, mode="exact", budget=budget)
+    out = _on_both_backends(backend, monkeypatch, x, lambda: revpass.convert(net, x, mode="exact", budget=budget))
+    for name, (_, _, conv, launched) in out.items():
         folds = sum("folds batch norm" in r.reason for r in conv.revpass_report.rows)
         assert folds == 14 and conv.revpass_report.count("exact") == 17  # a downsample adds floats: not folded
-        y = conv(x)
-        launches = Launches(monkeypatch)
-        conv64, x64 = conv.double(), x.double().requires_grad_(True)
-        conv64(x64).sum().backward()
-        assert launches.names.count("_exact_bn") == (2 * folds if name == "triton" else 0)
-        out[name] = (y.detach(), x64.grad, conv.float())
-    assert torch.equal(out["torch"][0], out["triton"][0])
-    g_t, g_k = out["torch"][1], out["triton"][1]
-    assert close(g_k, g_t, torch.float64), worst(g_k, g_t, torch.float64)
-    report = revpass.verify(net, out["triton"][2], x)
-    assert report.passed and len(report.checks) > 10, report
+        assert launched.count("_exact_bn") == (2 * folds if name == "triton" else 0)
+    _assert_backends_agree(net, out, x)
 
 
 def test_environment_choice(monkeypatch):

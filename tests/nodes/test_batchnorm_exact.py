@@ -152,11 +152,11 @@ def test_convert_folds_into_exact_nodes_only_under_a_budget():
     assert revpass.verify(net, conv, x).passed
 
 
-@pytest.mark.parametrize("residual", ["spikes", "float"])
-def test_a_residual_added_before_the_node_folds_too(residual):
-    """bn(c) + r -> exact node (a ResNet block's bn2 and its identity): the forward bit for bit,
-    every gradient (c, r, gamma, beta) as accurate; spikes r kept as bits, not as floats."""
-    shape = (4, 3, 6, 5, 7)  # a step of 630 elements: pieces of steps start mid-byte
+def residual_case(residual: str, slicing=None):
+    """bn(c) + r -> exact node (a LIF, no carried state), r spikes or floats, a step of 630
+    elements (pieces of steps start mid-byte): (c, r, g the output's gradient, node, bn, and a
+    copy of the node with a copy of bn folded into it), the node sliced at ``slicing``."""
+    shape = (4, 3, 6, 5, 7)
     gen = torch.Generator().manual_seed(5)
     c = (torch.randn(shape, generator=gen) * 2 + 0.3).requires_grad_(True)
     r = (torch.rand(shape, generator=gen) > 0.6).float() if residual == "spikes" else torch.randn(shape, generator=gen)
@@ -164,9 +164,19 @@ def test_a_residual_added_before_the_node_folds_too(residual):
     g = torch.randn(shape, generator=gen)
     node, bn = _exact("lif"), _bn(6)
     node.carry_state = False
-    node.set_slicing(630)  # one step at a time
+    if slicing is not None:
+        node.set_slicing(slicing)
     fold, fbn = copy.deepcopy(node), copy.deepcopy(bn)
     fold.fold_batch_norm(fbn)
+    return c, r, g, node, bn, fold, fbn
+
+
+@pytest.mark.parametrize("residual", ["spikes", "float"])
+def test_a_residual_added_before_the_node_folds_too(residual):
+    """bn(c) + r -> exact node (a ResNet block's bn2 and its identity): the forward bit for bit,
+    every gradient (c, r, gamma, beta) as accurate; spikes r kept as bits, not as floats."""
+    c, r, g, node, bn, fold, fbn = residual_case(residual, slicing=630)  # one step at a time
+    shape = c.shape
     y_u, y_f = node(bn(c) + r), fold(c, residual=r)
     assert torch.equal(y_u, y_f)
     g_u = torch.autograd.grad((y_u * g).sum(), [c, r, bn.weight, bn.bias])

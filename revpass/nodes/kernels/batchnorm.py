@@ -39,21 +39,33 @@ _INTS = ["T", "NH", "NS", "CS", "CSH", "NBP", "S", "CH"]
 
 
 @triton.jit
+def _from_input(cin_t, ch, mask, mean_ptr, invstd_ptr):
+    """x^ = (c - mean) / std at channels ``ch``, from the batch norm's kept input c."""
+    return (tl.load(cin_t, mask=mask, other=0.0) - tl.load(mean_ptr + ch, mask=mask, other=0.0)) \
+        * tl.load(invstd_ptr + ch, mask=mask, other=1.0)
+
+
+@triton.jit
+def _from_output(z, ch, mask, gamma_ptr, beta_ptr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """x^ = (z - beta) / gamma at channels ``ch``, from the batch norm's output z (rebuilt)."""
+    if HAS_BETA:
+        z = z - tl.load(beta_ptr + ch, mask=mask, other=0.0)
+    if HAS_GAMMA:
+        z = div(z, tl.load(gamma_ptr + ch, mask=mask, other=1.0))
+    return z
+
+
+@triton.jit
 def _normalized(y_ptr_t, cin_t, plane_ptr, n, ch, mask, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
                 HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, KEEP_INPUT: tl.constexpr):
     """x^ of one half at step t: from the kept input, or from z = Y - spikes."""
     if KEEP_INPUT:
-        xh = (tl.load(cin_t, mask=mask, other=0.0) - tl.load(mean_ptr + ch, mask=mask, other=0.0)) \
-            * tl.load(invstd_ptr + ch, mask=mask, other=1.0)
+        xh = _from_input(cin_t, ch, mask, mean_ptr, invstd_ptr)
     else:
         byte = tl.load(plane_ptr + n // 8, mask=mask, other=0)
         spike = ((byte >> (n % 8).to(tl.uint8)) & 1)
-        xh = tl.load(y_ptr_t, mask=mask, other=0.0)
-        xh = xh - spike.to(xh.dtype)
-        if HAS_BETA:
-            xh = xh - tl.load(beta_ptr + ch, mask=mask, other=0.0)
-        if HAS_GAMMA:
-            xh = div(xh, tl.load(gamma_ptr + ch, mask=mask, other=1.0))
+        z = tl.load(y_ptr_t, mask=mask, other=0.0)
+        xh = _from_output(z - spike.to(z.dtype), ch, mask, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
     return xh
 
 
@@ -167,13 +179,6 @@ def _exact_bn(g_ptr, kept_ptr, v0_ptr, r_ptr, cin_ptr, mean_ptr, invstd_ptr, gam
         v = tl.load(v0_ptr + n, mask=mask, other=0.0)
     else:
         v = like + c2
-    if KEEP_INPUT:
-        mu = tl.load(mean_ptr + ch, mask=mask, other=0.0)
-        k = tl.load(invstd_ptr + ch, mask=mask, other=1.0)
-    if HAS_GAMMA:
-        gam = tl.load(gamma_ptr + ch, mask=mask, other=1.0)
-    if HAS_BETA:
-        bet = tl.load(beta_ptr + ch, mask=mask, other=0.0)
     if SUMS:
         acc_g = like
         acc_gx = like
@@ -185,7 +190,7 @@ def _exact_bn(g_ptr, kept_ptr, v0_ptr, r_ptr, cin_ptr, mean_ptr, invstd_ptr, gam
     o = n
     for _ in range(T):
         if KEEP_INPUT:
-            xh = (tl.load(cin_ptr + o, mask=mask, other=0.0) - mu) * k
+            xh = _from_input(cin_ptr + o, ch, mask, mean_ptr, invstd_ptr)
         else:
             h = tl.load(kept_ptr + o, mask=mask, other=0.0)
             z = _sj_input(h, v, c0, c2, KIND, DECAY)
@@ -195,11 +200,7 @@ def _exact_bn(g_ptr, kept_ptr, v0_ptr, r_ptr, cin_ptr, mean_ptr, invstd_ptr, gam
             elif RES == 2:
                 byte = tl.load(r_ptr + o // 8, mask=mask, other=0)
                 z = z - ((byte >> (o % 8).to(tl.uint8)) & 1).to(z.dtype)
-            if HAS_BETA:
-                z = z - bet
-            if HAS_GAMMA:
-                z = div(z, gam)
-            xh = z
+            xh = _from_output(z, ch, mask, gamma_ptr, beta_ptr, HAS_GAMMA, HAS_BETA)
         g = tl.load(g_ptr + o, mask=mask, other=0.0)
         if SUMS:
             acc_g += g
