@@ -166,6 +166,9 @@ class _Options:
     collect: bool = True  # free each conversion's copies at once (the planner collects once, at its end)
     peak_budget: Optional[int] = None  # a Peak budget's bytes: segments and nodes in no smaller pieces than fit it
     joined: FrozenSet[str] = frozenset()  # sites whose recomputed segment joins the one reading it (the planner's)
+    # (a site just joined, bytes): the planner's trial of that join, refined only where the
+    # estimate could fall below those bytes (planning/peak.py refine_where_it_sets_the_peak)
+    give_up: Optional[Tuple[str, float]] = None
 
 
 @dataclass
@@ -181,6 +184,9 @@ class _Traced:
     # segments' chunk checks by their layers and input values (passes/segments.py): the same in
     # every conversion of this trace that forms the segment
     checks: Dict[tuple, tuple] = field(default_factory=dict)
+    # the graphs before their segments form, measured (passes/segments.py): the same for every
+    # conversion of one plan (the joins the planner tries)
+    measured: Dict[tuple, dict] = field(default_factory=dict)
 
     @classmethod
     def of(cls, work: nn.Module, inputs: tuple, options: "_Options") -> "_Traced":
@@ -203,6 +209,7 @@ class _Run:
     patterns: List[PatternSite] = field(default_factory=list)
     report: Optional[ConversionReport] = None
     checks: Optional[Dict[tuple, tuple]] = None  # the planner's memo of chunk checks (_Traced.checks)
+    measured: Optional[Dict[tuple, dict]] = None  # and of graphs measured before segments (_Traced.measured)
     # layers whose input is 0/1 on the example inputs, not spikes by construction: bits, checked
     # at every call, instead of a segment of their own (passes/segments.py; node names)
     checked_bits: Set[str] = field(default_factory=set)
@@ -253,7 +260,7 @@ def _segments(gm: fx.GraphModule, run: _Run) -> list:
         for path in ends:  # their transient adds to the segment's rebuilt layers: memory first
             gm.get_submodule(path).set_slicing(CHUNK_MIN_ELEMS_FINE)
         formed = form_segments(gm, run.inputs, ends, joined=run.options.joined, checks=run.checks,
-                               checked_bits=run.checked_bits)
+                               checked_bits=run.checked_bits, measured=run.measured)
     invalidate_reset_caches(gm)  # the module tree changed under the frameworks' caches
     if run.options.inplace:
         invalidate_reset_caches(run.model)
@@ -275,7 +282,7 @@ def _annotate(gm: fx.GraphModule, run: _Run) -> None:
     slice_where_it_sets_the_peak(gm)  # the nodes' backward transient, bounded where it matters
     # and whatever backward sets the peak then, segments' rebuilds included (under a Peak budget
     # no finer than it takes to fit: smaller pieces cost time)
-    refine_where_it_sets_the_peak(gm, budget=run.options.peak_budget)
+    refine_where_it_sets_the_peak(gm, budget=run.options.peak_budget, give_up=run.options.give_up)
     gm.revpass_peak_before = run.peak_before  # the unconverted graph's, for revpass.plan
     if run.options.collect:
         gc.collect()  # GraphModules hold reference cycles: free the copy's tensors now
@@ -299,7 +306,7 @@ def _pipeline(model: nn.Module, example_inputs, options: _Options, traced: Optio
         # states (a run writes those). A large model's parameters take seconds to clone.
         gm = scratch_copy(traced.graph)
         run.shapes, run.prior, run.peak_before = dict(traced.shapes), traced.prior, traced.peak_before
-        run.checks = traced.checks
+        run.checks, run.measured = traced.checks, traced.measured
         for _, fn in PASSES:
             fn(gm, run)
             gm.graph.lint()
@@ -550,14 +557,14 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
     # (the probes as far as they lower the peak: the lowest plan is what the budget is checked against)
     final = replace(options, peak_budget=budget.bytes) if isinstance(budget, Peak) else options
 
-    def with_plan(planned, inplace=False, joined=frozenset(), why="the chosen plan"):
+    def with_plan(planned, inplace=False, joined=frozenset(), why="the chosen plan", give_up=None):
         if not inplace and final is options and not joined:  # a probe is that conversion already when
             for g in probes.values():                         # the plan is one strategy everywhere
                 if _probe_is_plan(g, planned):
                     return _as_planned(g, planned)
         say(f"converting {why}" + (" in place" if inplace else ""))
-        return _pipeline(model, example_inputs, replace(final, planned=planned, inplace=inplace, joined=joined),
-                         traced)
+        return _pipeline(model, example_inputs, replace(final, planned=planned, inplace=inplace, joined=joined,
+                                                        give_up=give_up), traced)
 
     rank = {None: -1, **{k: i for i, k in enumerate(STRATEGIES)}}  # extra compute, least first
 
@@ -630,14 +637,18 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         """(``gm`` converted with ``choice``, the sites joined): its recomputed segments joined while
         that lowers the estimated peak by more than the estimate's resolution (1%)
         (revpass.planning.budget.join_candidate): a conversion per try, only where one segment's
-        output feeds only the segment whose backward sets the peak."""
+        output feeds only the segment whose backward sets the peak. A try whose joined segment
+        cannot bring the estimate that low, at its finest chunks, is not refined further."""
         joined, peak = frozenset(), estimate_peak(gm)
         while (site := join_candidate(gm)) is not None and site not in joined:
             trial = with_plan(choice, joined=joined | {site}, why=f"with {site}'s segment joined to the one reading it "
-                                                                 "(kept if that lowers the estimated peak)")
-            lower = estimate_peak(trial)
+                                                                 "(kept if that lowers the estimated peak)",
+                              give_up=(site, 0.99 * peak))
+            reachable = getattr(trial, "revpass_reachable", None)
+            lower = estimate_peak(trial) if reachable is None else reachable
             lowers = lower < 0.99 * peak
-            say(f"{site}'s segment joined: estimated peak {lower / 2**20:.2f} MiB against {peak / 2**20:.2f} MiB: "
+            say(f"{site}'s segment joined: estimated peak {'at least ' if reachable is not None else ''}"
+                f"{lower / 2**20:.2f} MiB against {peak / 2**20:.2f} MiB: "
                 + ("kept" if lowers else "not kept (not lower by more than 1%)"))
             if not lowers:
                 break

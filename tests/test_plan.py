@@ -141,7 +141,7 @@ def test_annotations_survive_torch_export():
 
 def test_a_nodes_workspace_is_measured_once_per_configuration(monkeypatch):
     """The planner converts a model several times: a node's backward workspace is remembered by
-    what it depends on (revpass.analysis.workspace._node_key), measured again when that changes."""
+    what it depends on (revpass.analysis.workspace.node_key), measured again when that changes."""
     from revpass.analysis import workspace as ws
     from spikingjelly.activation_based import neuron
 

@@ -46,13 +46,13 @@ def node_workspace(node, shape, dtype, device="cpu") -> int:
     return workspace(node, [(shape, dtype, False)], device)
 
 
-#: measured workspaces of revpass nodes by everything the measure depends on (:func:`_node_key`):
+#: measured workspaces of revpass nodes by everything the measure depends on (:func:`node_key`):
 #: the planner converts a model several times, and every conversion measures its nodes again
 _NODE_WORKSPACE: Dict[tuple, int] = {}
 _CACHE_LIMIT = 4096
 
 
-def _node_key(node, inputs, device) -> tuple:
+def node_key(node, inputs, device) -> tuple:
     """What a revpass node's backward workspace depends on: its op configuration (family,
     constants, surrogate, parameters, backward, slicing), how it is called, a folded batch
     norm, its parameters, the inputs, the device and the kernel backend chosen by the
@@ -70,7 +70,7 @@ def _node_key(node, inputs, device) -> tuple:
 def segment_key(seg: RecomputeSegment, inputs, device) -> tuple:
     """What a recomputed segment's backward workspace depends on: its layers in order (each
     node's operation and target, each module's type, configuration, parameters' and buffers'
-    shapes, and for a revpass node :func:`_node_key`), and the inputs."""
+    shapes, and for a revpass node :func:`node_key`), and the inputs."""
     parts = []
     index = {n: i for i, n in enumerate(seg.body.graph.nodes)}  # names differ between conversions
 
@@ -82,7 +82,7 @@ def segment_key(seg: RecomputeSegment, inputs, device) -> tuple:
                 tuple(map(arg, n.args)), tuple(sorted((k, arg(v)) for k, v in n.kwargs.items())))
         if n.op == "call_module":
             m = seg.body.get_submodule(n.target)
-            part += ((_node_key(m, (), device),) if isinstance(m, Node) else
+            part += ((node_key(m, (), device),) if isinstance(m, Node) else
                      (type(m).__qualname__, m.extra_repr(), m.training,
                       tuple((k, tuple(t.shape), str(t.dtype), t.requires_grad) for k, t in m.named_parameters()),
                       tuple((k, tuple(t.shape), str(t.dtype)) for k, t in m.named_buffers())))
@@ -93,7 +93,7 @@ def segment_key(seg: RecomputeSegment, inputs, device) -> tuple:
 
 
 def workspace(module, inputs, device="cpu") -> int:
-    """:func:`measure_workspace`, remembered for a revpass node (:func:`_node_key`) and a
+    """:func:`measure_workspace`, remembered for a revpass node (:func:`node_key`) and a
     recomputed segment (:func:`segment_key`; measured on :func:`two_chunks` of its inputs): the
     same layers on the same inputs allocate the same in every conversion of a model (the planner
     converts it several times)."""
@@ -101,7 +101,7 @@ def workspace(module, inputs, device="cpu") -> int:
         cut = two_chunks(module, inputs)
         return _remembered(segment_key(module, cut, device), lambda: measure_workspace(module, cut, device))
     if isinstance(module, Node):
-        return _remembered(_node_key(module, inputs, device), lambda: measure_workspace(module, inputs, device))
+        return _remembered(node_key(module, inputs, device), lambda: measure_workspace(module, inputs, device))
     return measure_workspace(module, inputs, device)
 
 

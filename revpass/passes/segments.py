@@ -37,7 +37,7 @@ from revpass import meta
 from revpass.state import reset_states
 from revpass.utils import as_tuple
 from revpass.analysis.measure import measure
-from revpass.analysis.workspace import segment_key
+from revpass.analysis.workspace import node_key, segment_key
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
@@ -129,6 +129,7 @@ def form_segments(
     joined: Set[str] = frozenset(),
     checks: Optional[Dict[tuple, tuple]] = None,
     checked_bits: Optional[Set[str]] = None,
+    measured: Optional[Dict[tuple, dict]] = None,
 ) -> List[Tuple[str, List[str]]]:
     """Replace the segments ending at the call_module nodes whose target is in ``ends`` (exact
     nodes) by :class:`RecomputeSegment` calls; with ``singles``, also wrap the layers that read
@@ -140,8 +141,15 @@ def form_segments(
     of a segment the calls of a convolution, linear layer or max pool whose input is 0 or 1 on
     the example inputs without being spikes by construction (the node names; the bits pass keeps
     their inputs as bits, checked at every call: the same bytes, without running them again).
+    ``measured``: a memo of the graph's measurement (:func:`_graph_key`) shared as ``checks`` is
+    (the planner's conversions of one plan, each joining other segments, measure the same graph).
     Returns [(segment name, sites)]."""
-    mem = measure(gm, example_inputs, detail=False)  # shapes, spikes and kept bytes
+    key = None if measured is None else _graph_key(gm)
+    mem = measured.get(key) if key is not None else None
+    if mem is None:
+        mem = measure(gm, example_inputs, detail=False)  # shapes, spikes and kept bytes
+        if key is not None:
+            measured[key] = mem
     binary = {name: m.binary for name, m in mem.items()}
     tensors = {name for name, m in mem.items() if m.shape is not None}
     taken: Set[fx.Node] = set()
@@ -209,27 +217,53 @@ def form_segments(
     return out
 
 
+def _graph_key(gm: fx.GraphModule) -> tuple:
+    """What measuring ``gm`` on the planner's example inputs depends on, for conversions of one
+    trace (they share its parameters): its code, and each module it calls, by its type, its
+    configuration and its parameters (a revpass node by revpass.analysis.workspace's key)."""
+    parts = [gm.code]
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            parts.append((n.target, node_key(m, (), "") if isinstance(m, Node) else
+                          (type(m).__qualname__, m.extra_repr(), m.training),
+                          tuple(id(p) for p in m.parameters())))
+    return tuple(parts)
+
+
+class _Checked(Exception):
+    """Every segment's chunks are checked: the probe's run stops there."""
+
+
 def _try_chunks(gm: fx.GraphModule, example_inputs: Sequence, per_sample: Dict[str, int],
                 sites: Dict[str, List[str]], checks: Optional[Dict[tuple, tuple]] = None) -> None:
     """Let each segment rebuild a chunk of the batch at a time where, on the example inputs, the
     chunks reproduce its forward (RecomputeSegment.try_chunks); the report says which do. With
     ``checks``, a check is looked up there by the segment's layers (their structure: the
     parameters are the same objects in every conversion that shares the memo) and the exact
-    bytes of its inputs, and remembered there."""
+    bytes of its inputs, and remembered there. The example inputs run through the model as far
+    as its last segment; a segment whose parameters outweigh its activations (:func:`_outweighed`)
+    is not checked."""
     report = getattr(gm, "revpass_report", None)
+    left = set(per_sample)  # the run stops after the last of them: what follows is not needed
 
     class Probe(fx.Interpreter):
         def call_module(self, target, args, kwargs):
             out = super().call_module(target, args, kwargs)
-            if target in per_sample:
+            if target in left:
+                left.discard(target)
                 seg = gm.get_submodule(target)
-                key = None if checks is None else _check_key(seg, args)
-                why = seg.try_chunks(args, per_sample[target], checks.get(key) if key is not None else None)
-                if key is not None:
-                    checks[key] = (why, seg.in_time)
+                why = _outweighed(seg, args, per_sample[target])
+                if why is None:
+                    key = None if checks is None else _check_key(seg, args)
+                    why = seg.try_chunks(args, per_sample[target], checks.get(key) if key is not None else None)
+                    if key is not None:
+                        checks[key] = (why, seg.in_time)
                 for site in sites[target] if report is not None else ():
                     report.by_path(site).reason += ("; can be rebuilt a chunk of the batch at a time (docs/method.md "
                                                     "section 13)" if why is None else f"; rebuilt whole: {why}")
+                if not left:
+                    raise _Checked
             return out
 
     buffers = [(b, b.clone()) for b in gm.buffers()]
@@ -238,11 +272,38 @@ def _try_chunks(gm: fx.GraphModule, example_inputs: Sequence, per_sample: Dict[s
         cuda = sorted({p.device.index or 0 for p in gm.parameters() if p.is_cuda})
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             Probe(gm).run(*as_tuple(example_inputs))
+    except _Checked:
+        pass
     finally:
         reset_states(gm)
         with torch.no_grad():
             for b, v in buffers:
                 b.copy_(v)
+
+
+#: a whole rebuild's workspace, measured on the zoo's networks, is at most about twice its layers'
+#: count times its largest value (the activations and their gradients); chunks are not checked
+#: where the parameters' gradients are more than twice that again
+OUTWEIGHED = 4
+
+
+def _outweighed(seg: RecomputeSegment, args, sample_elems: int) -> Optional[str]:
+    """Why chunks cannot lower ``seg``'s rebuild, or None where they may. A chunked rebuild holds
+    a chunk's parameter gradients beside their sum so far: it never needs less than those bytes
+    (revpass.planning.peak.refine_where_it_sets_the_peak does not chunk such a segment). Where
+    they are more than :data:`OUTWEIGHED` times its layers' count times its largest value over
+    the batch, no chunking can lower it, and the chunks are not checked (a check runs the
+    segment a sample at a time: for a VGG classifier's 400 MB weight, a second of CPU)."""
+    x = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+    if x is None:
+        return None
+    grads = sum(p.numel() * p.element_size() for p in seg.body.parameters() if p.requires_grad)
+    layers = sum(1 for n in seg.body.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+    largest = sample_elems * x.shape[1] * x.element_size()
+    if grads <= OUTWEIGHED * layers * largest:
+        return None
+    return (f"its parameters' gradients ({grads / 2**20:.2f} MiB) outweigh its activations ({largest / 2**20:.2f} "
+            "MiB the largest), and a rebuild in chunks holds a chunk's parameter gradients beside their sum")
 
 
 def _check_key(seg: RecomputeSegment, args) -> Optional[tuple]:

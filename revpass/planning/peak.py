@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import fx
@@ -283,8 +283,8 @@ def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
     return sliced
 
 
-def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[int] = None
-                                  ) -> Dict[str, Tuple[int, ...]]:
+def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[int] = None,
+                                  give_up: Optional[Tuple[str, int]] = None) -> Dict[str, Tuple[int, ...]]:
     """Rebuild in smaller pieces whatever backward sets the estimated peak, and only as finely as
     it takes: a recomputed segment's rebuild in chunks of the batch (revpass/nodes/chunks.py), a
     node's backward in slices (revpass.nodes.slicing), for those that can.
@@ -302,7 +302,10 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
     whole estimate, parameters' gradients included: the activations alone can rise when the peak
     moves deeper). With a ``budget`` (bytes of the estimated peak, :func:`estimate_peak`: a
     revpass.Peak budget), it stops at the first point that fits it, fewer pieces costing less
-    time; where none does, the rule above. Deeper layers hold few activations, so the peak moves
+    time; where none does, the rule above. With ``give_up`` (a site, bytes: the planner's trial
+    of a joined segment, kept only if its estimate falls below those bytes), it first bounds
+    what any refinement could reach (:func:`_lowest_reachable`) and, where that is not below,
+    refines nothing and sets ``gm.revpass_reachable`` to the bound. Deeper layers hold few activations, so the peak moves
     among a few early layers, and each refinement is measured once. A segment runs in at most
     revpass.nodes.chunks.CHUNKS_MAX chunks of at least CHUNK_ELEMS elements of its largest value
     (2^12 on the CPU, 2^22 on a GPU: more, smaller ones cost launches and passes more than they
@@ -394,6 +397,18 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
                 for t in calls if isinstance(gm.get_submodule(t), RecomputeSegment)}
     setting = dict(whole)
     at: list = []
+    if give_up is not None:
+        site, above = give_up
+        target = next((t for t in calls if site in getattr(gm.get_submodule(t), "sites", ())), None)
+        if target is not None:
+            finest = whole[target]
+            while (nxt := finer(target, finest)) is not None:
+                finest = nxt
+            reachable = _lowest_reachable(gm, calls, target, lambda: set_to(target, finest),
+                                          lambda: set_to(target, whole[target]))
+            if reachable >= above:
+                gm.revpass_reachable = reachable
+                return {}
 
     def point():  # (the whole estimated peak, parameters' gradients included; the figure without them)
         return (*estimate_peak(gm, at, with_grads=True), dict(setting))
@@ -444,3 +459,27 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
             for site in m.sites if report is not None else ():
                 report.by_path(site).reason += f"; its backward rebuilds {what} at a time"
     return refined
+
+
+def _lowest_reachable(gm, calls: Dict[str, list], target: str, finest: Callable[[], None],
+                      whole: Callable[[], None]) -> int:
+    """A lower bound of the estimated peak (:func:`estimate_peak`) any refinement of ``gm`` could
+    reach: ``target`` rebuilt in its finest chunks or whole, whichever is lower, and every other
+    segment and node of ``calls`` needing no workspace at all. Refining a segment only raises
+    what it keeps (its spikes as bits, its batch norms' statistics) and the estimate never falls
+    when a workspace rises, so this holds wherever ``target``'s workspace is least in its finest
+    chunks of all chunked settings (its activations' chunk shrinks; its parameters' gradients
+    are held at any chunking: revpass.passes.segments._outweighed). The workspaces are left as
+    they were, ``target`` whole."""
+    others = [n for t, ns in calls.items() if t != target for n in ns]
+    saved = [(n, meta.info(n)["workspace_bytes"]) for n in others]
+    try:
+        for n in others:
+            meta.update(n, workspace_bytes=0)
+        at_whole = estimate_peak(gm)
+        finest()
+        return min(at_whole, estimate_peak(gm))
+    finally:
+        whole()
+        for n, w in saved:
+            meta.update(n, workspace_bytes=w)

@@ -407,6 +407,14 @@ def test_chunks_lower_the_stems_workspace_and_the_conversion_chunks_where_it_set
     assert f"its backward rebuilds {steps} of 4 steps of one sample at a time" in gm.revpass_report.by_path("sn1").reason
     deep = [s for s in _segments(gm).values() if s.sites and s.sites[0].startswith("layer4")]
     assert deep and all(s.samples_per_chunk(x) == 4 for s in deep)  # weights outweigh activations there
+    # so far that their chunks are not even checked: a chunked rebuild holds a chunk's parameter
+    # gradients beside their sum, more than these segments' whole rebuilds need
+    from revpass.analysis.workspace import trained_params
+    for s in deep:
+        call = next(n for n in gm.graph.nodes if n.target == s.name)
+        grads = sum(p.numel() * p.element_size() for p in trained_params(s))
+        assert s.chunking is None and 0 < meta.info(call)["workspace_bytes"] < grads, s.sites
+        assert "rebuilt whole: its parameters' gradients" in gm.revpass_report.by_path(s.sites[0]).reason
     ins = [((4, 4, 3, 32, 32), torch.float32, False)]
     chosen = stem.chunk_elems
     ws = {}
@@ -494,6 +502,46 @@ def test_the_conversion_refines_whatever_sets_the_peak_as_far_as_it_lowers_it(wh
             meta.update(n, workspace_bytes=node_workspace(m, info["shape"], getattr(torch, info["dtype"])))
     finest = estimate_peak(gm)
     assert chosen <= 1.05 * finest, (chosen / 2**20, finest / 2**20)
+
+
+@pytest.mark.parametrize("which", ["resnet", "resnet_t8"])
+def test_a_chunked_segment_needs_least_at_its_finest_chunks(which, request):
+    """The planner gives up a join it tries where even the joined segment at its finest chunks
+    would not lower the estimate (revpass.planning.peak._lowest_reachable): that holds where a
+    segment's rebuild needs least at its finest chunks of all the chunked settings the
+    refinement passes (half the samples, down to one, then half its steps), though not less at
+    each (two chunks of samples can need more than the whole batch). Every chunked segment of
+    spiking_resnet18 at T = 4 and 8, measured at each of those settings."""
+    from revpass import meta
+    from revpass.analysis.workspace import workspace
+    from revpass.nodes.chunks import CHUNK_ELEMS, CHUNKS_MAX
+    from revpass.passes.spikes import spike_values
+
+    net, x = request.getfixturevalue(which)
+    T, B = x.shape[:2]
+    gm = revpass.convert(net, x, mode="recompute")
+    spikes = spike_values(gm)
+    checked = 0
+    for n in gm.graph.nodes:
+        m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if not (isinstance(m, RecomputeSegment) and m.chunking is not None):
+            continue
+        settings, (per, steps) = [], (B, T)
+        while True:
+            per, steps = ((per + 1) // 2, steps) if per > 1 else (1, (steps + 1) // 2) if m.in_time and steps > 1 \
+                else (None, None)
+            if per is None or -(-B // per) * -(-T // steps) > CHUNKS_MAX or per * steps * m.step_elems < CHUNK_ELEMS["cpu"]:
+                break
+            settings.append((per, steps))
+        ins = [(meta.info(a)["shape"], getattr(torch, meta.info(a)["dtype"]), a in spikes) for a in n.args]
+        ws = {}
+        for setting in settings:
+            m.chunk_elems = m.chunk_elems_of(*setting)
+            ws[setting] = workspace(m, ins)
+        if len(ws) >= 2:
+            checked += 1
+            assert ws[settings[-1]] == min(ws.values()), (m.sites, ws)
+    assert checked >= 5
 
 
 def test_the_starts_of_a_samples_parts_are_held_one_per_halving():

@@ -115,6 +115,45 @@ def test_form_segments_on_a_small_graph(singles):
         assert close(g1[k], g0[k]), (k, worst(g1[k], g0[k]))
 
 
+def test_the_chunk_check_runs_the_model_only_as_far_as_its_last_segment():
+    """Forming segments runs the example inputs through the model to measure it, and again to
+    check each segment's chunks on its inputs: the second run stops after the last segment (the
+    linear layer after it, which on a VGG's classifier is most of the run's time, runs once)."""
+    from revpass.passes.segments import form_segments
+
+    gm = _exact_graph(_chain())
+    calls = []
+    gm.get_submodule("fc").register_forward_hook(lambda m, a, y: calls.append(tuple(y.shape)))
+    form_segments(gm, (_x(),), {"sn1", "sn2"})
+    segs = _segments(gm)
+    assert all(s.chunking is not None for s in segs.values())  # both checked, and both can
+    assert calls == [(3, 2, 3)]  # the measuring run's call only
+
+
+def test_conversions_of_one_graph_share_its_measurement(monkeypatch):
+    """The planner's conversions of one plan (each joining other segments) measure the same graph
+    before forming segments: with a shared memo it is measured once, and again where a module
+    is configured otherwise (the planner's copies share the trace's parameters)."""
+    from revpass.passes import segments
+    from revpass.utils import scratch_copy
+
+    runs = []
+    real = segments.measure
+    monkeypatch.setattr(segments, "measure", lambda *a, **k: runs.append(1) or real(*a, **k))
+    base = _exact_graph(_chain())
+    measured, formed = {}, []
+    for joined in (frozenset(), {"sn1"}, frozenset()):
+        gm = scratch_copy(base)
+        formed.append(segments.form_segments(gm, (_x(),), {"sn1", "sn2"}, joined=joined, measured=measured))
+    assert len(runs) == 1 and len(measured) == 1
+    assert formed[0] == formed[2] == [("revpass_segment_0", ["sn1"]), ("revpass_segment_1", ["sn2"])]
+    assert formed[1] == [("revpass_segment_0", ["sn1", "sn2"])]  # sn1's segment joined to sn2's
+    gm = scratch_copy(base)
+    gm.get_submodule("sn2").set_slicing(64)
+    segments.form_segments(gm, (_x(),), {"sn1", "sn2"}, measured=measured)
+    assert len(runs) == 2 and len(measured) == 2
+
+
 def test_a_linear_layer_on_repeated_spikes_keeps_checked_bits_instead_of_running_again():
     """An adaptive average pool that repeats its input (SpikingJelly's VGG on 32x32 images: 1x1
     maps to 7x7) gives 0s and 1s, but not by construction: at another input size it averages.
