@@ -205,6 +205,9 @@ class _Differs(Exception):
 #: whether a chunk whose rebuilt spikes differ from the forward's makes the segment rebuild whole
 #: (False only inside :func:`measuring`)
 _FALL_BACK = [True]
+#: inside :func:`measuring`, whether each part of samples after the first runs only its first
+#: time chunk of each pass (a test runs them all to hold the figures equal)
+BRIEF_PARTS = True
 
 
 @contextlib.contextmanager
@@ -213,7 +216,12 @@ def measuring():
     rebuilt whole (its spikes are still compared, which takes the same memory): what a chunked
     rebuild allocates, measured on random inputs (revpass/analysis/workspace.py), is the chunks'
     and not a fallback's, however those inputs round (a convolution over fewer samples may round
-    differently, and a membrane within a rounding step of the threshold then fires otherwise)."""
+    differently, and a membrane within a rounding step of the threshold then fires otherwise).
+    And each part of samples after the first runs only the first of its time chunks in each pass
+    (:data:`BRIEF_PARTS`): its later chunks allocate what the first part's did, with the same
+    sums carried from chunk to chunk; its first differs from the first part's only by the sums
+    carried from that part (the parameters' gradients, the batch norms' sums). The figure is the
+    whole run's, at a part's chunks less."""
     _FALL_BACK.append(False)
     try:
         yield
@@ -469,15 +477,19 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
             yield t0, t1, result
             del result
 
+    # measuring, a part after the first runs its first time chunk only (:func:`measuring`)
+    brief = not _FALL_BACK[-1] and BRIEF_PARTS
     collecting: set = set()
     for level in reversed(range(len(plan.levels))):  # a pass per level of batch norms, the deepest first
         collecting = set(plan.levels[level])
         for n, s in sums.items():
             s.collecting = n in collecting
-        for a, b in parts:
+        for p, (a, b) in enumerate(parts):
             for got in through_time(a, b, level):
                 if got is None:
                     return None
+                if brief and p:
+                    break
         for n in plan.levels[level]:
             s = sums[n]
             s.totals = (s.dbeta.to(grad_out.dtype), s.dgamma.to(grad_out.dtype))
@@ -485,7 +497,7 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
         s.given = False
     g_in: List[Optional[Tensor]] = [None] * len(inputs)
     g_par: List[Optional[Tensor]] = [None] * len(params)
-    for a, b in parts:  # the second pass: every gradient
+    for p, (a, b) in enumerate(parts):  # the second pass: every gradient
         for got in through_time(a, b, None):
             if got is None:
                 return None
@@ -497,6 +509,8 @@ def backward(plan: Plan, inputs: List[Any], wants: Sequence[int], params: Sequen
                     g_in[i][t0:t1, a:b] = got[j]
             g_par = [g if s is None else s if g is None else s.add_(g) for s, g in zip(g_par, got[len(wants):])]
             del got  # copied: not held while the next chunk runs
+            if brief and p:
+                break
     return g_in, g_par
 
 

@@ -451,6 +451,36 @@ def test_a_chunked_segments_workspace_is_measured_on_two_chunks_of_samples(resne
         seg.chunk_elems = chosen
 
 
+def test_a_measured_rebuild_runs_a_later_part_of_samples_only_as_far_as_its_first_chunk(resnet, monkeypatch):
+    """Measuring a chunked rebuild, each part of samples after the first runs only its first time
+    chunk of each pass (revpass.nodes.chunks.measuring): its other chunks allocate what the first
+    part's did. The figure is the one of a run of every chunk: at 2 steps a chunk it is set by
+    the second sample's first chunk (the state at its start beside the parameters' gradients
+    summed over the first sample: 16 KB more than one sample's run), at 1 by the first sample."""
+    from revpass.analysis import workspace
+    from revpass.nodes import chunks
+
+    net, x = resnet
+    gm = revpass.convert(net, x, mode="recompute")
+    for name, ins in (("revpass_segment_0", [((4, 4, 3, 32, 32), torch.float32, False)]),
+                      ("revpass_segment_1", [((4, 4, 64, 8, 8), torch.float32, True)])):
+        seg = gm.get_submodule(name)
+        for setting in ((2, 4), (1, 4), (1, 2), (1, 1)):
+            seg.chunk_elems = seg.chunk_elems_of(*setting)
+            cut = workspace.two_chunks(seg, ins)
+            brief = workspace.measure_workspace(seg, cut)
+            with monkeypatch.context() as m:
+                m.setattr(chunks, "BRIEF_PARTS", False)
+                assert workspace.measure_workspace(seg, cut) == brief, (name, setting)
+        one = workspace.measure_workspace(seg, [((4, 1, *ins[0][0][2:]), ins[0][1], ins[0][2])])
+        if name == "revpass_segment_1":  # at 1 step a chunk: the same as one sample's
+            assert one == brief
+    seg.chunk_elems = seg.chunk_elems_of(1, 2)
+    cut = workspace.two_chunks(seg, ins)
+    assert workspace.measure_workspace(seg, cut) - workspace.measure_workspace(
+        seg, [((4, 1, 64, 8, 8), torch.float32, True)]) == 64 * 8 * 8 * 4
+
+
 def test_exact_budget_min_recomputes_with_batch_norm_gradients(resnet):
     """Under a budget, mode="exact" may recompute: the segments' batch norms are not folded into
     their nodes (a folded batch norm's parameters were no parameters of the segment, and lost
