@@ -37,7 +37,7 @@ from revpass import meta
 from revpass.state import reset_states
 from revpass.utils import as_tuple
 from revpass.analysis.measure import measure
-from revpass.analysis.workspace import node_key, segment_key
+from revpass.analysis.workspace import node_key, segment_key, trained_params
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
@@ -297,7 +297,7 @@ def _outweighed(seg: RecomputeSegment, args, sample_elems: int) -> Optional[str]
     x = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
     if x is None:
         return None
-    grads = sum(p.numel() * p.element_size() for p in seg.body.parameters() if p.requires_grad)
+    grads = sum(p.numel() * p.element_size() for p in trained_params(seg))
     layers = sum(1 for n in seg.body.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
     largest = sample_elems * x.shape[1] * x.element_size()
     if grads <= OUTWEIGHED * layers * largest:

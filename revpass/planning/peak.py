@@ -284,7 +284,7 @@ def slice_where_it_sets_the_peak(gm, tolerance: float = 0.05) -> Dict[str, int]:
 
 
 def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[int] = None,
-                                  give_up: Optional[Tuple[str, int]] = None) -> Dict[str, Tuple[int, ...]]:
+                                  give_up: Optional[Tuple[str, float]] = None) -> Dict[str, Tuple[int, ...]]:
     """Rebuild in smaller pieces whatever backward sets the estimated peak, and only as finely as
     it takes: a recomputed segment's rebuild in chunks of the batch (revpass/nodes/chunks.py), a
     node's backward in slices (revpass.nodes.slicing), for those that can.
@@ -305,13 +305,14 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
     time; where none does, the rule above. With ``give_up`` (a site, bytes: the planner's trial
     of a joined segment, kept only if its estimate falls below those bytes), it first bounds
     what any refinement could reach (:func:`_lowest_reachable`) and, where that is not below,
-    refines nothing and sets ``gm.revpass_reachable`` to the bound. Deeper layers hold few activations, so the peak moves
-    among a few early layers, and each refinement is measured once. A segment runs in at most
-    revpass.nodes.chunks.CHUNKS_MAX chunks of at least CHUNK_ELEMS elements of its largest value
-    (2^12 on the CPU, 2^22 on a GPU: more, smaller ones cost launches and passes more than they
-    save). The workspace need not fall: a chunk's parameter gradients exist beside their sum so
-    far, so a deep layer, whose weights outweigh its activations, needs more in chunks than
-    whole. Returns {segment: (samples, steps) per chunk, node: (slices,)} for what it refined."""
+    refines nothing and sets ``gm.revpass_reachable`` to the bound. Deeper layers hold few
+    activations, so the peak moves among a few early layers, and each refinement is measured
+    once. A segment runs in at most revpass.nodes.chunks.CHUNKS_MAX chunks of at least
+    CHUNK_ELEMS elements of its largest value (2^12 on the CPU, 2^22 on a GPU: more, smaller
+    ones cost launches and passes more than they save). The workspace need not fall: a chunk's
+    parameter gradients exist beside their sum so far, so a deep layer, whose weights outweigh
+    its activations, needs more in chunks than whole. Returns {segment: (samples, steps) per
+    chunk, node: (slices,)} for what it refined."""
     from revpass.analysis.workspace import kept_in_chunks, trained_params, workspace
     from revpass.passes.spikes import spike_values
 
