@@ -44,7 +44,7 @@ from revpass.passes.patterns import PatternSite, find_pattern_sites
 from revpass.passes.rewrite import rewrite
 from revpass.passes.segments import form_segments
 from revpass.passes.spikes import keep_spike_inputs_as_bits
-from revpass.passes.untraced import settle, untraced_parts, untraced_sites
+from revpass.passes.untraced import PART, settle, untraced_parts, untraced_sites
 from revpass.planning.budget import (STRATEGIES, BudgetError, Peak, allowed, choose, join_candidate, site_savings,
                                      workspaces)
 from revpass.planning.memory_plan import MemoryPlan, plan_of
@@ -130,8 +130,8 @@ def _warn_unchanged(report: ConversionReport) -> None:
     left = [r for r in report.rows if r.decision == "unchanged" and not r.reason.startswith("already")]
     if report.untraced:
         warnings.warn(f"revpass.convert kept {len(report.untraced)} part(s) of the model whole, untraced "
-                      f"({', '.join(p for p, _ in report.untraced[:3])}): their multi-step neurons were swapped, "
-                      "nothing else inside them converted; print(converted.revpass_report) says why",
+                      f"({', '.join(p for p, _ in report.untraced[:3])}): inside them only multi-step neurons are "
+                      "swapped for revpass nodes, nothing else converted; print(converted.revpass_report) says why",
                       RevpassWarning, stacklevel=3)
     if left:
         names = ", ".join(r.path for r in left[:3]) + (", ..." if len(left) > 3 else "")
@@ -225,7 +225,14 @@ def _detect(gm: fx.GraphModule, run: _Run) -> List[Site]:
 
 def _decide(gm: fx.GraphModule, run: _Run) -> None:
     o = run.options
-    decide(gm, run.sites, run.patterns, mode=None if o.planned is not None else o.mode, planned=o.planned,
+    planned = o.planned
+    if planned is not None:
+        # the planner weighs the graph's sites; a multi-step neuron inside a part kept whole has no
+        # call in the graph, and is an exact node in every probe (settle): so in its plans too
+        inside = {s.path: ("exact", "inside a part kept whole, an exact node as in each of the planner's probes")
+                  for s in run.sites if s.details.get(PART) is not None and s.kind == "a"}
+        planned = {**inside, **planned}
+    decide(gm, run.sites, run.patterns, mode=None if planned is not None else o.mode, planned=planned,
            include=o.include, exclude=o.exclude)
     settle(run.sites)  # neurons inside parts kept whole: swapped, never recomputed
 
@@ -588,13 +595,14 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         for p in tries if "reversible" in strategies else ():
             trial = dict(choice)
             trial[p] = ("reversible", "'min': reversible instead of recompute lowers the estimated peak "
-                                      f"(the segment's backward would rebuild {workspace[p]} bytes)")
+                        + (f"(the segment's backward would rebuild {workspace[p]} bytes)" if p in workspace else
+                           "(its recomputed segment does not form: it would be an exact node)"))
             cand_peak = peak_of(trial)
             if cand_peak >= peak:  # the largest rebuild did not set the peak: the smaller ones will not
                 break
             choice, peak = trial, cand_peak
         s = min(uniform, key=lambda k: (uniform[k], rank[k]))
-        mix = max(rank[c] for c, _ in choice.values())
+        mix = max((rank[c] for c, _ in choice.values()), default=-1)  # -1: no site the planner can convert
         # one strategy everywhere does better (keeping more, rebuilding less), or as well (within
         # 1%, the estimate's resolution at best) at less extra compute
         if uniform[s] < peak or (uniform[s] <= peak * 1.01 and rank[s] < mix):
@@ -674,7 +682,13 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
             gm = with_plan(choice)
         else:
             low, peak = lowest()
-            if peak > budget.bytes:  # the lowest plan with segments joined, as budget="min" converts it
+            gm = None
+            if peak <= budget.bytes:
+                choice, gm = least_compute(low, budget.bytes,
+                                           f"the estimated peak still fits {budget!r} (less extra compute)")
+                if estimate_peak(gm) > budget.bytes:  # the probes' figures fit, the conversion's does not
+                    gm = None
+            if gm is None:  # the lowest plan with segments joined, as budget="min" converts it
                 gm, joined = joined_where_it_lowers_the_peak(with_plan(low), low)
                 peak = estimate_peak(gm)
                 if peak > budget.bytes:
@@ -683,9 +697,6 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
                         f"({peak / 2**20:.2f} MiB; budget='min'); before conversion the estimate is {uniform[None]} "
                         "bytes")
                 choice = low
-            else:
-                choice, gm = least_compute(low, budget.bytes,
-                                           f"the estimated peak still fits {budget!r} (less extra compute)")
         predicted = kept_of(choice)
         if options.inplace:
             gm = with_plan(choice, inplace=True, joined=joined)

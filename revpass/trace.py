@@ -604,10 +604,18 @@ def _drop_constants(model: nn.Module, own_attrs: set) -> None:
 
 def _deepcopy_after_forward(self, memo):
     """Deepcopy of a traced model that works after a forward: the frameworks' neurons left in
-    it hold state that is part of an autograd graph; it is copied detached."""
+    it hold state that is part of an autograd graph; it is copied detached. What revpass wrote
+    on it (``revpass_*``: the parts kept whole, a converted model's report and plan) is copied
+    too: fx's own deepcopy keeps only what its graph calls, and a copy without
+    ``revpass_untraced`` would neither list the neurons inside those parts nor keep them out of
+    recomputed segments."""
     for k, v in detached_memo(self).items():
         memo.setdefault(k, v)
-    return fx.GraphModule.__deepcopy__(self, memo)
+    res = fx.GraphModule.__deepcopy__(self, memo)
+    for k, v in vars(self).items():
+        if k.startswith("revpass_") and k not in vars(res):
+            setattr(res, k, copy.deepcopy(v, memo))
+    return res
 
 
 class _Root(nn.Module):

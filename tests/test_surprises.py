@@ -347,6 +347,34 @@ def test_a_part_that_traces_wrong_in_a_module_list_is_found():
     assert _same_outputs(net, gm, x)
 
 
+def test_a_trace_tried_on_the_example_inputs_prints_no_traceback(capfd):
+    """convert runs traces that may fail on the example inputs (a part traced wrong, before it is
+    kept whole): fx's ShapeProp prints the failing node's traceback before it raises, which
+    looked like a crash of convert; the failure is revpass's one-line error, stderr stays empty,
+    and what a run that succeeds writes there (the model's own warnings) still appears."""
+    import sys
+
+    from torch import fx
+
+    from revpass.analysis.measure import site_shapes
+    from revpass.errors import ExampleInputError
+
+    class Wrong(nn.Module):
+        def forward(self, x):
+            return x.reshape(5, 7)
+
+    class Noisy(nn.Module):
+        def forward(self, x):
+            print("the model's own note", file=sys.stderr)
+            return x * 2
+
+    with pytest.raises(ExampleInputError, match="does not run on the example inputs"):
+        site_shapes(fx.symbolic_trace(Wrong()), (torch.randn(2, 3),))
+    assert capfd.readouterr().err == ""
+    assert site_shapes(fx.symbolic_trace(Noisy()), (torch.randn(2, 3),))["mul"] == (2, 3)
+    assert capfd.readouterr().err == "the model's own note\n"
+
+
 def test_a_trace_wrong_in_the_models_own_forward_is_refused():
     """No part kept whole helps when the model's own forward branches on a traced value: convert
     refuses rather than convert something else."""

@@ -330,6 +330,26 @@ def test_an_untraceable_block_is_kept_whole_and_its_multi_step_neurons_swapped(w
     _same(net, gm, x)
 
 
+def test_the_planner_and_a_copy_keep_the_parts_kept_whole():
+    """budget="min" converts copies of one trace, and a user copies a converted model: fx's own
+    deepcopy keeps only what the graph calls, and dropped ``revpass_untraced`` (and the report):
+    the planner's conversions then listed no neuron inside a part kept whole."""
+    torch.manual_seed(0)
+    net, x = _WithGated(), torch.randn(4, 2, 8) + 0.5
+    with pytest.warns(revpass.RevpassWarning):
+        plain = revpass.convert(net, x, mode="exact")
+        least = revpass.convert(net, x, mode="exact", budget="min")
+    assert least.revpass_untraced == plain.revpass_untraced and set(least.revpass_untraced) == {"block"}
+    rows = {r.path: r.decision for r in least.revpass_report.rows}
+    assert rows == {"sn0": rows["sn0"], "block.sn": "exact", "block.single": "unchanged"}
+    assert type(least.block.sn).__name__ == "ExactNode"
+    _same(net, least, x)
+    dup = copy.deepcopy(plain)
+    assert dup.revpass_untraced == plain.revpass_untraced and dup.revpass_untraced is not plain.revpass_untraced
+    assert [(r.path, r.decision, r.reason) for r in dup.revpass_report.rows] == [
+        (r.path, r.decision, r.reason) for r in plain.revpass_report.rows]
+
+
 def test_a_registered_leaf_is_reported_and_its_multi_step_neurons_swapped():
     class KeptWhole(nn.Module):
         def __init__(self):

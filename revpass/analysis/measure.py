@@ -13,6 +13,8 @@ whether its values are all 0 or 1 (spikes), the most each module call's forward 
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -173,9 +175,14 @@ def site_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Dict[str, 
     reset_states(gm)
     shapes: Dict[str, tuple] = {}
     cuda = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
+    # ShapeProp prints the traceback of a node that fails before it raises: convert tries traces
+    # that may (revpass.api._faithful_trace), and says what failed itself. What else the run
+    # writes to stderr (the model's own warnings) is passed on when it succeeds.
+    said = io.StringIO()
     try:  # the random number generator is not advanced: the run leaves no trace
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), contextlib.redirect_stderr(said):
             ShapeProp(gm).propagate(*inputs)
+        sys.stderr.write(said.getvalue())
     except Exception as exc:  # noqa: BLE001 - the model's own error, in one line, as a revpass error
         cause = exc.__cause__ or exc
         given = ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}" if isinstance(x, torch.Tensor)

@@ -156,6 +156,15 @@ def form_segments(
     groups: List[Tuple[List[fx.Node], List[str]]] = []
     candidates = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in ends
                   and mem.get(n.name) and mem[n.name].shape is not None]
+    report = getattr(gm, "revpass_report", None)
+    said: Set[str] = set()
+    for n in gm.graph.nodes if report is not None else ():
+        if (n.op == "call_module" and n.target in ends and n not in candidates and n.name in mem
+                and n.target not in said):
+            said.add(n.target)  # a neuron returning (spikes, state), as norse's do: a segment ends at one tensor
+            report.by_path(n.target).reason += (
+                "; not recomputed: a recomputed segment ends at one tensor, and its output is not one (a neuron "
+                "that returns its state too); it runs as an exact node")
     through = {n for n in candidates if n.target in joined}
     # the joined ends first wait for the segment that reads them; any not taken then has its own
     for n in [n for n in candidates if n not in through] + [n for n in candidates if n in through]:
@@ -165,7 +174,6 @@ def form_segments(
         if members is not None:
             members = extend(gm, members, taken, mem)
         if members is None:
-            report = getattr(gm, "revpass_report", None)
             if report is not None:
                 report.by_path(n.target).reason += "; not recomputed: it reads a value that is not a tensor"
             continue
@@ -197,7 +205,6 @@ def form_segments(
                 taken.add(n)
                 groups.append(([n], []))
     out = []
-    report = getattr(gm, "revpass_report", None)
     per_sample = {}
     for k, (members, sites) in enumerate(groups):
         name = _replace(gm, members, sites, k, mem, spikes)
