@@ -37,7 +37,7 @@ bench-convert: $(STAMP)
 	$(VPY) tools/bench_convert.py
 
 coverage: $(STAMP)
-	$(VPY) tools/coverage.py
+	$(VPY) tools/coverage.py --planner
 
 bench-train: $(STAMP)
 	$(VPY) tools/bench_train.py

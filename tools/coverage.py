@@ -1,15 +1,18 @@
 """A coverage corpus: models of SpikingJelly 2.0.0, snnTorch 1.0.0, norse 1.1.0 and hand-written
 neurons, built small and converted; one row per model in a table.
 
-    .venv/bin/python tools/coverage.py [--quick] [--only NAME] [--json PATH] [--md PATH] [--threads 1]
+    .venv/bin/python tools/coverage.py [--quick] [--only NAME] [--planner] [--json PATH] [--md PATH]
+                                       [--threads 1]
 
 For each model: the neuron sites convert found, how many it converted in each mode (reversible,
 exact) out of the sites of a supported family, whether the exact conversion's output equals the
 original's (torch.equal, from the reset state, same seed), whether revpass.verify passes for
 each mode, whether one training step (forward, sum, backward, SGD step) runs on each converted
-model, and the time convert took. A model whose build, conversion or check raises is a row with
-the error's first line: the tool never stops on a model. Neurons left unchanged are listed with
-their (shortened) reason, and neuron modules the report does not list at all are named too.
+model, and the time convert took; with --planner, the same checks of mode="recompute",
+mode="exact" with budget="min", and budget="min" (a second table). A model whose build,
+conversion or check raises is a row with the error's first line: the tool never stops on a
+model. Neurons left unchanged are listed with their (shortened) reason, and neuron modules the
+report does not list at all are named too.
 
 Progress goes to stderr, one line per model; the table is printed and written as markdown
 (--md; the full corpus writes docs/results/coverage_cpu.md, --quick and --only write
@@ -46,6 +49,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 T = 2  # time steps everywhere
 MODES = ("reversible", "exact")
+#: --planner: convert's other ways, each checked as the modes are (label: convert's keyword arguments);
+#: the first two keep the original function, so their forward is compared with the original's bit for bit
+PLANNED = {"recompute": {"mode": "recompute"}, "exact min": {"mode": "exact", "budget": "min"},
+           "min": {"budget": "min"}}
+KEEPS_FUNCTION = ("recompute", "exact min")
 
 #: the neuron classes revpass converts (docs/frameworks/*.md), as the report's ``framework`` column
 #: names them; hand-written neurons recognised from their operations (kind c) count as supported
@@ -957,7 +965,7 @@ def shorten(reason: str, path: str, width: int = 90) -> str:
     return r if len(r) <= width else r[: width - 3] + "..."
 
 
-def measure(case: Case, timeout: Optional[int]) -> Dict[str, Any]:
+def measure(case: Case, timeout: Optional[int], planner: bool = False) -> Dict[str, Any]:
     import gc
     import resource
 
@@ -966,7 +974,7 @@ def measure(case: Case, timeout: Optional[int]) -> Dict[str, Any]:
     row: Dict[str, Any] = {"name": case.name, "framework": case.framework, "form": case.form, "note": case.note,
                            "errors": {}, "convert_s": {}, "decisions": {}, "verify": {}, "verify_detail": {},
                            "train": {}, "exact_equal": None, "sites": None, "supported": None, "converted": {},
-                           "unchanged": [], "not_found": [], "sites_detail": []}
+                           "unchanged": [], "not_found": [], "sites_detail": [], "planned": {}}
     if case.skip:
         row["status"] = "not built"
         row["errors"]["build"] = case.skip
@@ -975,7 +983,7 @@ def measure(case: Case, timeout: Optional[int]) -> Dict[str, Any]:
     RESET_ERRORS.clear()
     try:
         with time_limit(timeout):
-            _measure_into(row, case, revpass)
+            _measure_into(row, case, revpass, planner)
     except ModelTimeout as exc:
         row["errors"]["timeout"] = str(exc)
     except Exception as exc:  # noqa: BLE001 - a row, never a crash
@@ -990,7 +998,7 @@ def measure(case: Case, timeout: Optional[int]) -> Dict[str, Any]:
     return row
 
 
-def _measure_into(row: Dict[str, Any], case: Case, revpass) -> None:
+def _measure_into(row: Dict[str, Any], case: Case, revpass, planner: bool = False) -> None:
     try:
         model, inputs = case.build()
     except Exception as exc:  # noqa: BLE001
@@ -1100,6 +1108,44 @@ def _measure_into(row: Dict[str, Any], case: Case, revpass) -> None:
         except Exception as exc:  # noqa: BLE001
             row["train"][mode] = False
             row["errors"][f"train {mode}"] = first_line(exc)
+    if planner:
+        _plan_into(row, model, inputs, reference, revpass)
+
+
+def _plan_into(row: Dict[str, Any], model: nn.Module, inputs: tuple, reference: List[torch.Tensor],
+               revpass) -> None:
+    """--planner: each of :data:`PLANNED` converted and checked as the modes are: its decisions,
+    the forward bit for bit where it keeps the function, verify, a training step."""
+    for label, kwargs in PLANNED.items():
+        out: Dict[str, Any] = {"decisions": {}, "convert_s": None, "same_forward": None, "verify": None,
+                               "train": None}
+        row["planned"][label] = out
+        t0 = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                conv = revpass.convert(model, inputs, **kwargs)
+            out["convert_s"] = time.perf_counter() - t0
+            for r in conv.revpass_report:
+                out["decisions"][r.decision] = out["decisions"].get(r.decision, 0) + 1
+            if label in KEEPS_FUNCTION:
+                got = run_from_reset(conv, inputs)
+                out["same_forward"] = len(got) == len(reference) and all(
+                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, reference))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ver = revpass.verify(model, conv, inputs)
+            out["verify"] = bool(ver.passed)
+            if not ver.passed:
+                fails = ver.failures()
+                row["verify_detail"][label] = (f"{len(fails)} tensors out of tolerance, first {fails[0].name}"
+                                               if fails else "; ".join(ver.problems))[:300]
+            res = training_step(conv, inputs)
+            out["train"] = res == "ok"
+            if res != "ok":
+                row["errors"][f"train {label}"] = res
+        except Exception as exc:  # noqa: BLE001 - a row, never a crash
+            row["errors"][f"plan {label}"] = first_line(exc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1203,6 +1249,9 @@ def failures(rows: List[Dict[str, Any]]) -> str:
             groups.setdefault(f"verify: {d}", []).append(f"{r['name']} ({mode})")
         if r["exact_equal"] is False:
             groups.setdefault("exact output differs from the original's", []).append(r["name"])
+        for label, p in r.get("planned", {}).items():
+            if p["same_forward"] is False:
+                groups.setdefault("output differs from the original's", []).append(f"{r['name']} ({label})")
     if not groups:
         return "None."
     ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
@@ -1256,6 +1305,46 @@ def summary(rows: List[Dict[str, Any]]) -> str:
             f"{ratio(lambda r: r['train'].get('exact'))} (exact) (passed/checked)")
 
 
+def _planned_cell(r: Dict[str, Any], label: str) -> str:
+    """A --planner variant's cell: its decisions, then what failed (forward, verify, train)."""
+    p = r.get("planned", {}).get(label)
+    if p is None:
+        return "-"
+    if f"plan {label}" in r["errors"]:
+        return "**error**"
+    cell = ", ".join(f"{v} {k}" for k, v in sorted(p["decisions"].items())) or "no sites"
+    bad = [what for what, ok in (("forward", p["same_forward"]), ("verify", p["verify"]), ("train", p["train"]))
+           if ok is False]
+    return cell + (f" (**{', '.join(bad)} failed**)" if bad else "") + f"; {p['convert_s']:.2f} s"
+
+
+def planned_summary(rows: List[Dict[str, Any]]) -> str:
+    """Per --planner variant: conversions that ran, forwards equal, verify passes, training steps
+    that ran (passed/checked)."""
+    parts = []
+    for label in PLANNED:
+        ps = [(r, r["planned"][label]) for r in rows if label in r.get("planned", {})]
+
+        def ratio(key, ps=ps):
+            vals = [p[key] for _, p in ps if p[key] is not None]
+            return f"{sum(vals)}/{len(vals)}"
+
+        ran = sum(f"plan {label}" not in r["errors"] for r, _ in ps)
+        parts.append(f"{label}: converts {ran}/{len(ps)}"
+                     + (f", output equal {ratio('same_forward')}" if label in KEEPS_FUNCTION else "")
+                     + f", verify passes {ratio('verify')}, training step runs {ratio('train')}")
+    return "; ".join(parts)
+
+
+def planned_table(rows: List[Dict[str, Any]]) -> str:
+    head = ("model", *(f"`{', '.join(f'{k}={v!r}' for k, v in PLANNED[label].items())}`" for label in PLANNED))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.get("planned"):
+            lines.append("| " + " | ".join((r["name"], *(_planned_cell(r, label) for label in PLANNED))) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows, command, total_s, quick) -> str:
     v = versions()
     return "\n".join([
@@ -1280,6 +1369,18 @@ def markdown(rows, command, total_s, quick) -> str:
         "",
         table(rows),
         "",
+        *([] if not any(r.get("planned") for r in rows) else [
+            "## Recomputed segments and the planner (--planner)",
+            "",
+            "Each model converted again with each of the keyword arguments heading the columns: the "
+            "decisions, then what failed of the checks (**forward**: the outputs `torch.equal` to the "
+            "original's, for the two that keep its function; **verify**; **train**), and convert's wall time.",
+            "",
+            f"Summary: {planned_summary(rows)}.",
+            "",
+            planned_table(rows),
+            "",
+        ]),
         "## Errors and failed checks, grouped",
         "",
         failures(rows),
@@ -1295,8 +1396,13 @@ def model_line(i: int, n: int, r: Dict[str, Any]) -> str:
                    for m in MODES)
     tr = "/".join(("ok" if r["train"][m] else "FAIL") if m in r["train"] else "-" for m in MODES)
     err = f"; errors: {', '.join(r['errors'])}" if r["errors"] else ""
+    planned = "".join(
+        f"; {label}: " + ("ok" if all(v is not False for k, v in p.items() if k in ("same_forward", "verify", "train"))
+                          and f"plan {label}" not in r["errors"] else "FAIL")
+        for label, p in r.get("planned", {}).items())
     return (f"[{i}/{n}] {r['name']}: {r['sites']} sites, {conv or 'not converted'}, exact==orig "
-            f"{_flag(r['exact_equal']).strip('*')}, verify {ver}, train {tr} ({r.get('total_s', 0):.1f} s){err}")
+            f"{_flag(r['exact_equal']).strip('*')}, verify {ver}, train {tr}{planned} ({r.get('total_s', 0):.1f} s)"
+            f"{err}")
 
 
 def main(argv=None) -> int:
@@ -1313,6 +1419,9 @@ def main(argv=None) -> int:
                     help="torch.set_num_threads (default 1: the models are small, and on a shared machine more "
                          "threads than free cores make every time here swing tenfold; 0: torch's default)")
     ap.add_argument("--list", action="store_true", help="list the models and exit")
+    ap.add_argument("--planner", action="store_true",
+                    help="also convert each model with mode='recompute', mode='exact' with budget='min' and "
+                         "budget='min', each checked as the modes are (a second table)")
     a = ap.parse_args(argv)
 
     cases = [c for c in CASES if c.quick] if a.quick else list(CASES)
@@ -1336,7 +1445,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = []
     for i, case in enumerate(cases, 1):
-        r = measure(case, a.model_timeout)
+        r = measure(case, a.model_timeout, a.planner)
         rows.append(r)
         print(model_line(i, len(cases), r), file=sys.stderr, flush=True)
     total = time.perf_counter() - t0
@@ -1348,6 +1457,7 @@ def main(argv=None) -> int:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"command": command, "machine": machine(), "versions": versions(),
                                       "quick": a.quick, "T": T, "total_s": total, "summary": summary(rows),
+                                      "planned_summary": planned_summary(rows) if a.planner else None,
                                       "models": rows}, indent=1, default=str))
     print(f"coverage: {len(rows)} models in {total:.1f} s; table written to {md_path}", file=sys.stderr)
     return 0

@@ -1,6 +1,7 @@
-"""tools/coverage.py --quick: a few small models across the frameworks, each built, converted in
-both modes, checked and written as a table row; the JSON it writes says per model what was found
-and decided, and the printed table is the written one."""
+"""tools/coverage.py --quick --planner: a few small models across the frameworks, each built,
+converted in both modes and with the planner's variants, checked and written as a table row; the
+JSON it writes says per model what was found and decided, and the printed table is the written
+one."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ QUICK = {"sj.plif_net.mnist", "snntorch.tutorial_fc", "snntorch.class.Alpha", "n
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("coverage")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out / "coverage.json"), "--md", str(out / "coverage.md")],
+        [sys.executable, str(SCRIPT), "--quick", "--planner", "--json", str(out / "coverage.json"),
+         "--md", str(out / "coverage.md")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -49,9 +51,9 @@ def test_quick_runs_its_subset_and_prints_what_it_writes(quick: dict) -> None:
     # one progress line per model on stderr, in order
     lines = [ln for ln in quick["_stderr"].splitlines() if ln.startswith("[")]
     assert [ln.split("]")[1].split(":")[0].strip() for ln in lines] == [m["name"] for m in quick["models"]]
-    # one table row per model
+    # one row per model in each table (the modes', the planner's)
     for name in QUICK:
-        assert sum(ln.startswith(f"| {name} |") for ln in quick["_md"].splitlines()) == 1
+        assert sum(ln.startswith(f"| {name} |") for ln in quick["_md"].splitlines()) == 2
 
 
 def test_every_quick_model_converts_checks_and_trains(quick: dict) -> None:
@@ -93,6 +95,28 @@ def test_sites_and_decisions(quick: dict) -> None:
     hw = by["hand.inline_lif"]
     assert hw["sites"] == hw["supported"] == 2 and hw["converted"] == {"reversible": 2, "exact": 2}
     assert {s["kind"] for s in hw["sites_detail"]} == {"c"}
+
+
+def test_the_planner_variants_convert_check_and_train(quick: dict) -> None:
+    """--planner: each model converted with mode="recompute", mode="exact" with budget="min" and
+    budget="min"; the two that keep the function give the original's outputs bit for bit; every
+    variant verifies and trains; its decisions cover every site; and the second table says so."""
+    for m in quick["models"]:
+        assert set(m["planned"]) == {"recompute", "exact min", "min"}, m["name"]
+        for label, p in m["planned"].items():
+            assert not any(k.endswith(label) for k in m["errors"]), (m["name"], m["errors"])
+            assert sum(p["decisions"].values()) == m["sites"], (m["name"], label)
+            assert p["verify"] is True and p["train"] is True and p["convert_s"] > 0, (m["name"], label)
+            assert p["same_forward"] is (True if label in ("recompute", "exact min") else None), (m["name"], label)
+        assert "reversible" not in m["planned"]["exact min"]["decisions"], m["name"]
+    assert quick["by_name"]["sj.plif_net.mnist"]["planned"]["recompute"]["decisions"] == {"recompute": 4}
+    assert quick["planned_summary"] == ("recompute: converts 5/5, output equal 5/5, verify passes 5/5, training step "
+                                        "runs 5/5; exact min: converts 5/5, output equal 5/5, verify passes 5/5, "
+                                        "training step runs 5/5; min: converts 5/5, verify passes 5/5, training step "
+                                        "runs 5/5")
+    assert f"Summary: {quick['planned_summary']}." in quick["_md"]
+    rows = quick["_md"].split("## Recomputed segments and the planner")[1].split("## Errors")[0]
+    assert sum(ln.startswith("| ") for ln in rows.splitlines()) == 1 + len(QUICK)  # a header and a row each
 
 
 def test_summary_counts_the_rows(quick: dict) -> None:
