@@ -9,7 +9,8 @@ exact) out of the sites of a supported family, whether the exact conversion's ou
 original's (torch.equal, from the reset state, same seed), whether revpass.verify passes for
 each mode, whether one training step (forward, sum, backward, SGD step) runs on each converted
 model, and the time convert took; with --planner, the same checks of mode="recompute",
-mode="exact" with budget="min", and budget="min" (a second table). A model whose build,
+mode="exact" with budget="min", budget="min", and mode="exact" with a revpass.Peak budget of 0.8x
+the estimated peak (met, or refused with the smallest figure) in a second table. A model whose build,
 conversion or check raises is a row with the error's first line: the tool never stops on a
 model. Neurons left unchanged are listed with their (shortened) reason, and neuron modules the
 report does not list at all are named too.
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -52,8 +54,11 @@ MODES = ("reversible", "exact")
 #: --planner: convert's other ways, each checked as the modes are (label: convert's keyword arguments);
 #: the first two keep the original function, so their forward is compared with the original's bit for bit
 PLANNED = {"recompute": {"mode": "recompute"}, "exact min": {"mode": "exact", "budget": "min"},
-           "min": {"budget": "min"}}
-KEEPS_FUNCTION = ("recompute", "exact min")
+           "min": {"budget": "min"}, "exact peak": {"mode": "exact", "budget": "Peak(0.8 x the estimate before)"}}
+KEEPS_FUNCTION = ("recompute", "exact min", "exact peak")
+#: "exact peak": a revpass.Peak budget of this share of the model's estimated peak before conversion
+#: (convert's revpass_peak_before): met by the conversion's estimate, or refused with BudgetError
+PEAK_SHARE = 0.8
 
 #: the neuron classes revpass converts (docs/frameworks/*.md), as the report's ``framework`` column
 #: names them; hand-written neurons recognised from their operations (kind c) count as supported
@@ -1115,17 +1120,27 @@ def _measure_into(row: Dict[str, Any], case: Case, revpass, planner: bool = Fals
 def _plan_into(row: Dict[str, Any], model: nn.Module, inputs: tuple, reference: List[torch.Tensor],
                revpass) -> None:
     """--planner: each of :data:`PLANNED` converted and checked as the modes are: its decisions,
-    the forward bit for bit where it keeps the function, verify, a training step."""
+    the forward bit for bit where it keeps the function, verify, a training step; for the Peak
+    budget, whether the conversion's estimate fits it, or the BudgetError's smallest figure."""
+    before = None  # the estimated peak before conversion, from the first conversion
     for label, kwargs in PLANNED.items():
         out: Dict[str, Any] = {"decisions": {}, "convert_s": None, "same_forward": None, "verify": None,
                                "train": None}
         row["planned"][label] = out
         t0 = time.perf_counter()
         try:
+            if label == "exact peak":
+                if before is None:
+                    raise RuntimeError("no estimated peak before conversion: no earlier conversion ran")
+                kwargs = {**kwargs, "budget": revpass.Peak(int(PEAK_SHARE * before))}
+                out["budget"] = kwargs["budget"].bytes
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 conv = revpass.convert(model, inputs, **kwargs)
             out["convert_s"] = time.perf_counter() - t0
+            before = conv.revpass_peak_before if before is None else before
+            if label == "exact peak":
+                out["fits"] = conv.revpass_budget["estimated_peak"] <= out["budget"]
             for r in conv.revpass_report:
                 out["decisions"][r.decision] = out["decisions"].get(r.decision, 0) + 1
             if label in KEEPS_FUNCTION:
@@ -1144,6 +1159,8 @@ def _plan_into(row: Dict[str, Any], model: nn.Module, inputs: tuple, reference: 
             out["train"] = res == "ok"
             if res != "ok":
                 row["errors"][f"train {label}"] = res
+        except revpass.BudgetError as exc:  # the budget cannot be met: the answer it must give
+            out["refused"] = first_line(exc)
         except Exception as exc:  # noqa: BLE001 - a row, never a crash
             row["errors"][f"plan {label}"] = first_line(exc)
 
@@ -1312,9 +1329,13 @@ def _planned_cell(r: Dict[str, Any], label: str) -> str:
         return "-"
     if f"plan {label}" in r["errors"]:
         return "**error**"
+    if p.get("refused"):
+        floor = re.search(r"smallest reachable estimated peak is (\d+) bytes", p["refused"])
+        return (f"refused: {p.get('budget')} bytes; the smallest reachable estimate {floor.group(1)} bytes" if floor
+                else "refused: " + _md(p["refused"])[:80])
     cell = ", ".join(f"{v} {k}" for k, v in sorted(p["decisions"].items())) or "no sites"
-    bad = [what for what, ok in (("forward", p["same_forward"]), ("verify", p["verify"]), ("train", p["train"]))
-           if ok is False]
+    bad = [what for what, ok in (("forward", p["same_forward"]), ("verify", p["verify"]), ("train", p["train"]),
+                                 ("budget", p.get("fits"))) if ok is False]
     return cell + (f" (**{', '.join(bad)} failed**)" if bad else "") + f"; {p['convert_s']:.2f} s"
 
 
@@ -1326,11 +1347,14 @@ def planned_summary(rows: List[Dict[str, Any]]) -> str:
         ps = [(r, r["planned"][label]) for r in rows if label in r.get("planned", {})]
 
         def ratio(key, ps=ps):
-            vals = [p[key] for _, p in ps if p[key] is not None]
+            vals = [p[key] for _, p in ps if p.get(key) is not None]
             return f"{sum(vals)}/{len(vals)}"
 
-        ran = sum(f"plan {label}" not in r["errors"] for r, _ in ps)
+        ran = sum(f"plan {label}" not in r["errors"] and not p.get("refused") for r, p in ps)
+        refused = sum(bool(p.get("refused")) for _, p in ps)
         parts.append(f"{label}: converts {ran}/{len(ps)}"
+                     + (f" (refused with the smallest reachable figure: {refused}; the estimate within the budget: "
+                        f"{ratio('fits')})" if label == "exact peak" else "")
                      + (f", output equal {ratio('same_forward')}" if label in KEEPS_FUNCTION else "")
                      + f", verify passes {ratio('verify')}, training step runs {ratio('train')}")
     return "; ".join(parts)
@@ -1374,7 +1398,10 @@ def markdown(rows, command, total_s, quick) -> str:
             "",
             "Each model converted again with each of the keyword arguments heading the columns: the "
             "decisions, then what failed of the checks (**forward**: the outputs `torch.equal` to the "
-            "original's, for the two that keep its function; **verify**; **train**), and convert's wall time.",
+            "original's, for all that keep its function, every column but `budget='min'`; **verify**; "
+            "**train**; **budget**: the conversion's estimated peak within the `revpass.Peak` budget, "
+            f"{PEAK_SHARE:g}x the model's estimated peak before conversion, which convert may instead refuse "
+            "with `BudgetError` naming the smallest reachable figure), and convert's wall time.",
             "",
             f"Summary: {planned_summary(rows)}.",
             "",
@@ -1397,7 +1424,8 @@ def model_line(i: int, n: int, r: Dict[str, Any]) -> str:
     tr = "/".join(("ok" if r["train"][m] else "FAIL") if m in r["train"] else "-" for m in MODES)
     err = f"; errors: {', '.join(r['errors'])}" if r["errors"] else ""
     planned = "".join(
-        f"; {label}: " + ("ok" if all(v is not False for k, v in p.items() if k in ("same_forward", "verify", "train"))
+        f"; {label}: " + ("refused" if p.get("refused") else "ok" if all(
+            v is not False for k, v in p.items() if k in ("same_forward", "verify", "train", "fits"))
                           and f"plan {label}" not in r["errors"] else "FAIL")
         for label, p in r.get("planned", {}).items())
     return (f"[{i}/{n}] {r['name']}: {r['sites']} sites, {conv or 'not converted'}, exact==orig "
@@ -1420,8 +1448,9 @@ def main(argv=None) -> int:
                          "threads than free cores make every time here swing tenfold; 0: torch's default)")
     ap.add_argument("--list", action="store_true", help="list the models and exit")
     ap.add_argument("--planner", action="store_true",
-                    help="also convert each model with mode='recompute', mode='exact' with budget='min' and "
-                         "budget='min', each checked as the modes are (a second table)")
+                    help="also convert each model with mode='recompute', mode='exact' with budget='min', "
+                         "budget='min' and mode='exact' with a Peak budget of 0.8x its estimated peak, each "
+                         "checked as the modes are (a second table)")
     a = ap.parse_args(argv)
 
     cases = [c for c in CASES if c.quick] if a.quick else list(CASES)
