@@ -1076,9 +1076,7 @@ def _measure_into(row: Dict[str, Any], case: Case, revpass, planner: bool = Fals
 
     if "exact" in converted:
         try:
-            got = run_from_reset(converted["exact"], inputs)
-            row["exact_equal"] = len(got) == len(reference) and all(
-                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, reference))
+            row["exact_equal"] = _same_outputs(run_from_reset(converted["exact"], inputs), reference)
         except Exception as exc:  # noqa: BLE001
             row["errors"]["exact run"] = first_line(exc)
 
@@ -1089,15 +1087,7 @@ def _measure_into(row: Dict[str, Any], case: Case, revpass, planner: bool = Fals
                 ver = revpass.verify(model, conv, inputs)
             row["verify"][mode] = bool(ver.passed)
             if not ver.passed:
-                detail = list(ver.problems)
-                fails = ver.failures()
-                if fails:
-                    detail.append(f"{len(fails)} tensors out of tolerance, first {fails[0].name} "
-                                  f"(max abs err {fails[0].max_abs:.2e}, max rel err {fails[0].max_rel:.2e}, "
-                                  f"in {ver.precision})")
-                if ver.first_site:
-                    detail.append(f"first differing site {ver.first_site}")
-                row["verify_detail"][mode] = "; ".join(d.splitlines()[0] for d in detail)[:300]
+                row["verify_detail"][mode] = _verify_detail(ver)
         except Exception as exc:  # noqa: BLE001
             row["verify"][mode] = None
             row["errors"][f"verify {mode}"] = first_line(exc)
@@ -1115,6 +1105,25 @@ def _measure_into(row: Dict[str, Any], case: Case, revpass, planner: bool = Fals
             row["errors"][f"train {mode}"] = first_line(exc)
     if planner:
         _plan_into(row, model, inputs, reference, revpass)
+
+
+def _same_outputs(got: List[torch.Tensor], reference: List[torch.Tensor]) -> bool:
+    """The outputs are the reference's bit for bit (shapes, dtypes, values)."""
+    return len(got) == len(reference) and all(
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, reference))
+
+
+def _verify_detail(ver) -> str:
+    """A failed revpass.verify in one line: its problems, the tensors out of tolerance, the first
+    site that differs."""
+    detail = list(ver.problems)
+    fails = ver.failures()
+    if fails:
+        detail.append(f"{len(fails)} tensors out of tolerance, first {fails[0].name} "
+                      f"(max abs err {fails[0].max_abs:.2e}, max rel err {fails[0].max_rel:.2e}, in {ver.precision})")
+    if ver.first_site:
+        detail.append(f"first differing site {ver.first_site}")
+    return "; ".join(d.splitlines()[0] for d in detail)[:300]
 
 
 def _plan_into(row: Dict[str, Any], model: nn.Module, inputs: tuple, reference: List[torch.Tensor],
@@ -1144,17 +1153,13 @@ def _plan_into(row: Dict[str, Any], model: nn.Module, inputs: tuple, reference: 
             for r in conv.revpass_report:
                 out["decisions"][r.decision] = out["decisions"].get(r.decision, 0) + 1
             if label in KEEPS_FUNCTION:
-                got = run_from_reset(conv, inputs)
-                out["same_forward"] = len(got) == len(reference) and all(
-                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, reference))
+                out["same_forward"] = _same_outputs(run_from_reset(conv, inputs), reference)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ver = revpass.verify(model, conv, inputs)
             out["verify"] = bool(ver.passed)
             if not ver.passed:
-                fails = ver.failures()
-                row["verify_detail"][label] = (f"{len(fails)} tensors out of tolerance, first {fails[0].name}"
-                                               if fails else "; ".join(ver.problems))[:300]
+                row["verify_detail"][label] = _verify_detail(ver)
             res = training_step(conv, inputs)
             out["train"] = res == "ok"
             if res != "ok":

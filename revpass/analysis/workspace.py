@@ -2,7 +2,8 @@
 
 One home for both questions about a revpass node or a recomputed segment: :func:`owners` (the
 modules whose parameters and buffers it uses: a segment's body, folded batch norms),
-:func:`trained_params` (the parameters whose gradients its backward makes) and
+:func:`trained_params` (the parameters whose gradients its backward makes; :func:`trained_bytes`
+their bytes) and
 :func:`workspace` (its backward's transient memory, measured), :func:`measure_kept` and
 :func:`kept_in_chunks` (what its forward keeps for backward).
 """
@@ -39,6 +40,11 @@ def trained_params(module: nn.Module) -> Iterator[nn.Parameter]:
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 yield p
+
+
+def trained_bytes(module: nn.Module) -> int:
+    """The bytes of the parameters' gradients ``module``'s backward makes (:func:`trained_params`)."""
+    return sum(p.numel() * p.element_size() for p in trained_params(module))
 
 
 def node_workspace(node, shape, dtype, device="cpu") -> int:

@@ -37,7 +37,7 @@ from revpass import meta
 from revpass.state import reset_states
 from revpass.utils import as_tuple
 from revpass.analysis.measure import measure
-from revpass.analysis.workspace import node_key, segment_key, trained_params
+from revpass.analysis.workspace import node_key, segment_key, trained_bytes
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
@@ -154,17 +154,15 @@ def form_segments(
     tensors = {name for name, m in mem.items() if m.shape is not None}
     taken: Set[fx.Node] = set()
     groups: List[Tuple[List[fx.Node], List[str]]] = []
-    candidates = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in ends
-                  and mem.get(n.name) and mem[n.name].shape is not None]
+    ends_run = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in ends and n.name in mem]
+    candidates = [n for n in ends_run if mem[n.name].shape is not None]
     report = getattr(gm, "revpass_report", None)
-    said: Set[str] = set()
-    for n in gm.graph.nodes if report is not None else ():
-        if (n.op == "call_module" and n.target in ends and n not in candidates and n.name in mem
-                and n.target not in said):
-            said.add(n.target)  # a neuron returning (spikes, state), as norse's do: a segment ends at one tensor
-            report.by_path(n.target).reason += (
-                "; not recomputed: a recomputed segment ends at one tensor, and its output is not one (a neuron "
-                "that returns its state too); it runs as an exact node")
+    # a neuron returning (spikes, state), as norse's do: a segment ends at one tensor
+    unformed = dict.fromkeys(n.target for n in ends_run if mem[n.name].shape is None)
+    for target in unformed if report is not None else ():
+        report.by_path(target).reason += ("; not recomputed: a recomputed segment ends at one tensor, and its "
+                                          "output is not one (a neuron that returns its state too); it runs as an "
+                                          "exact node")
     through = {n for n in candidates if n.target in joined}
     # the joined ends first wait for the segment that reads them; any not taken then has its own
     for n in [n for n in candidates if n not in through] + [n for n in candidates if n in through]:
@@ -304,7 +302,7 @@ def _outweighed(seg: RecomputeSegment, args, sample_elems: int) -> Optional[str]
     x = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
     if x is None:
         return None
-    grads = sum(p.numel() * p.element_size() for p in trained_params(seg))
+    grads = trained_bytes(seg)
     layers = sum(1 for n in seg.body.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
     largest = sample_elems * x.shape[1] * x.element_size()
     if grads <= OUTWEIGHED * layers * largest:

@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from revpass import meta
-from revpass.analysis.workspace import node_workspace, trained_params
+from revpass.analysis.workspace import node_workspace, trained_bytes
 from revpass.neurons import is_neuron
 from revpass.nodes import Node
 from revpass.nodes.segment import RecomputeSegment
@@ -87,7 +87,7 @@ def _items(gm) -> List[_Item]:
         grads = []
         if n.op == "call_module":
             m = gm.get_submodule(n.target)
-            grads = [((id(gm), n.target), sum(p.numel() * p.element_size() for p in trained_params(m)))]
+            grads = [((id(gm), n.target), trained_bytes(m))]
             if n.target not in stateful:
                 if isinstance(m, RecomputeSegment):  # its neurons carry their states: one step of each output
                     carries = m.state_bytes is None and any(isinstance(x, Node) and x.carry_state
@@ -313,7 +313,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
     parameter gradients exist beside their sum so far, so a deep layer, whose weights outweigh
     its activations, needs more in chunks than whole. Returns {segment: (samples, steps) per
     chunk, node: (slices,)} for what it refined."""
-    from revpass.analysis.workspace import kept_in_chunks, trained_params, workspace
+    from revpass.analysis.workspace import kept_in_chunks, workspace
     from revpass.passes.spikes import spike_values
 
     spikes = None
@@ -394,8 +394,8 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
 
     # a segment rebuilt in two chunks or more holds a chunk's parameter gradients beside their sum
     # so far: its workspace is never below their bytes, and a setting is not measured to find that
-    grads_of = {t: sum(p.numel() * p.element_size() for p in trained_params(gm.get_submodule(t)))
-                for t in calls if isinstance(gm.get_submodule(t), RecomputeSegment)}
+    grads_of = {t: trained_bytes(gm.get_submodule(t)) for t in calls
+                if isinstance(gm.get_submodule(t), RecomputeSegment)}
     setting = dict(whole)
     at: list = []
     if give_up is not None:
@@ -405,8 +405,7 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
             finest = whole[target]
             while (nxt := finer(target, finest)) is not None:
                 finest = nxt
-            reachable = _lowest_reachable(gm, calls, target, lambda: set_to(target, finest),
-                                          lambda: set_to(target, whole[target]))
+            reachable = _lowest_reachable(gm, calls, target, set_to, finest, whole[target])
             if reachable >= above:
                 gm.revpass_reachable = reachable
                 return {}
@@ -462,25 +461,26 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
     return refined
 
 
-def _lowest_reachable(gm, calls: Dict[str, list], target: str, finest: Callable[[], None],
-                      whole: Callable[[], None]) -> int:
+def _lowest_reachable(gm, calls: Dict[str, list], target: str, set_to: Callable[[str, Tuple[int, ...]], None],
+                      finest: Tuple[int, ...], whole: Tuple[int, ...]) -> int:
     """A lower bound of the estimated peak (:func:`estimate_peak`) any refinement of ``gm`` could
     reach: ``target`` rebuilt in its finest chunks or whole, whichever is lower, and every other
     segment and node of ``calls`` needing no workspace at all. Refining a segment only raises
     what it keeps (its spikes as bits, its batch norms' statistics) and the estimate never falls
     when a workspace rises, so this holds wherever ``target``'s workspace is least in its finest
     chunks of all chunked settings (its activations' chunk shrinks; its parameters' gradients
-    are held at any chunking: revpass.passes.segments._outweighed). The workspaces are left as
-    they were, ``target`` whole."""
+    are held at any chunking: revpass.passes.segments._outweighed). ``set_to(target, setting)``
+    sets its chunks and annotates its measured workspace. The workspaces are left as they were,
+    ``target`` whole."""
     others = [n for t, ns in calls.items() if t != target for n in ns]
     saved = [(n, meta.info(n)["workspace_bytes"]) for n in others]
     try:
         for n in others:
             meta.update(n, workspace_bytes=0)
         at_whole = estimate_peak(gm)
-        finest()
+        set_to(target, finest)
         return min(at_whole, estimate_peak(gm))
     finally:
-        whole()
+        set_to(target, whole)
         for n, w in saved:
             meta.update(n, workspace_bytes=w)
