@@ -1,7 +1,7 @@
 """Model memory side by side: the original, revpass exact, reversible, recompute, planner "min"
 (with reversible sites allowed, and with mode="exact": the original function kept), and
 SpikingJelly's memopt (optimize_memory, level 1 on the CPU; the levels given on CUDA), on the
-SpikingJelly zoo's spiking_resnet18, spiking_vgg11_bn and spiking_vgg16_bn (up to T = 8) and the
+SpikingJelly zoo's spiking_resnet18, spiking_vgg11_bn and spiking_vgg16_bn (up to T = 16) and the
 snnTorch convolutional tutorial network, at several T, in one run.
 
     .venv/bin/python tools/bench_memory.py [--T 4 8 16 32] [--batch 4] [--batches 8 16] [--repeat 3] [--quick]
@@ -46,7 +46,7 @@ VARIANTS = ("original", "exact", "reversible", "recompute", "planner-min", "exac
 
 
 #: the largest T a model runs at by default (spiking_vgg16_bn's step at T = 32 takes seconds on a CPU)
-MAX_T = {"spiking_vgg16_bn": 8}
+MAX_T = {"spiking_vgg16_bn": 16}
 
 
 def _models(T: int, batch: int):
