@@ -166,8 +166,9 @@ class _Options:
     collect: bool = True  # free each conversion's copies at once (the planner collects once, at its end)
     peak_budget: Optional[int] = None  # a Peak budget's bytes: segments and nodes in no smaller pieces than fit it
     joined: FrozenSet[str] = frozenset()  # sites whose recomputed segment joins the one reading it (the planner's)
-    # (a site just joined, bytes): the planner's trial of that join, refined only where the
-    # estimate could fall below those bytes (planning/peak.py refine_where_it_sets_the_peak)
+    # (a site just joined, bytes): the planner's trial of that join, refined only where the whole
+    # estimate, gradients included, could fall below those bytes (planning/peak.py
+    # refine_where_it_sets_the_peak)
     give_up: Optional[Tuple[str, float]] = None
 
 
@@ -645,19 +646,26 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         """(``gm`` converted with ``choice``, the sites joined): its recomputed segments joined while
         that lowers the estimated peak by more than the estimate's resolution (1%)
         (revpass.planning.budget.join_candidate): a conversion per try, only where one segment's
-        output feeds only the segment whose backward sets the peak. A try whose joined segment
-        cannot bring the estimate that low, at its finest chunks, is not refined further."""
+        output feeds only the segment whose backward sets the peak. A try whose joined segment,
+        at its finest chunks and with nothing else rebuilding anything, cannot bring the whole
+        estimate (parameters' gradients included) below the plan's is not refined further: the
+        whole estimate falls monotonically with the workspaces, the figure does not (the peak
+        moves to where other gradients exist)."""
         joined, peak = frozenset(), estimate_peak(gm)
         while (site := join_candidate(gm)) is not None and site not in joined:
+            whole = estimate_peak(gm, with_grads=True)[0]  # the plan's, parameters' gradients included
             trial = with_plan(choice, joined=joined | {site}, why=f"with {site}'s segment joined to the one reading it "
                                                                  "(kept if that lowers the estimated peak)",
-                              give_up=(site, 0.99 * peak))
+                              give_up=(site, whole))
             reachable = getattr(trial, "revpass_reachable", None)
-            lower = estimate_peak(trial) if reachable is None else reachable
-            lowers = lower < 0.99 * peak
-            say(f"{site}'s segment joined: estimated peak {'at least ' if reachable is not None else ''}"
-                f"{lower / 2**20:.2f} MiB against {peak / 2**20:.2f} MiB: "
-                + ("kept" if lowers else "not kept (not lower by more than 1%)"))
+            lower = estimate_peak(trial) if reachable is None else None
+            lowers = lower is not None and lower < 0.99 * peak
+            if reachable is not None:
+                say(f"{site}'s segment joined: the whole estimated peak (parameters' gradients included) at least "
+                    f"{reachable / 2**20:.2f} MiB against {whole / 2**20:.2f} MiB: not kept (it cannot lower it)")
+            else:
+                say(f"{site}'s segment joined: estimated peak {lower / 2**20:.2f} MiB against {peak / 2**20:.2f} MiB: "
+                    + ("kept" if lowers else "not kept (not lower by more than 1%)"))
             if not lowers:
                 break
             gm, joined, peak = trial, joined | {site}, lower

@@ -303,8 +303,8 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
     moves deeper). With a ``budget`` (bytes of the estimated peak, :func:`estimate_peak`: a
     revpass.Peak budget), it stops at the first point that fits it, fewer pieces costing less
     time; where none does, the rule above. With ``give_up`` (a site, bytes: the planner's trial
-    of a joined segment, kept only if its estimate falls below those bytes), it first bounds
-    what any refinement could reach (:func:`_lowest_reachable`) and, where that is not below,
+    of a joined segment, and the whole estimate of the plan without that join), it first bounds
+    the whole estimate any refinement could reach (:func:`_lowest_reachable`) and, where that is not below,
     refines nothing and sets ``gm.revpass_reachable`` to the bound. Deeper layers hold few
     activations, so the peak moves among a few early layers, and each refinement is measured
     once. A segment runs in at most revpass.nodes.chunks.CHUNKS_MAX chunks of at least
@@ -463,23 +463,25 @@ def refine_where_it_sets_the_peak(gm, tolerance: float = 0.05, budget: Optional[
 
 def _lowest_reachable(gm, calls: Dict[str, list], target: str, set_to: Callable[[str, Tuple[int, ...]], None],
                       finest: Tuple[int, ...], whole: Tuple[int, ...]) -> int:
-    """A lower bound of the estimated peak (:func:`estimate_peak`) any refinement of ``gm`` could
-    reach: ``target`` rebuilt in its finest chunks or whole, whichever is lower, and every other
-    segment and node of ``calls`` needing no workspace at all. Refining a segment only raises
-    what it keeps (its spikes as bits, its batch norms' statistics) and the estimate never falls
-    when a workspace rises, so this holds wherever ``target``'s workspace is least in its finest
-    chunks of all chunked settings (its activations' chunk shrinks; its parameters' gradients
-    are held at any chunking: revpass.passes.segments._outweighed). ``set_to(target, setting)``
-    sets its chunks and annotates its measured workspace. The workspaces are left as they were,
-    ``target`` whole."""
+    """A lower bound of the whole estimated peak (:func:`estimate_peak` with ``with_grads``: the
+    parameters' gradients included) any refinement of ``gm`` could reach: ``target`` rebuilt in
+    its finest chunks or whole, whichever is lower, and every other segment and node of ``calls``
+    needing no workspace at all. Refining a segment only raises what it keeps (its spikes as
+    bits, its batch norms' statistics) and the whole estimate never falls when a workspace rises
+    (the figure without the gradients can: the peak moves to where other gradients exist,
+    spiking_resnet18 at T = 32), so this holds wherever ``target``'s workspace is least in its
+    finest chunks of all chunked settings (its activations' chunk shrinks; its parameters'
+    gradients are held at any chunking: revpass.passes.segments._outweighed).
+    ``set_to(target, setting)`` sets its chunks and annotates its measured workspace. The
+    workspaces are left as they were, ``target`` whole."""
     others = [n for t, ns in calls.items() if t != target for n in ns]
     saved = [(n, meta.info(n)["workspace_bytes"]) for n in others]
     try:
         for n in others:
             meta.update(n, workspace_bytes=0)
-        at_whole = estimate_peak(gm)
+        at_whole = estimate_peak(gm, with_grads=True)[0]
         set_to(target, finest)
-        return min(at_whole, estimate_peak(gm))
+        return min(at_whole, estimate_peak(gm, with_grads=True)[0])
     finally:
         set_to(target, whole)
         for n, w in saved:

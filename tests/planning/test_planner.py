@@ -327,21 +327,24 @@ def test_min_joins_segments_where_the_gradient_between_them_sets_the_peak():
     # each join tried is said, with its estimate and whether it was kept: the first kept, the next not
     tries = [line.split("] ", 1)[1] for line in lines if "segment joined:" in line]
     assert len(tries) == 2 and tries[0].startswith("features.2's segment joined:") and tries[0].endswith(": kept")
-    assert tries[1].endswith("not kept (not lower by more than 1%)")
+    assert tries[1].endswith("not kept (it cannot lower it)")
     segs = [m for m in gm.modules() if isinstance(m, RecomputeSegment) and m.sites]
     (joined,) = [m for m in segs if len(m.sites) > 1]
     assert joined.sites == ("features.2", "features.5") and len(joined.chunking.levels) == 2
     assert "joined" in gm.revpass_report.by_path("features.2").reason
     assert gm.revpass_budget["joined"] == ["features.2"]
     planned = {r.path: (None if r.decision == "unchanged" else r.decision, "") for r in gm.revpass_report}
-    # the second try was given up at a bound of what refining it could reach (its joined segment
-    # at its finest chunks, nothing else rebuilding anything), which refining it all the way
-    # does not go below, and which is not below the plan's figure
-    bound = float(re.search(r"estimated peak at least ([0-9.]+) MiB against ([0-9.]+) MiB", tries[1]).group(1))
+    # the second try was given up at a bound of the whole estimate (parameters' gradients
+    # included) that refining it could reach (its joined segment at its finest chunks, nothing
+    # else rebuilding anything), which refining it all the way does not go below, and which is
+    # not below the plan's
+    bound, plan = map(float, re.search(r"whole estimated peak \(parameters' gradients included\) at least "
+                                       r"([0-9.]+) MiB against ([0-9.]+) MiB", tries[1]).groups())
     trial = api._pipeline(net, x, api._Options(mode="exact", backward="optimized", planned=planned, fold_exact=True,
                                                joined=frozenset({"features.2", "features.5"})))
     assert not hasattr(trial, "revpass_reachable")
-    assert 0.99 * estimate_peak(gm) / 2**20 <= bound <= estimate_peak(trial) / 2**20 + 0.005
+    assert abs(plan - estimate_peak(gm, with_grads=True)[0] / 2**20) <= 0.005
+    assert plan <= bound <= estimate_peak(trial, with_grads=True)[0] / 2**20 + 0.005
     unjoined = api._pipeline(net, x, api._Options(mode="exact", backward="optimized", planned=planned, fold_exact=True))
     assert len([m for m in unjoined.modules() if isinstance(m, RecomputeSegment) and m.sites]) == len(segs) + 1
     assert estimate_peak(gm) < 0.85 * estimate_peak(unjoined)
@@ -367,6 +370,26 @@ def test_min_joins_segments_where_the_gradient_between_them_sets_the_peak():
     assert torch.equal(y0, y1)
     for k in params:
         assert g1[k] is not None and (close(g1[k], g0[k]) or worst(g1[k], g0[k]) < 20), (k, worst(g1[k], g0[k]))
+
+
+def test_a_join_is_given_up_only_where_the_whole_estimate_cannot_fall():
+    """spiking_resnet18 at T = 32 (batch 4): after the second block's first layer joins its
+    second, joining the first block's first layer lowers the estimate from 9.87 to 9.10 MiB. The
+    try's bound was taken on the figure without the parameters' gradients, which is no bound:
+    with every other workspace at zero the step's whole peak moves to where other gradients
+    exist, and the figure there (10.72 MiB) is above what refining reaches; the join was given
+    up, and the measured peak was 11.57x lower than the original's instead of 12.96x. The whole
+    estimate falls monotonically with the workspaces: bounded on it, the join is kept."""
+    from revpass.planning.peak import estimate_peak
+
+    net, x = models.sj_zoo_and_input("spiking_resnet18", 32, 4)
+    lines = []
+    gm = revpass.convert(net, x, mode="exact", budget="min", progress=lines.append)
+    tries = [line.split("] ", 1)[1] for line in lines if "segment joined:" in line]
+    assert gm.revpass_budget["joined"] == ["layer1.0.sn1", "layer1.1.sn1"], tries
+    assert tries[1].startswith("layer1.0.sn1's segment joined: estimated peak") and tries[1].endswith(": kept")
+    lower, before = map(float, re.search(r"estimated peak ([0-9.]+) MiB against ([0-9.]+) MiB", tries[1]).groups())
+    assert lower < 0.99 * before and abs(lower - estimate_peak(gm) / 2**20) <= 0.005
 
 
 def test_progress_says_the_planners_stages_in_order(resnet, capsys):
