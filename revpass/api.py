@@ -651,24 +651,24 @@ def _convert_within(model: nn.Module, example_inputs, budget: Union[int, str], o
         estimate (parameters' gradients included) below the plan's is not refined further: the
         whole estimate falls monotonically with the workspaces, the figure does not (the peak
         moves to where other gradients exist)."""
-        joined, peak = frozenset(), estimate_peak(gm)
+        joined = frozenset()
+        whole, peak = estimate_peak(gm, with_grads=True)  # parameters' gradients included, and the figure
         while (site := join_candidate(gm)) is not None and site not in joined:
-            whole = estimate_peak(gm, with_grads=True)[0]  # the plan's, parameters' gradients included
             trial = with_plan(choice, joined=joined | {site}, why=f"with {site}'s segment joined to the one reading it "
                                                                  "(kept if that lowers the estimated peak)",
                               give_up=(site, whole))
             reachable = getattr(trial, "revpass_reachable", None)
-            lower = estimate_peak(trial) if reachable is None else None
-            lowers = lower is not None and lower < 0.99 * peak
             if reachable is not None:
                 say(f"{site}'s segment joined: the whole estimated peak (parameters' gradients included) at least "
                     f"{reachable / 2**20:.2f} MiB against {whole / 2**20:.2f} MiB: not kept (it cannot lower it)")
-            else:
-                say(f"{site}'s segment joined: estimated peak {lower / 2**20:.2f} MiB against {peak / 2**20:.2f} MiB: "
-                    + ("kept" if lowers else "not kept (not lower by more than 1%)"))
+                break
+            trial_whole, lower = estimate_peak(trial, with_grads=True)
+            lowers = lower < 0.99 * peak
+            say(f"{site}'s segment joined: estimated peak {lower / 2**20:.2f} MiB against {peak / 2**20:.2f} MiB: "
+                + ("kept" if lowers else "not kept (not lower by more than 1%)"))
             if not lowers:
                 break
-            gm, joined, peak = trial, joined | {site}, lower
+            gm, joined, whole, peak = trial, joined | {site}, trial_whole, lower
         return gm, joined
 
     def kept_of(choice):  # the bytes a choice keeps for backward, from the probes
